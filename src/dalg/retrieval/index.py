@@ -1,0 +1,192 @@
+"""Exact inner-product search over L2-normalised descriptors (FAISS ``IndexFlatIP``), chunked over the database.
+
+Tie-breaking (documented contract): items with equal similarity are ranked by ascending database index.
+This holds for full rankings (``k=None``) and for top-k rankings, including ties straddling the k-th
+place (a query whose k-th and (k+1)-th FAISS scores are equal is re-selected exactly in NumPy).
+
+Memory: the database (an array or a ``np.memmap`` in fp16/fp32) is read ``chunk_size`` rows at a time and
+converted to fp32 chunk by chunk; only the running ``(n_queries, k)`` top-k lists are kept, so RAM stays
+bounded by ``chunk_size * dim * 4`` bytes plus the results, whatever the database size.
+
+GPU: with ``use_gpu=None`` FAISS runs on the GPU(s) when FAISS was built with GPU support and a GPU is
+visible (``pip install dalg[gpu]``); with several GPUs the chunk is sharded across them
+(``index_cpu_to_all_gpus(shard=True)``). FAISS GPU top-k is limited to k <= 2048; larger k runs on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import warnings
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_GPU_MAX_K = 2048
+
+
+def rank_by_similarity(sim: np.ndarray) -> np.ndarray:
+    """Full ranking of a ``(n_queries, n_database)`` similarity matrix, best first, ties by lower index."""
+    sim = np.asarray(sim)
+    if sim.ndim != 2:
+        raise ValueError(f"similarity must be (n_queries, n_database), got shape {sim.shape}")
+    # a stable sort of the negated scores keeps equal scores in ascending index order
+    return np.argsort(-sim, axis=1, kind="stable")
+
+
+def _sort_candidates(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, order candidates by (score desc, index asc) and keep the first k."""
+    order = np.lexsort((ids, -scores), axis=-1)[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def _exact_topk_row(sim_row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of one similarity row with ties broken by lower index (threshold selection, O(n))."""
+    n = sim_row.shape[0]
+    if k >= n:
+        idx = np.argsort(-sim_row, kind="stable")
+        return sim_row[idx], idx
+    kth = np.partition(sim_row, n - k)[n - k]  # k-th largest value
+    above = np.flatnonzero(sim_row > kth)
+    tied = np.flatnonzero(sim_row == kth)[: k - above.size]
+    idx = np.concatenate([above, tied])
+    s, i = _sort_candidates(sim_row[idx][None], idx[None], k)
+    return s[0], i[0]
+
+
+def faiss_gpu_count() -> int:
+    """Number of GPUs FAISS can use (0 with faiss-cpu or without CUDA)."""
+    try:
+        import faiss
+    except ImportError:
+        return 0
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+class _FlatIP:
+    """An IndexFlatIP on CPU, one GPU or sharded across all GPUs; reset and refilled per chunk."""
+
+    def __init__(self, dim: int, use_gpu: bool):
+        import faiss
+
+        self.faiss = faiss
+        cpu = faiss.IndexFlatIP(dim)
+        self.gpu = use_gpu
+        if not use_gpu:
+            self.index = cpu
+            return
+        n = faiss.get_num_gpus()
+        if n > 1:
+            co = faiss.GpuMultipleClonerOptions()
+            co.shard = True
+            self.index = faiss.index_cpu_to_all_gpus(cpu, co=co)
+        else:
+            self._res = faiss.StandardGpuResources()
+            self.index = faiss.index_cpu_to_gpu(self._res, 0, cpu)
+
+    def search(self, chunk: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        self.index.reset()
+        self.index.add(chunk)
+        scores, ids = self.index.search(queries, k)
+        self.index.reset()
+        return scores, ids
+
+
+def _validate(queries: np.ndarray, database: np.ndarray) -> None:
+    if queries.ndim != 2 or database.ndim != 2:
+        raise ValueError(f"queries and database must be 2-D, got {queries.shape} and {database.shape}")
+    if queries.shape[1] != database.shape[1]:
+        raise ValueError(
+            f"descriptor dimension mismatch: queries {queries.shape[1]}-d, database {database.shape[1]}-d"
+        )
+    if database.shape[0] == 0:
+        raise ValueError("the database is empty")
+
+
+def _release_pages(database: np.ndarray, start: int, stop: int) -> None:
+    """Tell the kernel we are done with the pages of a memory-mapped chunk, so RSS stays bounded."""
+    mm = getattr(database, "_mmap", None)
+    if not isinstance(database, np.memmap) or mm is None or not hasattr(mm, "madvise"):
+        return
+    row = database.strides[0]
+    begin = database.offset + start * row
+    end = database.offset + stop * row
+    page = mmap.PAGESIZE
+    begin_aligned = (begin // page) * page
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, begin_aligned, end - begin_aligned)
+    except (OSError, ValueError, AttributeError):  # not fatal: only a memory hint
+        pass
+
+
+def search(
+    queries: np.ndarray,
+    database: np.ndarray,
+    k: int | None = None,
+    *,
+    chunk_size: int = 65536,
+    use_gpu: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product search; returns ``(scores (nq, k) float32, ranks (nq, k) int64)``, best first.
+
+    ``k=None`` gives the full ranking (exhaustive similarity, stable sort). Ties are broken by the lower
+    database index. ``database`` may be a ``np.memmap`` (fp16 or fp32); it is read ``chunk_size`` rows at
+    a time.
+    """
+    queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
+    _validate(queries, database)
+    n_db = int(database.shape[0])
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    full = k is None
+    k = n_db if k is None else int(k)
+    if not 1 <= k <= n_db:
+        raise ValueError(f"k must be in [1, {n_db}] (database size), got {k}")
+    nq = queries.shape[0]
+
+    if full:
+        return _full_ranking(queries, database, chunk_size)
+
+    n_gpu = faiss_gpu_count()
+    if use_gpu is None:
+        use_gpu = n_gpu > 0
+    if use_gpu and n_gpu == 0:
+        raise RuntimeError("use_gpu=True but FAISS sees no GPU (faiss-cpu installed or no CUDA device)")
+    if use_gpu and k > _GPU_MAX_K:
+        warnings.warn(f"k={k} exceeds FAISS GPU's limit of {_GPU_MAX_K}; searching on CPU", stacklevel=2)
+        use_gpu = False
+    index = _FlatIP(queries.shape[1], use_gpu)
+
+    best_s = np.full((nq, 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((nq, 0), dtype=np.int64)
+    for start in range(0, n_db, chunk_size):
+        stop = min(start + chunk_size, n_db)
+        chunk = np.ascontiguousarray(database[start:stop], dtype=np.float32)
+        kc = min(k + 1, stop - start)  # one extra to detect ties straddling the k-th place
+        s, i = index.search(chunk, queries, kc)
+        if kc > k:
+            tie = s[:, k - 1] == s[:, k]
+            s, i = s[:, :k].copy(), i[:, :k].copy()
+            for q in np.flatnonzero(tie):  # rare: duplicate descriptors; re-select exactly
+                s[q], i[q] = _exact_topk_row(chunk @ queries[q], k)
+        i = i.astype(np.int64) + start
+        best_s, best_i = _sort_candidates(np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1), k)
+        del chunk
+        _release_pages(database, start, stop)
+    return best_s.astype(np.float32, copy=False), best_i
+
+
+def _full_ranking(
+    queries: np.ndarray, database: np.ndarray, chunk_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    n_db = database.shape[0]
+    sim = np.empty((queries.shape[0], n_db), dtype=np.float32)
+    for start in range(0, n_db, chunk_size):
+        stop = min(start + chunk_size, n_db)
+        chunk = np.asarray(database[start:stop], dtype=np.float32)
+        sim[:, start:stop] = queries @ chunk.T
+        _release_pages(database, start, stop)
+    ranks = rank_by_similarity(sim)
+    return np.take_along_axis(sim, ranks, 1), ranks.astype(np.int64, copy=False)

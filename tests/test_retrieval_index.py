@@ -1,0 +1,72 @@
+"""Exact chunked inner-product search: agrees with brute force, ties by lower index, memmap input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dalg.retrieval.index import rank_by_similarity, search
+
+
+def _normalised(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _brute(q: np.ndarray, db: np.ndarray, k: int) -> np.ndarray:
+    return rank_by_similarity(q @ db.T)[:, :k]
+
+
+@pytest.mark.parametrize("chunk_size", [7, 64, 65536])
+@pytest.mark.parametrize("k", [1, 10, None])
+def test_search_matches_brute_force(chunk_size: int, k: int | None) -> None:
+    rng = np.random.default_rng(1)
+    db, q = _normalised(rng, 200, 16), _normalised(rng, 9, 16)
+    scores, ranks = search(q, db, k, chunk_size=chunk_size)
+    kk = 200 if k is None else k
+    assert ranks.shape == (9, kk) and scores.shape == (9, kk)
+    assert ranks.dtype == np.int64 and scores.dtype == np.float32
+    np.testing.assert_array_equal(ranks, _brute(q, db, kk))
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ db.T, ranks, 1), atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 60),
+    k=st.integers(1, 60),
+    chunk=st.integers(1, 25),
+    seed=st.integers(0, 2**31),
+)
+def test_ties_are_broken_by_lower_index(n: int, k: int, chunk: int, seed: int) -> None:
+    # Few distinct database vectors -> many exactly equal scores, including ties around the k-th place.
+    rng = np.random.default_rng(seed)
+    k = min(k, n)
+    protos = np.eye(4, dtype=np.float32)
+    db = protos[rng.integers(0, 4, size=n)]
+    q = protos[rng.integers(0, 4, size=3)]
+    scores, ranks = search(q, db, k, chunk_size=chunk)
+    np.testing.assert_array_equal(ranks, _brute(q, db, k))
+
+
+def test_fp16_memmap_database(tmp_path) -> None:
+    rng = np.random.default_rng(2)
+    db = _normalised(rng, 500, 32).astype(np.float16)
+    q = _normalised(rng, 5, 32)
+    path = tmp_path / "db.npy"
+    np.save(path, db)
+    mm = np.load(path, mmap_mode="r")
+    assert isinstance(mm, np.memmap)
+    _, ranks = search(q, mm, 20, chunk_size=128)
+    np.testing.assert_array_equal(ranks, _brute(q, db.astype(np.float32), 20))
+
+
+def test_bad_input() -> None:
+    q = np.zeros((2, 8), np.float32)
+    with pytest.raises(ValueError, match="dimension mismatch"):
+        search(q, np.zeros((5, 4), np.float32))
+    with pytest.raises(ValueError, match="k must be"):
+        search(q, np.zeros((5, 8), np.float32), k=6)
+    with pytest.raises(ValueError, match="empty"):
+        search(q, np.zeros((0, 8), np.float32))
