@@ -19,6 +19,7 @@ on the few labelled entries only -- vectorised over queries and database, no Pyt
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -53,71 +54,58 @@ class RevisitedScores:
         return out
 
 
-def _gnd_lists(gnd: Sequence[Mapping], n_database: int) -> tuple[list[np.ndarray], ...]:
-    easy, hard, junk = [], [], []
+def _gnd_lists(gnd: Sequence[Mapping], n_database: int) -> tuple[np.ndarray, np.ndarray]:
+    """All (easy, hard, junk) indices as one flat int64 array + the ``(n_queries, 3)`` list lengths."""
+    keys = ("easy", "hard", "junk")
+    lengths = np.zeros((len(gnd), 3), dtype=np.int64)
     for i, g in enumerate(gnd):
         if not isinstance(g, Mapping):
             raise TypeError(f"gnd[{i}] must be a mapping with keys easy/hard/junk, got {type(g).__name__}")
-        lists = []
-        for key in ("easy", "hard", "junk"):
+        for t, key in enumerate(keys):
             if key not in g:
                 raise KeyError(f"gnd[{i}] has no key {key!r} (keys: {sorted(g)})")
-            arr = np.asarray(g[key] if g[key] is not None else [], dtype=np.int64).reshape(-1)
-            if arr.size and (arr.min() < 0 or arr.max() >= n_database):
-                raise ValueError(
-                    f"gnd[{i}][{key!r}] has index {int(arr.min() if arr.min() < 0 else arr.max())} "
-                    f"outside the database [0, {n_database}) -- 1-based (MATLAB) ground truth?"
-                )
-            lists.append(arr)
-        easy.append(lists[0])
-        hard.append(lists[1])
-        junk.append(lists[2])
-    return easy, hard, junk
+            lengths[i, t] = len(g[key]) if g[key] is not None else 0
+    flat = np.fromiter(
+        itertools.chain.from_iterable(g[key] for g in gnd for key in keys if g[key] is not None),
+        dtype=np.int64,
+        count=int(lengths.sum()),
+    )
+    if flat.size and (flat.min() < 0 or flat.max() >= n_database):
+        bad = int(flat.min()) if flat.min() < 0 else int(flat.max())
+        where = int(np.flatnonzero(flat == bad)[0])
+        i, t = divmod(int(np.searchsorted(np.cumsum(lengths.ravel()), where, side="right")), 3)
+        raise ValueError(
+            f"gnd[{i}][{keys[t]!r}] has index {bad} outside the database [0, {n_database}) "
+            "-- 1-based (MATLAB) ground truth?"
+        )
+    return flat, lengths
 
 
-def _labels_of_ranks(ranks: np.ndarray, lists: tuple[list[np.ndarray], ...], n_database: int) -> np.ndarray:
+def _labels_of_ranks(ranks: np.ndarray, flat: np.ndarray, lengths: np.ndarray, n_database: int) -> np.ndarray:
     """uint8 bit flags (easy=1, hard=2, junk=4) of every ranked item, shape of ``ranks``."""
     nq = ranks.shape[0]
-    rows_parts, cols_parts, bits_parts = [], [], []
-    for bit, per_query in zip((_EASY, _HARD, _JUNK), lists):
-        lengths = np.fromiter((a.size for a in per_query), dtype=np.int64, count=nq)
-        if lengths.sum() == 0:
-            continue
-        rows_parts.append(np.repeat(np.arange(nq, dtype=np.int64), lengths))
-        cols_parts.append(np.concatenate(per_query))
-        bits_parts.append(np.full(int(lengths.sum()), bit, dtype=np.uint8))
-    if not rows_parts:
+    if flat.size == 0:
         return np.zeros(ranks.shape, dtype=np.uint8)
-    rows = np.concatenate(rows_parts)
-    cols = np.concatenate(cols_parts)
-    bits = np.concatenate(bits_parts)
+    rows = np.repeat(np.repeat(np.arange(nq, dtype=np.int64), 3), lengths.ravel())
+    bits = np.repeat(np.tile(np.array([_EASY, _HARD, _JUNK], dtype=np.uint8), nq), lengths.ravel())
+    keys = rows * n_database + flat
 
     if nq * n_database <= _DENSE_TABLE_MAX_CELLS:
-        table = np.zeros((nq, n_database), dtype=np.uint8)
-        for bit in (_EASY, _HARD, _JUNK):  # one bit at a time: repeated (row, col) pairs are harmless
-            m = bits == bit
-            table[rows[m], cols[m]] |= bit
-        return np.take_along_axis(table, ranks, axis=1)
+        table = np.zeros(nq * n_database, dtype=np.uint8)
+        for bit in (_EASY, _HARD, _JUNK):  # one bit at a time: repeated keys are harmless
+            table[keys[bits == bit]] |= bit
+        offsets = np.arange(0, nq * n_database, n_database, dtype=np.int64)[:, None]
+        return np.take(table, ranks + offsets)
 
     # Large database (e.g. +1M): look the (query, item) keys up in a sorted array instead.
-    keys = rows * n_database + cols
     order = np.argsort(keys, kind="stable")
     keys, bits = keys[order], bits[order]
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     ukeys = keys[starts]
     ubits = np.bitwise_or.reduceat(bits, starts)
     query_keys = np.arange(nq, dtype=np.int64)[:, None] * n_database + ranks
-    pos = np.searchsorted(ukeys, query_keys)
-    pos_clipped = np.minimum(pos, ukeys.size - 1)
-    hit = ukeys[pos_clipped] == query_keys
-    return np.where(hit, ubits[pos_clipped], np.uint8(0)).astype(np.uint8)
-
-
-def _group_exclusive_cumsum(flags: np.ndarray, row_start_of_item: np.ndarray) -> np.ndarray:
-    """For items sorted by row: number of earlier items of the same row whose flag is set."""
-    c = np.cumsum(flags, dtype=np.int64)
-    excl = c - flags
-    return excl - excl[row_start_of_item]
+    pos = np.minimum(np.searchsorted(ukeys, query_keys), ukeys.size - 1)
+    return np.where(ukeys[pos] == query_keys, ubits[pos], np.uint8(0)).astype(np.uint8)
 
 
 def evaluate_revisited(
@@ -158,48 +146,50 @@ def evaluate_revisited(
             f"ranks hold indices outside [0, {n_database}): min {ranks.min()}, max {ranks.max()}"
         )
 
-    lists = _gnd_lists(gnd, n_database)
-    labels = _labels_of_ranks(ranks, lists, n_database)
-    # Only labelled entries matter; np.nonzero returns them sorted by (query, rank position).
-    rows, cols = np.nonzero(labels)
-    lab = labels[rows, cols]
+    flat, lengths = _gnd_lists(gnd, n_database)
+    labels = _labels_of_ranks(ranks, flat, lengths, n_database)
+    # Only labelled entries matter; flatnonzero returns them sorted by (query, rank position).
+    where = np.flatnonzero(labels)
+    rows = where // k
+    cols = where - rows * k
+    lab = labels.ravel()[where]
     first_of_row = np.searchsorted(rows, np.arange(nq))  # index of each query's first labelled item
-    row_start_of_item = first_of_row[rows]
-
-    n_per_setup = {
-        "E": np.array([a.size for a in lists[0]], dtype=np.int64),
-        "H": np.array([a.size for a in lists[1]], dtype=np.int64),
-    }
-    n_per_setup["M"] = n_per_setup["E"] + n_per_setup["H"]
+    n_per_setup = {"E": lengths[:, 0], "H": lengths[:, 1], "M": lengths[:, 0] + lengths[:, 1]}
 
     out_map: dict[str, float] = {}
     out_mpk: dict[str, dict[int, float]] = {}
     out_aps: dict[str, np.ndarray] = {}
     for setup in SETUPS:
         pos_bits, junk_bits = _SETUP_BITS[setup]
-        is_pos = (lab & pos_bits) != 0
-        is_junk = ((lab & junk_bits) != 0).astype(np.int64)
-        junk_before = _group_exclusive_cumsum(is_junk, row_start_of_item)
-        j_of_item = _group_exclusive_cumsum(is_pos.astype(np.int64), row_start_of_item)
-        prow = rows[is_pos]
-        r = (cols[is_pos] - junk_before[is_pos]).astype(np.float64)  # junk-free 0-based position
-        j = j_of_item[is_pos].astype(np.float64)
-        p0 = np.where(r == 0, 1.0, j / np.maximum(r, 1.0))
-        p1 = (j + 1.0) / (r + 1.0)
         n = n_per_setup[setup]
         valid = n > 0
+        is_pos = (lab & pos_bits) != 0
+        # ignored items ranked before each positive of the same query: a running count over all labelled
+        # items, minus the count reached when the query starts
+        junk_incl = np.cumsum((lab & junk_bits) != 0, dtype=np.int64)
+        junk_excl = np.r_[0, junk_incl]  # junk_excl[t] = ignored items among labelled items 0..t-1
+        junk_at_row_start = junk_excl[first_of_row]
+        p_idx = np.flatnonzero(is_pos)
+        prow = rows[p_idx]
+        r = (cols[p_idx] - (junk_excl[p_idx] - junk_at_row_start[prow])).astype(np.float64)
+        counts = np.bincount(prow, minlength=nq)
+        row_first_pos = np.cumsum(counts) - counts
+        j = (np.arange(p_idx.size) - row_first_pos[prow]).astype(np.float64)  # 0-based rank among positives
+        p0 = np.where(r == 0, 1.0, j / np.maximum(r, 1.0))
+        p1 = (j + 1.0) / (r + 1.0)
         ap_sum = np.bincount(prow, weights=(p0 + p1) / 2.0, minlength=nq)
         aps = np.full(nq, np.nan)
         aps[valid] = ap_sum[valid] / n[valid]
 
-        # mP@k: last (largest) 1-based junk-free position of a positive per query
+        # mP@k: positives are sorted by position within a query, so the last one holds the largest position
         pos1 = r + 1.0
         max_pos = np.zeros(nq)
-        np.maximum.at(max_pos, prow, pos1)
+        has = counts > 0
+        max_pos[has] = pos1[row_first_pos[has] + counts[has] - 1]
         mpk: dict[int, float] = {}
         for kap in kappas:
             kq = np.minimum(max_pos, kap)
-            hits = np.bincount(prow, weights=(pos1 <= kq[prow]).astype(np.float64), minlength=nq)
+            hits = np.bincount(prow, weights=pos1 <= kq[prow], minlength=nq)
             prec = np.divide(hits, kq, out=np.zeros(nq), where=kq > 0)
             mpk[kap] = float(prec[valid].mean() * 100.0) if valid.any() else float("nan")
         out_aps[setup] = aps
