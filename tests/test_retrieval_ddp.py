@@ -1,0 +1,81 @@
+"""DDP (2 CPU processes, gloo): descriptors gathered from 2 processes equal those of 1, scores too."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import DistributedSampler
+
+from dalg.retrieval.torchmetric import RevisitedRetrievalMetric, assemble_by_index
+
+N_QUERIES, N_DB, DIM = 5, 44, 16  # 49 images: an odd count, so DistributedSampler pads
+
+
+def _descriptors(index: torch.Tensor) -> torch.Tensor:
+    # a deterministic "model": descriptor is a function of the dataset index only
+    g = torch.Generator().manual_seed(1234)
+    table = torch.nn.functional.normalize(torch.randn(N_QUERIES + N_DB, DIM, generator=g), dim=1)
+    return table[index]
+
+
+def _gnd() -> list[dict]:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(N_QUERIES):
+        p = rng.permutation(N_DB)
+        out.append({"easy": p[:3].tolist(), "hard": p[3:6].tolist(), "junk": p[6:8].tolist(), "bbx": None})
+    return out
+
+
+def _run_metric(indices_batches) -> RevisitedRetrievalMetric:
+    metric = RevisitedRetrievalMetric(_gnd(), n_database=N_DB, dim=DIM)
+    for idx in indices_batches:
+        metric.update(_descriptors(idx), idx)
+    return metric
+
+
+def _worker(rank: int, world: int, tmp: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        # 49 images on 2 processes: the sampler pads rank 1 with a repeat of an image rank 0 also sees
+        sampler = DistributedSampler(
+            range(N_QUERIES + N_DB), num_replicas=world, rank=rank, shuffle=True, seed=3
+        )
+        idx = torch.tensor(list(sampler))
+        assert len(idx) == (N_QUERIES + N_DB + 1) // 2
+        metric = _run_metric(torch.split(idx, 7))
+        result = {k: float(v) for k, v in metric.compute().items()}
+        np.save(f"{tmp}/feats_{rank}.npy", metric.last_features)
+        with open(f"{tmp}/scores_{rank}.json", "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_two_gloo_processes_match_one(tmp_path) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # fork: CPU only, nothing CUDA initialised; avoids re-importing torch in each child (seconds, not tens)
+    mp.start_processes(_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    single = _run_metric(torch.split(torch.arange(N_QUERIES + N_DB), 10))
+    expected = {k: float(v) for k, v in single.compute().items()}
+    for rank in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"feats_{rank}.npy"), single.last_features)
+        assert json.loads((tmp_path / f"scores_{rank}.json").read_text()) == expected
+    np.testing.assert_array_equal(single.last_features, _descriptors(torch.arange(N_QUERIES + N_DB)).numpy())
+
+
+def test_assemble_by_index_dedupes_and_reports_missing() -> None:
+    desc = np.arange(8, dtype=np.float32).reshape(4, 2)
+    out = assemble_by_index(np.array([2, 0, 1, 0]), desc, 3)  # index 0 padded twice
+    np.testing.assert_array_equal(out, desc[[1, 2, 0]])
+    with pytest.raises(RuntimeError, match="missing for 1 of 4"):
+        assemble_by_index(np.array([2, 0, 1]), desc[:3], 4)
+    with pytest.raises(ValueError, match="outside"):
+        assemble_by_index(np.array([5]), desc[:1], 3)
