@@ -1,0 +1,89 @@
+"""Load a local backbone checkpoint (timm or torch state dict) strictly, with errors that name the file and keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+_WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
+_STRIP_PREFIXES = ("module.", "model.", "vit.", "cnn.", "backbone.")
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict from .safetensors or a torch file (plain, or wrapped under state_dict/model)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # corrupt or not a torch file: say which file
+            raise ValueError(f"cannot read backbone checkpoint {path}: {e}") from e
+    if isinstance(sd, dict):
+        for key in _WRAPPER_KEYS:
+            if key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+                break
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise ValueError(f"backbone checkpoint {path} does not hold a state dict of tensors")
+    return dict(sd)
+
+
+def _strip_prefixes(sd: dict[str, Tensor], model_keys: set[str]) -> dict[str, Tensor]:
+    """Drop wrapper prefixes (DDP 'module.', our own 'vit.'/'cnn.') while they make keys match the model."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _STRIP_PREFIXES:
+            if sd and all(k.startswith(prefix) for k in sd) and not (set(sd) & model_keys):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def load_backbone_checkpoint(model: nn.Module, path: str | Path, max_keys: int = 5) -> None:
+    """Load `path` into the timm `model` strictly.
+
+    Classifier weights (timm's `pretrained_cfg['classifier']`, absent here because models are built headless)
+    are dropped; a ViT position embedding of another grid size is resampled. Anything else that is missing,
+    unexpected or of another shape raises a ValueError naming the file and the first offending keys.
+    """
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    sd = _strip_prefixes(sd, set(own))
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+    sd = {k: v for k, v in sd.items() if k in own or not any(k.startswith(h + ".") for h in heads)}
+    if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
+        sd["pos_embed"] = _resample_pos_embed(model, sd["pos_embed"], own["pos_embed"])
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [f"{k}: {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {missing[:max_keys]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[:max_keys]})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} with another shape (first: {mismatched[:max_keys]})")
+        raise ValueError(f"backbone checkpoint {path} does not match {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(sd, strict=True)
+
+
+def _resample_pos_embed(model: nn.Module, theirs: Tensor, ours: Tensor) -> Tensor:
+    from timm.layers import resample_abs_pos_embed
+
+    npt = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    n_theirs, n_ours = theirs.shape[1] - npt, ours.shape[1] - npt
+    old, new = int(round(n_theirs**0.5)), int(round(n_ours**0.5))
+    if old * old != n_theirs or new * new != n_ours or theirs.shape[-1] != ours.shape[-1]:
+        return theirs  # not a square grid of the same width: reported as a shape mismatch
+    return resample_abs_pos_embed(theirs, new_size=(new, new), old_size=(old, old), num_prefix_tokens=npt)

@@ -1,0 +1,193 @@
+"""Local branch: 1x1 projection -> context blocks -> spatial attention (dalg.md).
+
+Context blocks are either Swin-style window multi-head self-attention (DALG; Liu et al., ICCV 2021: W-MSA with
+relative position bias, alternate shifted windows) or DOLG's multi-atrous block (Yang et al., ICCV 2021).
+Maps whose sides are not multiples of the window are padded; padded tokens are masked out as keys, so the
+outputs at real positions do not depend on the padding (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+from torch import Tensor, nn
+
+MASK_VALUE = -1e4  # additive mask: exp(-1e4) == 0 in fp32/fp16/bf16, and finite so fully masked rows stay finite
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside square windows with a learnt relative position bias."""
+
+    def __init__(self, dim: int, heads: int, window: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"WindowAttention: dim={dim} not divisible by heads={heads}")
+        self.heads, self.window = heads, window
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_bias = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
+        nn.init.trunc_normal_(self.rel_bias, std=0.02)
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # (N, N, 2), >= 0
+        self.register_buffer("rel_index", rel[..., 0] * (2 * window - 1) + rel[..., 1], persistent=False)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: (B*nW, N, C); mask: (nW, N, N) additive, or None."""
+        bw, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(bw, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        bias = self.rel_bias[self.rel_index.view(-1)].view(n, n, self.heads).permute(2, 0, 1)  # (heads, N, N)
+        bias = bias.unsqueeze(0).to(q.dtype)
+        if mask is not None:
+            nw = mask.shape[0]
+            bias = (bias + mask.unsqueeze(1).to(q.dtype)).repeat(bw // nw, 1, 1, 1)  # window order is (B, nW)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(bw, n, c))
+
+
+def _windows(x: Tensor, w: int) -> Tensor:
+    """(B, H, W, ...) -> (B*nW, w*w, ...) with windows ordered (B, row, col)."""
+    b, h, wd = x.shape[:3]
+    rest = x.shape[3:]
+    x = x.reshape(b, h // w, w, wd // w, w, *rest).transpose(2, 3)
+    return x.reshape(b * (h // w) * (wd // w), w * w, *rest)
+
+
+def _unwindows(x: Tensor, w: int, b: int, h: int, wd: int) -> Tensor:
+    rest = x.shape[2:]
+    x = x.reshape(b, h // w, wd // w, w, w, *rest).transpose(2, 3)
+    return x.reshape(b, h, wd, *rest)
+
+
+class WindowBlock(nn.Module):
+    """Pre-norm Transformer block with (shifted) window attention on a (B, h, w, C) map."""
+
+    def __init__(self, dim: int, heads: int, window: int, shift: int = 0, mlp_ratio: float = 4.0,
+                 drop_path: float = 0.0, mask_padding: bool = True) -> None:
+        super().__init__()
+        if not 0 <= shift < window:
+            raise ValueError(f"WindowBlock: shift={shift} must be in [0, window={window})")
+        self.window, self.shift, self.mask_padding = window, shift, mask_padding
+        self.pad_value = 0.0  # tests change it to check that padding never leaks into real positions
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, heads, window)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def _mask(self, hp: int, wp: int, h: int, w: int, shift: int, device: torch.device) -> Tensor | None:
+        """Additive (nW, N, N) mask: shifted-window regions (Swin) and padded keys."""
+        ws = self.window
+        region = torch.zeros(hp, wp, device=device)
+        if shift:
+            label = 0
+            for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+                for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+                    region[hs, wsl] = label
+                    label += 1
+        mask = None
+        if shift:
+            rw = _windows(region[None, ..., None], ws)[..., 0]  # (nW, N) region label per token
+            mask = (rw[:, :, None] != rw[:, None, :]).float() * MASK_VALUE
+        if self.mask_padding and (hp != h or wp != w):
+            pad = torch.ones(hp, wp, device=device)
+            pad[:h, :w] = 0
+            if shift:
+                pad = torch.roll(pad, shifts=(-shift, -shift), dims=(0, 1))
+            pw = _windows(pad[None, ..., None], ws)[..., 0]  # (nW, N): 1 at padded tokens
+            key_mask = pw[:, None, :].expand(-1, ws * ws, -1) * MASK_VALUE
+            mask = key_mask if mask is None else mask + key_mask
+        return mask
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, c = x.shape
+        ws = self.window
+        shortcut = x
+        x = self.norm1(x)
+        ph, pw = (-h) % ws, (-w) % ws
+        if ph or pw:
+            x = F.pad(x, (0, 0, 0, pw, 0, ph), value=self.pad_value)
+        hp, wp = h + ph, w + pw
+        shift = self.shift if (hp > ws or wp > ws) else 0  # one window covers the map: shifting is a no-op
+        if shift:
+            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+        mask = self._mask(hp, wp, h, w, shift, x.device)
+        x = _unwindows(self.attn(_windows(x, ws), mask), ws, b, hp, wp)
+        if shift:
+            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+        x = x[:, :h, :w]
+        x = shortcut + self.drop_path(x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class MultiAtrous(nn.Module):
+    """DOLG's multi-atrous block: 1x1 and dilated 3x3 convs + image pooling, concatenated, 1x1, ReLU."""
+
+    def __init__(self, in_dim: int, out_dim: int, branch_dim: int = 512, rates: Sequence[int] = (6, 12, 18)) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList([nn.Conv2d(in_dim, branch_dim, 1)] + [
+            nn.Conv2d(in_dim, branch_dim, 3, padding=r, dilation=r) for r in rates])
+        self.pool_conv = nn.Conv2d(in_dim, branch_dim, 1)
+        self.fuse = nn.Conv2d(branch_dim * (len(rates) + 2), out_dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = [br(x) for br in self.branches]
+        pooled = self.pool_conv(x.mean(dim=(2, 3), keepdim=True)).expand(-1, -1, *x.shape[2:])
+        return F.relu(self.fuse(torch.cat(feats + [pooled], dim=1)))
+
+
+class SpatialAttention(nn.Module):
+    """DELF/DOLG spatial attention: f = BN(conv1x1(x)); L = softplus(conv1x1(relu(f))) * f / ||f||."""
+
+    def __init__(self, in_dim: int, dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, dim, 1)
+        self.bn = nn.BatchNorm2d(dim)
+        self.score = nn.Conv2d(dim, 1, 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.bn(self.conv(x))
+        att = F.softplus(self.score(F.relu(f)))  # (B, 1, h, w)
+        return att * F.normalize(f, p=2, dim=1), att
+
+
+class LocalBranch(nn.Module):
+    """Local branch returning the attended local map L (B, out_dim, h, w) and the attention map (B, 1, h, w).
+
+    context="window": 1x1 projection to `dim`, `blocks` window-attention blocks (odd blocks shifted by
+    window//2 when `shift`), spatial attention.  context="atrous": DOLG multi-atrous block to `dim`, spatial
+    attention.  context="none": projection and spatial attention only (ablation).
+    """
+
+    def __init__(self, in_dim: int, dim: int = 512, context: str = "window", window: int = 7, blocks: int = 2,
+                 heads: int = 8, shift: bool = True, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 atrous_rates: Sequence[int] = (6, 12, 18), atrous_dim: int = 512,
+                 mask_padding: bool = True) -> None:
+        super().__init__()
+        if context not in ("window", "atrous", "none"):
+            raise ValueError(f"LocalBranch: context must be window, atrous or none, got {context!r}")
+        self.context = context
+        self.out_dim = dim
+        if context == "atrous":
+            self.proj = MultiAtrous(in_dim, dim, branch_dim=atrous_dim, rates=tuple(atrous_rates))
+        else:
+            self.proj = nn.Conv2d(in_dim, dim, 1)
+        n_blocks = blocks if context == "window" else 0
+        if n_blocks and window < 1:
+            raise ValueError(f"LocalBranch: window must be >= 1, got {window}")
+        self.blocks = nn.ModuleList([
+            WindowBlock(dim, heads, window, shift=(window // 2 if shift and i % 2 else 0), mlp_ratio=mlp_ratio,
+                        drop_path=drop_path, mask_padding=mask_padding)
+            for i in range(n_blocks)])
+        self.attention = SpatialAttention(dim, dim)
+
+    def forward(self, local: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.proj(local)
+        if len(self.blocks):
+            x = x.permute(0, 2, 3, 1)
+            for blk in self.blocks:
+                x = blk(x)
+            x = x.permute(0, 3, 1, 2).contiguous()
+        return self.attention(x)

@@ -1,0 +1,81 @@
+"""Smoke tests of the DALG composer through the real Hydra configs (tiny CPU model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from dalg.models.dalg import DALG
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def build(name: str, overrides: list[str] | None = None, num_classes: int = 7) -> DALG:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name=f"model/{name}", overrides=overrides or [])
+    model = hydra.utils.instantiate(cfg.model, num_classes=num_classes)
+    assert isinstance(model, DALG)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny() -> DALG:
+    torch.manual_seed(0)
+    return build("dalg_tiny")
+
+
+def test_tiny_forward_features_shapes_and_norm(tiny: DALG) -> None:
+    x = torch.randn(2, 3, 100, 90)  # not multiples of the patch: padded to 7x6 tokens
+    out = tiny.forward_features(x)
+    assert set(out) == {"descriptor", "global", "local", "spatial_attention", "fusion_attention"}
+    d = out["descriptor"]
+    assert d.shape == (2, 512)
+    torch.testing.assert_close(d.norm(dim=-1), torch.ones(2))
+    assert out["global"].shape == (2, 256)
+    assert out["local"].shape == (2, 128, 7, 6)
+    assert out["spatial_attention"].shape == (2, 1, 7, 6)
+    assert (out["spatial_attention"] > 0).all()  # softplus
+    att = out["fusion_attention"]
+    assert att.shape == (2, 4, 1, 42)
+    torch.testing.assert_close(att.sum(-1), torch.ones(2, 4, 1))
+
+
+def test_tiny_backward_reaches_backbone_and_head(tiny: DALG) -> None:
+    tiny.zero_grad()
+    x = torch.randn(3, 3, 64, 64)
+    y = torch.tensor([0, 3, 6])
+    logits = tiny.head(tiny(x), y)
+    assert logits.shape == (3, 7)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    patch_grad = tiny.backbone.vit.patch_embed.proj.weight.grad
+    assert patch_grad is not None and patch_grad.abs().sum() > 0
+    assert tiny.head.weight.grad is not None and tiny.head.weight.grad.abs().sum() > 0
+
+
+def test_extract_single_scale_is_forward_and_multiscale_is_unit(tiny: DALG) -> None:
+    tiny.eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.extract(x), tiny(x))
+        ms = tiny.extract(x, scales=[0.7071, 1.0, 1.4142])
+        single = tiny.extract(x)
+    tiny.train()
+    torch.testing.assert_close(ms.norm(dim=-1), torch.ones(2))
+    assert not torch.allclose(ms, single)
+
+
+def test_no_head_without_classes() -> None:
+    assert build("dalg_tiny", num_classes=0).head is None
+
+
+def test_dalg_cross_is_vit_small_with_cross_attention() -> None:
+    model = build("dalg_cross", num_classes=0)
+    assert model.backbone.vit.embed_dim == 384 and model.backbone.local_block == 7
+    assert type(model.fusion).__name__ == "CrossAttentionFusion"
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 48)).shape == (1, 512)
