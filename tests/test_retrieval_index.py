@@ -58,8 +58,11 @@ def test_fp16_memmap_database(tmp_path) -> None:
     np.save(path, db)
     mm = np.load(path, mmap_mode="r")
     assert isinstance(mm, np.memmap)
-    _, ranks = search(q, mm, 20, chunk_size=128)
-    np.testing.assert_array_equal(ranks, _brute(q, db.astype(np.float32), 20))
+    for k in (20, None):  # read with file reads (the whole map) and by slicing (a sliced map)
+        _, ranks = search(q, mm, k, chunk_size=128)
+        np.testing.assert_array_equal(ranks, _brute(q, db.astype(np.float32), k or 500))
+        _, ranks = search(q, mm[100:], k and 10, chunk_size=128)
+        np.testing.assert_array_equal(ranks, _brute(q, db[100:].astype(np.float32), k and 10 or 400))
 
 
 def test_bad_input() -> None:

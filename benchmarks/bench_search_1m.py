@@ -1,0 +1,168 @@
+"""Benchmark: 70 queries against a small ground-truth set plus 1,000,000 random 512-d fp16 distractors.
+
+The database (ground truth first, then distractors) is one ``.npy`` file opened as a memory map and searched
+in chunks (``dalg.retrieval.index.search``), then scored with ``evaluate_revisited`` on the truncated top-k.
+Prints seconds per phase and peak RSS; the target is a peak RSS under 4 GiB on a 2-core machine.
+
+    python benchmarks/bench_search_1m.py                       # 1M distractors, file in a temp dir
+    python benchmarks/bench_search_1m.py --n-distractors 100000 --workdir /tmp/bench --keep
+
+Not a test: it prints figures and asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from dalg.retrieval.index import search
+from dalg.retrieval.metrics import evaluate_revisited, format_table
+
+
+class PeakRSS:
+    """Samples this process's RSS in a background thread (ru_maxrss also covers the generation phase)."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+
+    def __enter__(self) -> PeakRSS:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def make_problem(n_gt: int, n_queries: int, dim: int, rng: np.random.Generator):
+    """Ground-truth database vectors, queries near their positives, and Revisited-style gnd."""
+    gt = _unit(rng.standard_normal((n_gt, dim)).astype(np.float32))
+    gnd, queries = [], []
+    for _ in range(n_queries):
+        p = rng.choice(n_gt, size=int(rng.integers(5, 40)), replace=False)
+        ne, nh = len(p) // 3, len(p) // 3
+        easy, hard, junk = p[:ne], p[ne : ne + nh], p[ne + nh :]
+        # easy positives close to the query, hard ones farther, junk in between
+        centre = _unit(rng.standard_normal((1, dim)).astype(np.float32))[0]
+        for idx, spread in ((easy, 0.6), (hard, 1.6), (junk, 1.0)):
+            gt[idx] = _unit(
+                centre + spread * rng.standard_normal((len(idx), dim)).astype(np.float32) / np.sqrt(dim)
+            )
+        queries.append(centre)
+        gnd.append({"easy": easy.tolist(), "hard": hard.tolist(), "junk": junk.tolist()})
+    return gt, _unit(np.stack(queries)), gnd
+
+
+def write_database(
+    path: Path, gt: np.ndarray, n_distractors: int, rng: np.random.Generator, chunk: int
+) -> None:
+    """fp16 .npy written with plain file writes (no memory map), so generation does not inflate RSS."""
+    dim = gt.shape[1]
+    n = gt.shape[0] + n_distractors
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f,
+            {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                "fortran_order": False,
+                "shape": (n, dim),
+            },
+        )
+        f.write(gt.astype(np.float16).tobytes())
+        for start in range(0, n_distractors, chunk):
+            m = min(chunk, n_distractors - start)
+            f.write(_unit(rng.standard_normal((m, dim), dtype=np.float32)).astype(np.float16).tobytes())
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-distractors", type=int, default=1_000_000)
+    ap.add_argument(
+        "--n-gt", type=int, default=5000, help="ground-truth database images (before distractors)"
+    )
+    ap.add_argument("--n-queries", type=int, default=70)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--k", type=int, default=1000, help="top-k kept per query (truncated evaluation)")
+    ap.add_argument("--chunk-size", type=int, default=65536)
+    ap.add_argument(
+        "--workdir", type=Path, default=None, help="where the database file goes (default: temp dir)"
+    )
+    ap.add_argument("--keep", action="store_true", help="keep (and reuse) the database file")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    rng = np.random.default_rng(args.seed)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dalg_bench_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    db_path = workdir / f"db_{args.n_gt}+{args.n_distractors}x{args.dim}_s{args.seed}.npy"
+    gt, queries, gnd = make_problem(args.n_gt, args.n_queries, args.dim, rng)
+    t0 = time.perf_counter()
+    if not db_path.exists():
+        write_database(db_path, gt, args.n_distractors, rng, args.chunk_size)
+    t_gen = time.perf_counter() - t0
+    n_db = args.n_gt + args.n_distractors
+    rss_before = psutil.Process().memory_info().rss
+
+    with PeakRSS() as peak:
+        database = np.load(db_path, mmap_mode="r")
+        t0 = time.perf_counter()
+        _, ranks = search(queries, database, args.k, chunk_size=args.chunk_size)
+        t_search = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scores = evaluate_revisited(ranks, gnd, n_database=n_db)
+        t_eval = time.perf_counter() - t0
+
+    print(
+        format_table(
+            scores, title=f"{args.n_queries} queries vs {args.n_gt:,} + {args.n_distractors:,} distractors"
+        )
+    )
+    gib = 1024**3
+    print(
+        f"database file     : {db_path} ({db_path.stat().st_size / gib:.2f} GiB, fp16, {n_db:,} x {args.dim})"
+    )
+    print(f"generation        : {t_gen:8.2f} s{' (reused file)' if t_gen < 0.01 else ''}")
+    print(
+        f"search (top-{args.k}) : {t_search:8.2f} s  ({n_db * args.n_queries / t_search / 1e6:.1f} M sims/s, "
+        f"chunk {args.chunk_size:,}, cpus {os.cpu_count()})"
+    )
+    print(f"evaluate_revisited: {t_eval:8.3f} s")
+    print(f"RSS before search : {rss_before / gib:8.3f} GiB")
+    print(f"peak RSS (search+eval, sampled): {peak.peak / gib:.3f} GiB")
+    print(
+        f"peak RSS (process lifetime, ru_maxrss): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2:.3f} GiB"
+    )
+    print(
+        f"target: peak RSS < 4 GiB -> {'OK' if resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 < 4 * gib else 'OVER'}"
+    )
+    if not args.keep and args.workdir is None:
+        shutil.rmtree(workdir)
+
+
+if __name__ == "__main__":
+    main()
