@@ -1,0 +1,113 @@
+"""Local branch: window attention (padding masked, shifted windows), multi-atrous block, spatial attention."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dalg.models.local_branch import LocalBranch, SpatialAttention, WindowAttention, WindowBlock
+
+
+def _block(shift: int, mask_padding: bool = True) -> WindowBlock:
+    torch.manual_seed(0)
+    blk = WindowBlock(dim=16, heads=2, window=4, shift=shift, mask_padding=mask_padding).eval()
+    with torch.no_grad():  # a non-zero relative bias, so the test also covers its indexing
+        blk.attn.rel_bias.normal_()
+    return blk
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+@pytest.mark.parametrize("hw", [(5, 7), (6, 6), (3, 9)])
+def test_padding_does_not_change_real_positions(shift: int, hw: tuple[int, int]) -> None:
+    x = torch.randn(2, *hw, 16)
+    blk = _block(shift)
+    with torch.no_grad():
+        ref = blk(x)
+        blk.pad_value = 37.0  # whatever sits in the padding must not reach a real token
+        moved = blk(x)
+    assert ref.shape == x.shape
+    torch.testing.assert_close(moved, ref, rtol=0, atol=1e-5)
+
+
+def test_padding_leaks_without_the_mask() -> None:
+    """The check above can fail: with masking off, padding content changes real outputs."""
+    x = torch.randn(2, 5, 7, 16)
+    blk = _block(0, mask_padding=False)
+    with torch.no_grad():
+        ref = blk(x)
+        blk.pad_value = 37.0
+        assert (blk(x) - ref).abs().max() > 1e-3
+
+
+def test_single_window_equals_full_attention_on_real_tokens() -> None:
+    """A 3x3 map in one 4x4 window (padded, masked) = plain MHSA over the 9 real tokens with the right bias."""
+    torch.manual_seed(1)
+    attn = WindowAttention(dim=8, heads=2, window=4)
+    with torch.no_grad():
+        attn.rel_bias.normal_()
+    blk = WindowBlock(dim=8, heads=2, window=4)
+    blk.attn = attn
+    x = torch.randn(1, 3, 3, 8)
+    with torch.no_grad():
+        got = blk(x)
+        # reference: attention among the 9 real tokens only, bias looked up by hand from the table
+        t = blk.norm1(x).reshape(1, 9, 8)
+        q, k, v = attn.qkv(t).reshape(1, 9, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        pos = [(i, j) for i in range(3) for j in range(3)]
+        bias = torch.stack([torch.stack([attn.rel_bias[(a[0] - b[0] + 3) * 7 + (a[1] - b[1] + 3)]
+                                         for b in pos]) for a in pos]).permute(2, 0, 1)
+        w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(4) + bias, dim=-1)
+        y = attn.proj((w @ v).transpose(1, 2).reshape(1, 9, 8)).reshape(1, 3, 3, 8)
+        y = x + y
+        y = y + blk.mlp(blk.norm2(y))
+    torch.testing.assert_close(got, y, rtol=1e-5, atol=1e-5)
+
+
+def test_shifted_block_differs_from_unshifted() -> None:
+    x = torch.randn(1, 8, 8, 16)
+    a, b = _block(0), _block(2)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        assert (a(x) - b(x)).abs().max() > 1e-3
+
+
+def test_spatial_attention_matches_formula() -> None:
+    torch.manual_seed(2)
+    sa = SpatialAttention(6, 5).eval()
+    with torch.no_grad():
+        sa.bn.running_mean.normal_()
+        sa.bn.running_var.uniform_(0.5, 2.0)
+        x = torch.randn(2, 6, 3, 4)
+        out, att = sa(x)
+        f = sa.bn(sa.conv(x))
+        a = F.softplus(sa.score(F.relu(f)))
+        torch.testing.assert_close(att, a)
+        torch.testing.assert_close(out, a * f / f.norm(dim=1, keepdim=True))
+    assert att.shape == (2, 1, 3, 4) and (att > 0).all()
+
+
+@pytest.mark.parametrize("context", ["window", "atrous", "none"])
+def test_local_branch_shapes_and_grad(context: str) -> None:
+    lb = LocalBranch(in_dim=24, dim=32, context=context, window=3, blocks=2, heads=4, atrous_dim=8)
+    x = torch.randn(2, 24, 5, 7, requires_grad=True)
+    local, att = lb(x)
+    assert local.shape == (2, 32, 5, 7) and att.shape == (2, 1, 5, 7)
+    local.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert len(lb.blocks) == (2 if context == "window" else 0)
+
+
+def test_alternate_blocks_are_shifted() -> None:
+    lb = LocalBranch(in_dim=8, dim=16, window=4, blocks=3, heads=2)
+    assert [b.shift for b in lb.blocks] == [0, 2, 0]
+    assert [b.shift for b in LocalBranch(in_dim=8, dim=16, window=4, blocks=2, heads=2, shift=False).blocks] == [0, 0]
+
+
+def test_bad_options_raise() -> None:
+    with pytest.raises(ValueError, match="context"):
+        LocalBranch(in_dim=8, context="conv")
+    with pytest.raises(ValueError, match="divisible"):
+        LocalBranch(in_dim=8, dim=10, heads=4)
