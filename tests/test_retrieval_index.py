@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dalg.retrieval.index import rank_by_similarity, search
+from dalg.retrieval.index import rank_by_similarity, search, take_rows
 
 
 def _normalised(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -73,3 +73,19 @@ def test_bad_input() -> None:
         search(q, np.zeros((5, 8), np.float32), k=6)
     with pytest.raises(ValueError, match="empty"):
         search(q, np.zeros((0, 8), np.float32))
+
+
+@pytest.mark.parametrize("k", [5, None])
+def test_database_in_parts_is_indexed_in_order(tmp_path, k) -> None:
+    # a set's own database followed by a distractor file: one index space, parts in order
+    rng = np.random.default_rng(3)
+    own, dis, q = _normalised(rng, 30, 8), _normalised(rng, 70, 8).astype(np.float16), _normalised(rng, 4, 8)
+    np.save(tmp_path / "dis.npy", dis)
+    parts = [own, np.load(tmp_path / "dis.npy", mmap_mode="r")]
+    full = np.concatenate([own, dis.astype(np.float32)])
+    _, ranks = search(q, parts, k, chunk_size=16)
+    np.testing.assert_array_equal(ranks, _brute(q, full, k or 100))
+    idx = np.array([[0, 29, 30], [99, 31, 0]])
+    np.testing.assert_array_equal(take_rows(parts, idx), full[idx])
+    with pytest.raises(IndexError, match="outside"):
+        take_rows(parts, np.array([100]))

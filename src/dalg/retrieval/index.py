@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import mmap
 import warnings
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -94,15 +95,67 @@ class _FlatIP:
         return scores, ids
 
 
-def _validate(queries: np.ndarray, database: np.ndarray) -> None:
-    if queries.ndim != 2 or database.ndim != 2:
-        raise ValueError(f"queries and database must be 2-D, got {queries.shape} and {database.shape}")
-    if queries.shape[1] != database.shape[1]:
+Database = np.ndarray | Sequence[np.ndarray]
+
+
+def database_parts(database: Database) -> list[np.ndarray]:
+    """A database given as one array or as parts (e.g. a set's own images, then +1M distractors)."""
+    parts = [database] if isinstance(database, np.ndarray) else list(database)
+    if not parts:
+        raise ValueError("the database is empty (no parts)")
+    for t, p in enumerate(parts):
+        if not isinstance(p, np.ndarray) or p.ndim != 2:
+            raise ValueError(
+                f"database part {t} must be a 2-D array, got {type(p).__name__} {getattr(p, 'shape', '')}"
+            )
+        if p.shape[1] != parts[0].shape[1]:
+            raise ValueError(f"database part {t} is {p.shape[1]}-d, part 0 is {parts[0].shape[1]}-d")
+    return parts
+
+
+def take_rows(database: Database, indices: np.ndarray) -> np.ndarray:
+    """fp32 rows at global ``indices`` (any shape) of a database given as one array or as parts."""
+    parts = database_parts(database)
+    indices = np.asarray(indices, dtype=np.int64)
+    uniq, inv = np.unique(indices, return_inverse=True)  # sorted: each row read once, memmap friendly
+    n_db = sum(p.shape[0] for p in parts)
+    if uniq.size and (uniq[0] < 0 or uniq[-1] >= n_db):
+        raise IndexError(f"database indices outside [0, {n_db}): {uniq[0]}..{uniq[-1]}")
+    out = np.empty((uniq.size, parts[0].shape[1]), dtype=np.float32)
+    offset = 0
+    for p in parts:
+        sel = (uniq >= offset) & (uniq < offset + p.shape[0])
+        if sel.any():
+            out[sel] = p[uniq[sel] - offset]
+        offset += p.shape[0]
+    return out[inv.reshape(indices.shape)]
+
+
+def _validate(queries: np.ndarray, parts: list[np.ndarray]) -> int:
+    if queries.ndim != 2:
+        raise ValueError(f"queries must be 2-D, got {queries.shape}")
+    if queries.shape[1] != parts[0].shape[1]:
         raise ValueError(
-            f"descriptor dimension mismatch: queries {queries.shape[1]}-d, database {database.shape[1]}-d"
+            f"descriptor dimension mismatch: queries {queries.shape[1]}-d, database {parts[0].shape[1]}-d"
         )
-    if database.shape[0] == 0:
+    n_db = sum(int(p.shape[0]) for p in parts)
+    if n_db == 0:
         raise ValueError("the database is empty")
+    return n_db
+
+
+def _iter_chunks(parts: list[np.ndarray], chunk_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(global start row, fp32 chunk) over all parts in order; a chunk never spans two parts."""
+    offset = 0
+    for p in parts:
+        reader = _ChunkReader(p)
+        try:
+            for start in range(0, p.shape[0], chunk_size):
+                stop = min(start + chunk_size, p.shape[0])
+                yield offset + start, reader.read(start, stop)
+        finally:
+            reader.close()
+        offset += p.shape[0]
 
 
 class _ChunkReader:
@@ -185,7 +238,7 @@ def _release_pages(database: np.ndarray, start: int, stop: int) -> None:
 
 def search(
     queries: np.ndarray,
-    database: np.ndarray,
+    database: Database,
     k: int | None = None,
     *,
     chunk_size: int = 65536,
@@ -194,12 +247,12 @@ def search(
     """Exact inner-product search; returns ``(scores (nq, k) float32, ranks (nq, k) int64)``, best first.
 
     ``k=None`` gives the full ranking (exhaustive similarity, stable sort). Ties are broken by the lower
-    database index. ``database`` may be a ``np.memmap`` (fp16 or fp32); it is read ``chunk_size`` rows at
-    a time.
+    database index. ``database`` is an array, a ``np.memmap`` (fp16 or fp32), or a sequence of them indexed
+    one after the other (a set's own images, then a distractor file); it is read ``chunk_size`` rows at a time.
     """
     queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
-    _validate(queries, database)
-    n_db = int(database.shape[0])
+    parts = database_parts(database)
+    n_db = _validate(queries, parts)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     full = k is None
@@ -209,7 +262,7 @@ def search(
     nq = queries.shape[0]
 
     if full:
-        return _full_ranking(queries, database, chunk_size)
+        return _full_ranking(queries, parts, n_db, chunk_size)
 
     n_gpu = faiss_gpu_count()
     if use_gpu is None:
@@ -223,39 +276,27 @@ def search(
 
     best_s = np.full((nq, 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((nq, 0), dtype=np.int64)
-    reader = _ChunkReader(database)
-    try:
-        with _FaissBlasSettings(index.faiss):
-            for start in range(0, n_db, chunk_size):
-                stop = min(start + chunk_size, n_db)
-                chunk = reader.read(start, stop)
-                kc = min(k + 1, stop - start)  # one extra to detect ties straddling the k-th place
-                s, i = index.search(chunk, queries, kc)
-                if kc > k:
-                    tie = s[:, k - 1] == s[:, k]
-                    s, i = s[:, :k].copy(), i[:, :k].copy()
-                    for q in np.flatnonzero(tie):  # rare: duplicate descriptors; re-select exactly
-                        s[q], i[q] = _exact_topk_row(chunk @ queries[q], k)
-                i = i.astype(np.int64) + start
-                cat_s, cat_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1)
-                best_s, best_i = _sort_candidates(cat_s, cat_i, k)
-                del chunk
-    finally:
-        reader.close()
+    with _FaissBlasSettings(index.faiss):
+        for start, chunk in _iter_chunks(parts, chunk_size):
+            kc = min(k + 1, chunk.shape[0])  # one extra to detect ties straddling the k-th place
+            s, i = index.search(chunk, queries, kc)
+            if kc > k:
+                tie = s[:, k - 1] == s[:, k]
+                s, i = s[:, :k].copy(), i[:, :k].copy()
+                for q in np.flatnonzero(tie):  # rare: duplicate descriptors; re-select exactly
+                    s[q], i[q] = _exact_topk_row(chunk @ queries[q], k)
+            i = i.astype(np.int64) + start
+            cat_s, cat_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1)
+            best_s, best_i = _sort_candidates(cat_s, cat_i, k)
+            del chunk
     return best_s.astype(np.float32, copy=False), best_i
 
 
 def _full_ranking(
-    queries: np.ndarray, database: np.ndarray, chunk_size: int
+    queries: np.ndarray, parts: list[np.ndarray], n_db: int, chunk_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    n_db = database.shape[0]
     sim = np.empty((queries.shape[0], n_db), dtype=np.float32)
-    reader = _ChunkReader(database)
-    try:
-        for start in range(0, n_db, chunk_size):
-            stop = min(start + chunk_size, n_db)
-            sim[:, start:stop] = queries @ reader.read(start, stop).T
-    finally:
-        reader.close()
+    for start, chunk in _iter_chunks(parts, chunk_size):
+        sim[:, start : start + chunk.shape[0]] = queries @ chunk.T
     ranks = rank_by_similarity(sim)
     return np.take_along_axis(sim, ranks, 1), ranks.astype(np.int64, copy=False)

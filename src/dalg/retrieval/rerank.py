@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dalg.retrieval.index import search
+from dalg.retrieval.index import Database, search
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -62,7 +62,7 @@ def database_side_augmentation(
 
 def rerank_topk(
     queries: np.ndarray,
-    database: np.ndarray,
+    database: Database,
     ranks: np.ndarray,
     k: int = 100,
     qe_n: int = 2,
@@ -71,7 +71,8 @@ def rerank_topk(
 ) -> np.ndarray:
     """Re-rank the first ``k`` columns of ``ranks`` with shortlist DBA then alpha-QE; returns new ranks.
 
-    ``database`` may be a memory map: only the shortlisted rows are read. Ties in the new scores keep the
+    ``database`` may be a memory map or a sequence of parts (as in :func:`search`): only the shortlisted rows
+    are read. Ties in the new scores keep the
     original shortlist order (stable sort).
     """
     queries = np.asarray(queries, dtype=np.float32)
