@@ -1,0 +1,121 @@
+"""Parameters, GFLOPs and descriptor size of every model config: `python src/model_table.py` (or `make models`).
+
+FLOPs are counted by torch.utils.flop_counter.FlopCounterMode, which counts matrix multiplications,
+convolutions and attention (2 FLOPs per multiply-add; element-wise ops, norms and softmax are not counted,
+as in the usual GFLOPs tables). Models are built on the `meta` device, so nothing is allocated or computed and
+even ResNet-101 at five scales is counted in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+
+
+def _register_cpu_sdpa() -> None:
+    """FlopCounterMode knows the CUDA attention kernels but not the CPU one; count it with the same formula."""
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    from torch.utils.flop_counter import flop_registry
+
+    if op in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_register_cpu_sdpa()
+
+
+@dataclass
+class ModelStats:
+    name: str
+    params_m: float  # without the margin head (it depends on the number of training classes)
+    backbone_params_m: float
+    gflops: float  # one image at size x size, one scale
+    gflops_all_scales: float  # one image, summed over the config's test scales
+    scales: tuple[float, ...]
+    descriptor_dim: int
+
+
+def count_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs (2 per multiply-add) of `model(x)`, inference mode."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def build_model(name: str, overrides: list[str] | None = None, device: str = "meta", conf_dir: Path = CONF_DIR):
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        cfg = compose(config_name=f"model/{name}", overrides=overrides or [])
+    with torch.device(device):
+        return hydra.utils.instantiate(cfg.model, num_classes=0)
+
+
+def model_stats(name: str, size: int = 512, overrides: list[str] | None = None, device: str = "meta") -> ModelStats:
+    model = build_model(name, overrides, device)
+    params = sum(p.numel() for p in model.parameters())
+    bb = sum(p.numel() for p in model.backbone.parameters())
+    flops = {}
+    for s in sorted(set(model.scales) | {1.0}):
+        side = max(1, round(size * s))
+        flops[s] = count_flops(model, torch.zeros(1, 3, side, side, device=device))
+    return ModelStats(name, params / 1e6, bb / 1e6, flops[1.0] / 1e9, sum(flops[s] for s in model.scales) / 1e9,
+                      tuple(model.scales), model.embed_dim)
+
+
+def all_model_names(conf_dir: Path = CONF_DIR) -> list[str]:
+    return sorted(p.stem for p in (conf_dir / "model").glob("*.yaml"))
+
+
+def markdown_table(rows: list[ModelStats], size: int) -> str:
+    head = (f"| model | params (M) | backbone params (M) | GFLOPs @{size}x{size}, 1 scale | "
+            f"GFLOPs @{size}, its test scales | test scales | descriptor dim |\n"
+            "|---|---:|---:|---:|---:|---|---:|\n")
+    body = "".join(
+        f"| {r.name} | {r.params_m:.2f} | {r.backbone_params_m:.2f} | {r.gflops:.2f} | {r.gflops_all_scales:.2f} | "
+        f"{', '.join(f'{s:g}' for s in r.scales)} | {r.descriptor_dim} |\n" for r in rows)
+    note = ("\nGFLOPs = 2 x multiply-adds (torch.utils.flop_counter.FlopCounterMode: matmuls, convolutions, "
+            "attention), per image, inference; parameters exclude the margin head (it depends on the number "
+            "of training classes).\n")
+    return head + body + note
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=512, help="square input side in pixels (default 512)")
+    ap.add_argument("--models", nargs="*", default=None, help="model config names (default: all in conf/model)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the markdown table to this file")
+    args = ap.parse_args(argv)
+    names = args.models or all_model_names()
+    rows = []
+    for name in names:
+        rows.append(model_stats(name, args.size))
+        print(f"counted {name}", file=sys.stderr, flush=True)
+    table = markdown_table(rows, args.size)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(table)
+        os.replace(tmp, args.out)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

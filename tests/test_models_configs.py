@@ -1,0 +1,76 @@
+"""Every shipped model config instantiates through Hydra and runs forward and backward (small inputs on CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from dalg.models.dalg import DALG
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+SLOW: set[str] = set()  # every config runs in a few seconds at 64x64 on CPU; mark here if one grows
+EXPECTED = {"dalg_cross", "dalg_heuristic", "dalg_concat", "dalg_global", "dolg_r50", "dolg_r101", "dalg_tiny"}
+
+
+def build(name: str, overrides: list[str] | None = None, num_classes: int = 5) -> DALG:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=f"model/{name}", overrides=overrides or [])
+    return hydra.utils.instantiate(cfg.model, num_classes=num_classes)
+
+
+def test_all_issue_configs_ship() -> None:
+    assert EXPECTED <= set(MODELS)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in MODELS])
+def test_forward_backward(name: str) -> None:
+    torch.manual_seed(0)
+    model = build(name)
+    assert isinstance(model, DALG) and model.head is not None
+    x = torch.randn(2, 3, 64, 64)
+    y = torch.tensor([0, 4])
+    d = model(x)
+    assert d.shape == (2, model.embed_dim) and model.embed_dim == 512
+    torch.testing.assert_close(d.norm(dim=-1), torch.ones(2))
+    torch.nn.functional.cross_entropy(model.head(d, y), y).backward()
+    first = next(p for p in model.backbone.parameters() if p.requires_grad)
+    assert first.grad is not None and first.grad.abs().sum() > 0
+
+
+def test_dolg_defaults_to_five_scales_and_dalg_to_one() -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        assert list(compose(config_name="model/dolg_r50").model.scales) == [0.3535, 0.5, 0.7071, 1.0, 1.4142]
+        assert list(compose(config_name="model/dalg_cross").model.scales) == [1.0]
+
+
+def test_multiscale_extract_is_mean_of_normalised_scales() -> None:
+    torch.manual_seed(0)
+    model = build("dolg_tiny", num_classes=0).eval()
+    x = torch.randn(1, 3, 96, 80)
+    scales = [0.5, 1.0, 1.4142]
+    with torch.no_grad():
+        got = model.extract(x, scales)
+        per_scale = [model(torch.nn.functional.interpolate(x, scale_factor=s, mode="bilinear", antialias=True))
+                     for s in scales]
+    ref = torch.nn.functional.normalize(torch.stack(per_scale).mean(0), dim=-1)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert model.extract(x).shape == (1, 512)  # its config's own scales
+    with pytest.raises(ValueError, match="scales"):
+        model.extract(x, [0.0])
+
+
+def test_ablation_is_a_command_line() -> None:
+    model = build("dalg_tiny", ["model/head=cosface", "model.local_branch.window=3", "model.global_branch.use_cls=true",
+                                "model.fusion.direction=local_to_global", "model.backbone.local_block=2",
+                                "model.scales=[0.7071,1.0]"])
+    assert type(model.head).__name__ == "CosFace" and model.head.margin == 0.35
+    assert model.local_branch.blocks[0].window == 3 and model.global_branch.use_cls
+    assert model.fusion.direction == "local_to_global" and model.backbone.local_block == 2
+    assert model.scales == (0.7071, 1.0)
+    out = model.forward_features(torch.randn(1, 3, 64, 64))
+    assert out["fusion_attention"].shape == (1, 4, 16, 17)
