@@ -1,0 +1,90 @@
+"""From descriptors to revisited scores: search (+ distractors) -> optional re-ranking -> mAP / mP@k.
+
+One function shared by ``src/eval.py`` and the validation callback, so that both rank and score the same
+way and both report the protocol options they used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from dalg.retrieval.index import search
+from dalg.retrieval.metrics import RevisitedScores, evaluate_revisited
+from dalg.retrieval.rerank import rerank_topk
+
+
+@dataclass
+class RankingOptions:
+    """How the database is ranked. Defaults reproduce the official protocol (full ranking, no re-ranking)."""
+
+    top_k: int | None = None  # None: full ranking; else truncated top-k (positives beyond count as misses)
+    chunk_size: int = 65536
+    use_gpu: bool | None = None
+    rerank: bool = False  # alpha-QE + shortlist DBA (rerank.py); off in published protocol numbers
+    rerank_k: int = 100
+    qe_n: int = 2
+    dba_n: int = 2
+    alpha: float = 3.0
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping | None) -> RankingOptions:
+        cfg = dict(cfg or {})
+        unknown = set(cfg) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(
+                f"unknown ranking options {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**cfg)
+
+
+def describe(options: RankingOptions, n_database: int, n_distractors: int) -> dict[str, object]:
+    """The protocol options as they go into tables and JSON."""
+    out: dict[str, object] = {
+        "database": n_database,
+        "distractors": n_distractors,
+        "ranking": "full"
+        if options.top_k is None
+        else f"top-{options.top_k} (truncated; missing positives count)",
+        "rerank": (
+            f"alpha-QE n={options.qe_n} + shortlist DBA n={options.dba_n}, alpha={options.alpha}, top-{options.rerank_k}"
+            if options.rerank
+            else "off"
+        ),
+    }
+    out["options"] = asdict(options)
+    return out
+
+
+def rank_and_score(
+    queries: np.ndarray,
+    database: np.ndarray,
+    gnd: Sequence[Mapping],
+    distractors: np.ndarray | None = None,
+    options: RankingOptions | None = None,
+    kappas: Sequence[int] = (1, 5, 10),
+) -> tuple[RevisitedScores, np.ndarray, dict[str, object]]:
+    """Rank ``database`` (then ``distractors``, indexed after it) for every query and score the ranking.
+
+    Returns ``(scores, ranks, protocol)``; ``protocol`` says how it was ranked (see :func:`describe`).
+    """
+    options = options or RankingOptions()
+    parts = [database] if distractors is None else [database, distractors]
+    n_total = sum(int(p.shape[0]) for p in parts)
+    k = None if options.top_k is None else min(int(options.top_k), n_total)
+    _, ranks = search(queries, parts, k, chunk_size=options.chunk_size, use_gpu=options.use_gpu)
+    if options.rerank:
+        ranks = rerank_topk(
+            queries,
+            parts,
+            ranks,
+            k=options.rerank_k,
+            qe_n=options.qe_n,
+            dba_n=options.dba_n,
+            alpha=options.alpha,
+        )
+    scores = evaluate_revisited(ranks, gnd, kappas, n_database=n_total)
+    n_dis = 0 if distractors is None else int(distractors.shape[0])
+    return scores, ranks, describe(options, int(database.shape[0]), n_dis)

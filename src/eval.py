@@ -1,0 +1,189 @@
+"""Evaluate a checkpoint with the revisited protocol (E/M/H mAP, mP@1/5/10), optionally with +1M distractors.
+
+    python src/eval.py ckpt_path=<run>/checkpoints/last.ckpt [data=roxford5k|rparis6k|landmarks_mini]
+        [crop_queries=false] [scales=[0.7071,1.0,1.4142]] [distractors=<feature store>] [ranking.top_k=10000]
+
+Descriptors come from the model's own ``validation_step`` (``trainer.validate``, the same path as the training
+callback); ranking and scoring from ``dalg.retrieval.evaluation.rank_and_score``. Prints the table, writes it
+as JSON (``output_json``) with the protocol options used, and says where.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from rich.console import Console
+
+import dalg.utils.config  # noqa: F401  (registers ${repo_root:})
+from dalg.lit.module import RetrievalModule
+from dalg.retrieval.evaluation import RankingOptions, rank_and_score
+from dalg.retrieval.features import load_features, save_features
+from dalg.retrieval.torchmetric import assemble_by_index
+from dalg.utils.tables import print_scores_table
+
+
+class DescriptorCollector(pl.Callback):
+    """Keeps the ``(index, descriptors)`` that ``validation_step`` returns, per dataloader (= evaluation set)."""
+
+    def __init__(self) -> None:
+        self.chunks: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ):
+        self.chunks[dataloader_idx].append(
+            (outputs["index"].detach().cpu(), outputs["descriptors"].detach().cpu())
+        )
+
+    def features(self, dataloader_idx: int, n: int) -> np.ndarray:
+        chunks = self.chunks.get(dataloader_idx)
+        if not chunks:
+            raise RuntimeError(f"no descriptors were extracted for evaluation set {dataloader_idx}")
+        return assemble_by_index(torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]), n)
+
+
+def _load_module(ckpt_path: str, scales) -> RetrievalModule:
+    path = Path(os.path.expanduser(str(ckpt_path)))
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (set ckpt_path=...)")
+    module = RetrievalModule.load_from_checkpoint(str(path), map_location="cpu")
+    if scales is not None:
+        scales = tuple(float(s) for s in scales)
+        if not scales or min(scales) <= 0:
+            raise ValueError(f"scales must be positive factors, got {list(scales)}")
+        module.eval_scales = scales
+    return module.eval()
+
+
+def _effective_scales(module: RetrievalModule) -> list[float]:
+    scales = module.eval_scales if module.eval_scales else getattr(module.net, "scales", None)
+    return [float(s) for s in scales] if scales else [1.0]
+
+
+def _nan_to_none(values: np.ndarray) -> list[float | None]:
+    return [None if math.isnan(float(v)) else float(v) for v in values]
+
+
+def _write_json(data: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Run the evaluation described by ``cfg`` (conf/eval.yaml); returns what is written to the JSON."""
+    console = Console()
+    options = RankingOptions.from_mapping(OmegaConf.to_container(cfg.ranking, resolve=True))
+    module = _load_module(cfg.ckpt_path, cfg.get("scales"))
+    scales = _effective_scales(module)
+
+    with open_dict(cfg):  # the evaluation options apply to every set of the data config
+        cfg.data.eval_batch_size = int(cfg.batch_size)
+        cfg.data.num_workers = int(cfg.num_workers)
+        for spec in cfg.data.eval_sets.values():
+            spec.crop_queries = bool(cfg.crop_queries)
+            spec.required = True  # asked for explicitly: a missing set is an error, not a skip
+            if cfg.get("test_size"):
+                spec.test_size = int(cfg.test_size)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup("validate")  # evaluation sets only: no training set is read
+    if not datamodule.eval_sets:
+        raise ValueError(f"data config {cfg.data.get('_target_')} defines no evaluation set (data.eval_sets)")
+
+    distractors = None
+    if cfg.get("distractors"):
+        store = load_features(os.path.expanduser(str(cfg.distractors)))
+        distractors = store.features
+        console.print(
+            f"distractors: {len(store):,} x {distractors.shape[1]} ({distractors.dtype}) from {cfg.distractors}"
+        )
+
+    collector = DescriptorCollector()
+    trainer = pl.Trainer(
+        accelerator=cfg.accelerator,
+        devices=1,
+        precision=cfg.precision,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[collector],
+        enable_model_summary=False,
+    )
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+
+    out_dir = Path(cfg.output_json).parent
+    results, protocol_text, report = {}, {}, {"checkpoint": str(cfg.ckpt_path), "sets": {}}
+    for i, eval_set in enumerate(datamodule.eval_sets):
+        feats = collector.features(i, len(eval_set.dataset))
+        nq = eval_set.gt.n_queries
+        if distractors is not None and distractors.shape[1] != feats.shape[1]:
+            raise ValueError(
+                f"distractor features {cfg.distractors} are {distractors.shape[1]}-d, the model gives {feats.shape[1]}-d"
+            )
+        scores, _, protocol = rank_and_score(
+            feats[:nq], feats[nq:], eval_set.gt.gnd, distractors, options, cfg.kappas
+        )
+        protocol.update(crop_queries=eval_set.crop_queries, test_size=eval_set.test_size, scales=scales)
+        results[eval_set.name] = scores
+        protocol_text[eval_set.name] = (
+            f"crop={'on' if eval_set.crop_queries else 'OFF'}, size={eval_set.test_size}, scales={scales}, "
+            f"{protocol['ranking']} of {protocol['database']:,}"
+            + (f"+{protocol['distractors']:,} distractors" if protocol["distractors"] else "")
+            + f", rerank {protocol['rerank']}"
+        )
+        report["sets"][eval_set.name] = {
+            "scores": scores.as_dict(),
+            "truncated": scores.truncated,
+            "protocol": protocol,
+            "n_queries": nq,
+            "per_query_ap": {s: _nan_to_none(v) for s, v in scores.aps.items()},
+        }
+        if cfg.get("save_features"):
+            save_features(
+                out_dir / "features" / f"{eval_set.name}_queries",
+                feats[:nq],
+                eval_set.gt.qimlist,
+                meta={"checkpoint": str(cfg.ckpt_path), "protocol": protocol},
+            )
+            save_features(
+                out_dir / "features" / f"{eval_set.name}_database",
+                feats[nq:],
+                eval_set.gt.imlist,
+                meta={"checkpoint": str(cfg.ckpt_path), "protocol": protocol},
+            )
+
+    print_scores_table(
+        results, title=f"revisited protocol: {cfg.ckpt_path}", options=protocol_text, console=console
+    )
+    if any(s.truncated for s in results.values()):
+        console.print(
+            "[yellow]truncated top-k ranking: positives outside the top-k count as misses (protocol.md)"
+        )
+    out = Path(cfg.output_json)
+    _write_json(report, out)
+    console.print(f"results JSON: {out}")
+    if cfg.get("save_features"):
+        console.print(f"feature stores: {out_dir / 'features'}")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
