@@ -1,0 +1,56 @@
+# dalg — every command a user or CI types. `make install` is implied by the others and is a no-op when
+# nothing changed (a stamp file newer than pyproject.toml).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.install-stamp
+PYTHON ?= python3
+ARGS ?=
+
+.PHONY: install install-gpu run test test-slow lint format ablate bench eval models clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch/torchvision first, pinned to the wheels on this machine's disk (pip takes them from there)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev,sweep]'
+	@touch $(STAMP)
+
+# CUDA machines: FAISS with GPU support instead of faiss-cpu (both provide the `faiss` module)
+install-gpu: install
+	$(PY) -m pip uninstall -y -q faiss-cpu
+	$(PY) -m pip install -q -e '.[gpu]'
+
+run: install  ## train the default model (DALG, CPU-sized) on the embedded data; evaluates every epoch
+	$(PY) src/train.py $(ARGS)
+
+test: install  ## the default test suite (fast; `make test-slow` for the long tests)
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: install
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check src tests experiments
+
+format: install
+	$(VENV)/bin/ruff format src tests experiments
+
+ablate: install  ## fusion x backbone sweep on the embedded data, then the table + plot in experiments/ablation
+	$(PY) experiments/ablation/run.py $(ARGS)
+
+bench: install  ## efficiency benchmarks: prints figures, writes experiments/bench/*.json and a table
+	$(PY) benchmarks/run_all.py $(ARGS)
+
+eval: install  ## make eval ARGS="ckpt_path=... data=landmarks_mini"
+	$(PY) src/eval.py $(ARGS)
+
+models: install  ## parameters / GFLOPs / descriptor size of every model config
+	$(PY) src/model_table.py $(ARGS)
+
+clean:
+	rm -rf logs outputs multirun wandb .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -prune -exec rm -rf {} +

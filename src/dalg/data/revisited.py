@@ -1,0 +1,102 @@
+"""Revisited Oxford / Paris layout (protocol.md): ``<data_dir>/gnd_<name>.pkl`` + ``<data_dir>/jpg/<image>.jpg``."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from dalg.data.images import image_size, load_rgb
+
+
+@dataclass
+class RevisitedGroundTruth:
+    name: str
+    image_dir: Path
+    imlist: list[str]  # database names (no extension)
+    qimlist: list[str]  # query names
+    gnd: list[dict]  # per query: bbx, easy, hard, junk (0-based indices into imlist)
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.qimlist)
+
+    @property
+    def n_database(self) -> int:
+        return len(self.imlist)
+
+    def query_path(self, i: int) -> Path:
+        return self.image_dir / f"{self.qimlist[i]}.jpg"
+
+    def database_path(self, i: int) -> Path:
+        return self.image_dir / f"{self.imlist[i]}.jpg"
+
+
+def load_ground_truth(data_dir: str | os.PathLike, name: str) -> RevisitedGroundTruth:
+    data_dir = Path(data_dir)
+    pkl = data_dir / f"gnd_{name}.pkl"
+    if not pkl.is_file():
+        raise FileNotFoundError(f"ground truth {pkl} does not exist (Revisited layout: <data_dir>/gnd_<name>.pkl)")
+    with open(pkl, "rb") as f:
+        raw = pickle.load(f)
+    missing = {"imlist", "qimlist", "gnd"} - set(raw)
+    if missing:
+        raise ValueError(f"{pkl}: missing keys {sorted(missing)}")
+    if len(raw["gnd"]) != len(raw["qimlist"]):
+        raise ValueError(f"{pkl}: {len(raw['gnd'])} gnd entries for {len(raw['qimlist'])} queries")
+    n = len(raw["imlist"])
+    for qi, g in enumerate(raw["gnd"]):
+        for key in ("easy", "hard", "junk"):
+            bad = [j for j in g.get(key, []) if not 0 <= j < n]
+            if bad:
+                raise ValueError(f"{pkl}: query {qi} ({raw['qimlist'][qi]}) has {key} indices outside "
+                                 f"0..{n - 1}: {bad[:5]} (is it the 1-based .mat version?)")
+    gnd = [{"bbx": g.get("bbx"), "easy": list(g.get("easy", [])), "hard": list(g.get("hard", [])),
+            "junk": list(g.get("junk", []))} for g in raw["gnd"]]
+    return RevisitedGroundTruth(name, data_dir / "jpg", list(raw["imlist"]), list(raw["qimlist"]), gnd)
+
+
+class RevisitedImages(Dataset):
+    """Queries followed by database images; item = ``(image, index)`` with index into that combined order.
+
+    Queries are cropped to their ``bbx`` before any resizing (the official protocol) unless ``crop_queries``
+    is false (the variant many papers report; never mixed silently: the flag is logged with the results).
+    """
+
+    def __init__(self, gt: RevisitedGroundTruth, transform: Callable | None = None, crop_queries: bool = True):
+        self.gt = gt
+        self.transform = transform
+        self.crop_queries = crop_queries
+        self.paths: list[Path] = [gt.query_path(i) for i in range(gt.n_queries)]
+        self.paths += [gt.database_path(i) for i in range(gt.n_database)]
+        self.boxes: Sequence[Sequence[float] | None] = [g["bbx"] if crop_queries else None for g in gt.gnd]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def crop_box(self, index: int) -> tuple[int, int, int, int] | None:
+        """The query's bbx rounded as PIL's ``crop`` rounds it; None for database images or with cropping off."""
+        if index >= self.gt.n_queries or self.boxes[index] is None:
+            return None
+        x0, y0, x1, y1 = (round(float(v)) for v in self.boxes[index])
+        return x0, y0, x1, y1
+
+    def source_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of the image before the transform, read from the file header (no decoding)."""
+        box = self.crop_box(index)
+        return (box[2] - box[0], box[3] - box[1]) if box else image_size(self.paths[index])
+
+    def load(self, index: int):
+        """The PIL image as the model sees it before the transform (query crop applied)."""
+        img = load_rgb(self.paths[index])
+        box = self.crop_box(index)
+        return img.crop(box) if box else img
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img = self.load(index)
+        return (self.transform(img) if self.transform else img), index

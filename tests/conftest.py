@@ -1,0 +1,43 @@
+"""Shared fixtures: composing the real configs, and small generated datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+import dalg.utils.config  # noqa: F401  (registers ${repo_root:})
+from dalg.data.synthetic import ensure_synthetic_landmarks
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+LANDMARKS_MINI = REPO.parent / "shared" / "data" / "landmarks-mini"
+
+# a synthetic set small enough for seconds-long tests, same generator as the default run
+TINY_SYNTHETIC = dict(seed=0, train_classes=12, images_per_class=4, heldout_classes=5, heldout_db_per_class=4,
+                      heldout_distractors=4, image_size=64)
+
+
+def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
+    """The real ``conf/train.yaml`` with overrides, and ``paths.output_dir`` (a Hydra runtime value) set."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic") / "tiny"
+    return ensure_synthetic_landmarks(root, **TINY_SYNTHETIC)
+
+
+def tiny_data_overrides(root: Path) -> list[str]:
+    """Overrides that point the default data config at the tiny set and make every loop short."""
+    over = [f"data.root={root}", "data.num_workers=0", "data.batch_size=8", "data.train_size=64",
+            "data.eval_sets.synthetic_heldout.test_size=64", "data.eval_sets.landmarks_mini.test_size=64"]
+    over += [f"data.generator.{k}={v}" for k, v in TINY_SYNTHETIC.items()]
+    return over
