@@ -1,0 +1,147 @@
+"""Render a model's spatial attention and cross-attention weights over an image as a PNG.
+
+    python src/visualize_attention.py --image photo.jpg [--ckpt run.ckpt | --model dalg_tiny] [--size 224]
+                                      [--out outputs/attention/photo_dalg_tiny.png]
+
+With --ckpt (a Lightning checkpoint whose `hyper_parameters` hold `model_cfg` and `num_classes`, and whose
+state dict holds the network under `net.`) the trained network is shown; without it, a randomly initialised
+model built from the config `--model`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from dalg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+from dalg.models.dalg import DALG
+
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+
+
+def model_from_config(name: str, overrides: list[str] | None = None) -> DALG:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=f"model/{name}", overrides=overrides or [])
+    return hydra.utils.instantiate(cfg.model, num_classes=0)
+
+
+def model_from_checkpoint(path: str | Path) -> DALG:
+    """Rebuild the DALG held by a Lightning checkpoint (hyper_parameters.model_cfg, state dict under `net.`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # hyper-parameters holding OmegaConf containers need the full unpickler (own files only)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    hp: Any = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if "model_cfg" not in hp or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a DALG Lightning checkpoint: need hyper_parameters.model_cfg and state_dict")
+    model = hydra.utils.instantiate(_plain(hp["model_cfg"]), num_classes=int(hp.get("num_classes", 0)))
+    sd = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    result = model.load_state_dict(sd, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path}: state dict does not match its model_cfg; missing {result.missing_keys[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    return model
+
+
+def _plain(cfg: Any) -> Any:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def _to_image_grid(att: torch.Tensor, stride: int, height: int, width: int) -> np.ndarray:
+    """(h, w) token map -> (height, width) pixels; ViT maps cover the patch-padded image, so crop after upsampling."""
+    h, w = att.shape
+    m = att[None, None].float()
+    if h * stride >= height and w * stride >= width:
+        m = F.interpolate(m, size=(h * stride, w * stride), mode="bilinear", align_corners=False)
+        m = m[..., :height, :width]
+    else:
+        m = F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False)
+    m = m[0, 0]
+    m = (m - m.min()) / (m.max() - m.min()).clamp(min=1e-12)
+    return m.numpy()
+
+
+@torch.no_grad()
+def attention_maps(model: DALG, image: Image.Image, size: int = 224) -> dict[str, np.ndarray]:
+    """Resized RGB image (uint8) and the attention maps in [0, 1] at its resolution."""
+    model.eval()
+    x = EvalTransform(size)(image.convert("RGB"))[None]
+    out = model.forward_features(x)
+    height, width = x.shape[-2:]
+    rgb = (x[0].permute(1, 2, 0) * torch.tensor(IMAGENET_STD) + torch.tensor(IMAGENET_MEAN)).clamp(0, 1)
+    maps: dict[str, np.ndarray] = {"image": (rgb.numpy() * 255).astype(np.uint8)}
+    if out["spatial_attention"] is not None:
+        maps["spatial attention"] = _to_image_grid(out["spatial_attention"][0, 0], model.stride, height, width)
+    fa = out["fusion_attention"]
+    if fa is not None and out["local"] is not None:
+        h, w = out["local"].shape[-2:]
+        if fa.shape[2] == 1:  # global query over local tokens: one weight per local token
+            maps["cross-attention (g -> local)"] = _to_image_grid(fa[0].mean(0)[0].reshape(h, w), model.stride,
+                                                                  height, width)
+        else:  # local queries over [g ; deep tokens]: how much each local token takes from g
+            maps["cross-attention (local -> g)"] = _to_image_grid(fa[0].mean(0)[:, 0].reshape(h, w), model.stride,
+                                                                  height, width)
+    return maps
+
+
+def render(maps: dict[str, np.ndarray], out: Path, title: str = "") -> Path:
+    """Image + one overlay per map, side by side; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(maps)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        ax.imshow(maps["image"])
+        if key != "image":
+            ax.imshow(maps[key], cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        ax.set_title(key)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description="Render spatial and cross-attention maps over an image as a PNG.")
+    ap.add_argument("--image", type=Path, required=True)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", type=Path, default=None, help="Lightning checkpoint of a trained model")
+    src.add_argument("--model", default="dalg_tiny", help="model config name (random init) when no --ckpt")
+    ap.add_argument("--size", type=int, default=224, help="longer side of the resized image, pixels")
+    ap.add_argument("--out", type=Path, default=None, help="PNG path (default outputs/attention/<image>_<model>.png)")
+    args = ap.parse_args(argv)
+    if not args.image.is_file():
+        raise SystemExit(f"image not found: {args.image}")
+    model = model_from_checkpoint(args.ckpt) if args.ckpt else model_from_config(args.model)
+    label = args.ckpt.stem if args.ckpt else f"{args.model} (random init)"
+    out = args.out or Path("outputs/attention") / f"{args.image.stem}_{args.ckpt.stem if args.ckpt else args.model}.png"
+    render(attention_maps(model, Image.open(args.image), args.size), out, title=f"{args.image.name}: {label}")
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
