@@ -119,3 +119,24 @@ def test_resnet_checkpoint_safetensors(tmp_path: Path) -> None:
 def test_pretrained_and_checkpoint_are_exclusive() -> None:
     with pytest.raises(ValueError, match="either"):
         tiny_vit(pretrained=True, checkpoint="x.pth")
+
+
+def test_layer_ids_for_layerwise_decay() -> None:
+    bb = tiny_vit()
+    ids = {n: bb.layer_id(n) for n, _ in bb.named_parameters()}
+    assert ids["vit.pos_embed"] == 0 and ids["vit.patch_embed.proj.weight"] == 0
+    assert ids["vit.blocks.0.attn.qkv.weight"] == 1 and ids["vit.blocks.2.mlp.fc2.bias"] == 3
+    assert ids["vit.norm.weight"] == bb.num_layers - 1 == 4
+    rn = ResNetBackbone("resnet26")
+    assert rn.layer_id("cnn.conv1.weight") == 0 and rn.layer_id("cnn.layer3.0.conv1.weight") == 3
+
+
+def test_backbone_from_a_whole_dalg_state_dict(tmp_path: Path) -> None:
+    """Fine-tuning from an earlier run: the backbone is taken out of a Lightning checkpoint's `net.` dict."""
+    torch.manual_seed(4)
+    model = hydra.utils.instantiate(_compose([]).model, num_classes=3)
+    path = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in model.state_dict().items()}}, path)
+    bb = hydra.utils.instantiate(_compose([f"model.backbone.checkpoint={path}"]).model.backbone)
+    torch.testing.assert_close(bb.vit.blocks[5].attn.proj.weight, model.backbone.vit.blocks[5].attn.proj.weight,
+                               rtol=0, atol=0)

@@ -79,3 +79,16 @@ def test_dalg_cross_is_vit_small_with_cross_attention() -> None:
     model.eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 48)).shape == (1, 512)
+
+
+def test_bf16_autocast_is_finite(tiny: DALG) -> None:
+    """Masks (-1e4) and GeM stay finite in half precision, including padded and shifted windows."""
+    tiny.zero_grad()
+    x = torch.randn(2, 3, 100, 150)  # 7x10 tokens: padded to 8x12 windows of 4
+    y = torch.tensor([1, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = tiny.head(tiny(x), y)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in tiny.parameters() if p.grad is not None)

@@ -67,6 +67,20 @@ class ViTBackbone(nn.Module):
         if checkpoint:
             load_backbone_checkpoint(self.vit, checkpoint)
 
+    @property
+    def num_layers(self) -> int:
+        """Depth for layer-wise lr decay: embeddings = 0, block i = i + 1, final norm = depth + 1."""
+        return len(self.vit.blocks) + 2
+
+    def layer_id(self, name: str) -> int:
+        """Layer index of a parameter name relative to this module (e.g. 'vit.blocks.3.attn.qkv.weight' -> 4)."""
+        name = name.removeprefix("vit.")
+        if name.startswith(("patch_embed", "cls_token", "reg_token", "pos_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.num_layers - 1
+
     def forward(self, x: Tensor) -> BackboneOutput:
         vit = self.vit
         tokens = vit.patch_embed(x)  # (B, h, w, C) with dynamic_img_size
@@ -107,6 +121,17 @@ class ResNetBackbone(nn.Module):
         self.stride = 16  # of the local map; the deep map has stride 32
         if checkpoint:
             load_backbone_checkpoint(self.cnn, checkpoint)
+
+    @property
+    def num_layers(self) -> int:
+        """Depth for layer-wise lr decay: stem = 0, layer1..layer4 = 1..4."""
+        return 5
+
+    def layer_id(self, name: str) -> int:
+        name = name.removeprefix("cnn.")
+        if name.startswith("layer"):
+            return int(name[5])
+        return 0
 
     def forward(self, x: Tensor) -> BackboneOutput:
         m = self.cnn

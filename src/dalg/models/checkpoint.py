@@ -9,6 +9,8 @@ from torch import Tensor, nn
 
 _WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
 _STRIP_PREFIXES = ("module.", "model.", "vit.", "cnn.", "backbone.")
+# the backbone inside a whole DALG network (our Lightning checkpoints hold it as `net`)
+_SUBMODULE_PREFIXES = ("net.backbone.vit.", "net.backbone.cnn.", "backbone.vit.", "backbone.cnn.")
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -36,7 +38,10 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 
 def _strip_prefixes(sd: dict[str, Tensor], model_keys: set[str]) -> dict[str, Tensor]:
-    """Drop wrapper prefixes (DDP 'module.', our own 'vit.'/'cnn.') while they make keys match the model."""
+    """Take the backbone out of a whole DALG state dict, or drop wrapper prefixes (DDP 'module.', 'vit.'...)."""
+    for prefix in _SUBMODULE_PREFIXES:
+        if any(k.startswith(prefix) for k in sd):
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     changed = True
     while changed:
         changed = False

@@ -21,8 +21,10 @@ class GeM(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, h, w) -> (B, C). Negative activations (ViT tokens) are clamped to eps, as for ReLU maps."""
-        p = self.p.clamp(min=1.0)  # keep a learnt p a proper mean (>= arithmetic mean)
-        return x.clamp(min=self.eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+        p = self.p.float().clamp(min=1.0)  # keep a learnt p a proper mean (>= arithmetic mean)
+        # in float32: eps**p underflows in half precision, and the 1/p root of 0 has an infinite gradient
+        pooled = x.float().clamp(min=self.eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+        return pooled.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"p={float(self.p):.3f}, eps={self.eps}"
