@@ -1,4 +1,8 @@
-"""DDP (2 CPU processes, gloo): descriptors gathered from 2 processes equal those of 1, scores too."""
+"""DDP (2 CPU processes, gloo): descriptors gathered from 2 processes equal those of 1, scores too.
+
+Covers the torchmetrics wrapper and the training callback's gather (``gather_by_index``), with the padding
+``DistributedSampler`` adds (49 images on 2 processes) and with a process that extracted nothing.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
+from dalg.retrieval.callback import gather_by_index
 from dalg.retrieval.torchmetric import RevisitedRetrievalMetric, assemble_by_index
 
 N_QUERIES, N_DB, DIM = 5, 44, 16  # 49 images: an odd count, so DistributedSampler pads
@@ -52,6 +57,11 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         metric = _run_metric(torch.split(idx, 7))
         result = {k: float(v) for k, v in metric.compute().items()}
         np.save(f"{tmp}/feats_{rank}.npy", metric.last_features)
+        # the training callback's gather: same sampler shares, and a set that only rank 0 extracted
+        np.save(f"{tmp}/cb_{rank}.npy", gather_by_index(idx, _descriptors(idx), N_QUERIES + N_DB))
+        only0 = torch.arange(N_QUERIES + N_DB) if rank == 0 else torch.zeros(0, dtype=torch.long)
+        desc0 = _descriptors(only0) if rank == 0 else torch.zeros(0, 1)
+        np.save(f"{tmp}/cb_only0_{rank}.npy", gather_by_index(only0, desc0, N_QUERIES + N_DB))
         with open(f"{tmp}/scores_{rank}.json", "w") as f:
             json.dump(result, f)
     finally:
@@ -68,6 +78,8 @@ def test_two_gloo_processes_match_one(tmp_path) -> None:
     for rank in range(2):
         np.testing.assert_array_equal(np.load(tmp_path / f"feats_{rank}.npy"), single.last_features)
         assert json.loads((tmp_path / f"scores_{rank}.json").read_text()) == expected
+        np.testing.assert_array_equal(np.load(tmp_path / f"cb_{rank}.npy"), single.last_features)
+        np.testing.assert_array_equal(np.load(tmp_path / f"cb_only0_{rank}.npy"), single.last_features)
     np.testing.assert_array_equal(single.last_features, _descriptors(torch.arange(N_QUERIES + N_DB)).numpy())
 
 

@@ -1,94 +1,150 @@
-"""The validation callback: rank every evaluation set with FAISS and score it with the revisited protocol."""
+"""The validation callback: rank every evaluation set with FAISS and score it with the revisited protocol.
+
+Per evaluation set (one validation dataloader each, ``trainer.datamodule.eval_sets``):
+
+1. ``validation_step`` returns ``{"descriptors", "index"}``; the callback keeps them per dataloader.
+2. At the end of the epoch every process's descriptors are gathered (:func:`gather_by_index`): placed by
+   dataset index, duplicates from a padding sampler (``DistributedSampler``) dropped, a missing image an error.
+3. :func:`dalg.retrieval.evaluation.rank_and_score` ranks queries against the database and scores it.
+4. ``val/<set>/mAP_E|M|H`` and ``val/<set>/mP@k_<setup>`` are logged (to every logger), a table is printed,
+   and a PNG grid of the top results is written and sent to every logger that takes images (W&B, TensorBoard;
+   the CSV logger gets the file copied into its log folder).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import WandbLogger
+import torch.distributed as dist
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from dalg.retrieval.index import search
-from dalg.retrieval.metrics import RevisitedScores, evaluate_revisited
+from dalg.retrieval.evaluation import RankingOptions, rank_and_score
+from dalg.retrieval.metrics import RevisitedScores
+from dalg.retrieval.torchmetric import assemble_by_index
 from dalg.retrieval.viz import result_grid
 from dalg.utils.tables import print_scores_table
 
 log = logging.getLogger(__name__)
 
 
-def gather_by_index(pl_module: pl.LightningModule, index: torch.Tensor, desc: torch.Tensor, n: int) -> np.ndarray:
-    """All descriptors of a set, in dataset order, from every process; each index must appear (duplicates from
-    padded samplers are identical and collapse)."""
-    if pl_module.trainer.world_size > 1:
-        count = torch.tensor([len(index)], device=pl_module.device)
-        most = int(pl_module.all_gather(count).max())
-        pad = most - len(index)
-        index = torch.cat([index, index.new_full((pad,), -1)])
-        desc = torch.cat([desc, desc.new_zeros((pad, desc.shape[1]))])
-        index = pl_module.all_gather(index.to(pl_module.device)).reshape(-1).cpu()
-        desc = pl_module.all_gather(desc.to(pl_module.device)).reshape(-1, desc.shape[-1]).cpu()
-        keep = index >= 0
-        index, desc = index[keep], desc[keep]
-    out = np.zeros((n, desc.shape[1]), np.float32)
-    seen = np.zeros(n, bool)
-    idx = index.numpy()
-    out[idx] = desc.numpy()
-    seen[idx] = True
-    if not seen.all():
-        raise RuntimeError(f"descriptors missing for {int((~seen).sum())} of {n} images "
-                           f"(first indices {np.flatnonzero(~seen)[:5].tolist()})")
-    return out
+def _all_gather_rows(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Concatenate a 1-D or 2-D tensor from every process in rank order; row counts may differ, and a process
+    with no rows may hold a placeholder width (the widest one is used)."""
+    world = dist.get_world_size()
+    t = t.to(device)
+    shape = torch.tensor([t.shape[0], t.shape[1] if t.ndim == 2 else 0], device=device, dtype=torch.long)
+    shapes = [torch.zeros_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    most = int(max(s[0].item() for s in shapes))
+    width = int(max(s[1].item() for s in shapes))
+    padded = torch.zeros((most, width) if t.ndim == 2 else (most,), dtype=t.dtype, device=device)
+    if t.shape[0]:
+        padded[: t.shape[0]] = t
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s[0].item())] for p, s in zip(parts, shapes)]).cpu()
+
+
+def gather_by_index(
+    index: torch.Tensor, desc: torch.Tensor, n: int, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """All descriptors of a set, in dataset order ``0..n-1``, from every process.
+
+    Under ``torch.distributed`` each process contributes what it extracted; repeated indices (the padding of
+    ``DistributedSampler``) collapse to one, and a missing index raises. ``device`` is where the collective
+    runs (the module's device: NCCL needs CUDA tensors, gloo takes CPU ones).
+    """
+    index = index.reshape(-1).long()
+    desc = desc.float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        index = _all_gather_rows(index, device)
+        desc = _all_gather_rows(desc, device)
+    return assemble_by_index(index, desc, n)
 
 
 class RetrievalEvalCallback(pl.Callback):
-    """Collects ``validation_step`` descriptors, then per evaluation set: exact search of queries against the
-    database, revisited mAP (E/M/H) and mP@k, a printed table, ``val/<set>/<metric>`` logged to every logger,
-    and a PNG grid of the top results of a few queries (also sent to W&B)."""
+    """Scores every evaluation set after each validation epoch; ``results`` holds the last scores per set.
 
-    def __init__(self, grid_queries: int = 4, grid_top_k: int = 10, grid_setup: str = "M",
-                 output_dir: str | None = None):
+    Args:
+        grid_queries / grid_top_k / grid_setup: rows, columns and the setup (E/M/H) whose labels colour the
+            result grid's borders; ``grid_queries=0`` turns the grid off.
+        output_dir: where the grid PNGs go (default ``<default_root_dir>/retrieval``).
+        ranking: options of :class:`dalg.retrieval.evaluation.RankingOptions` (default: full ranking).
+    """
+
+    def __init__(
+        self,
+        grid_queries: int = 4,
+        grid_top_k: int = 10,
+        grid_setup: str = "M",
+        output_dir: str | None = None,
+        ranking: dict | None = None,
+    ):
         self.grid_queries = grid_queries
         self.grid_top_k = grid_top_k
         self.grid_setup = grid_setup
         self.output_dir = output_dir
+        self.ranking = RankingOptions.from_mapping(ranking)
         self.results: dict[str, RevisitedScores] = {}
+        self.protocols: dict[str, dict] = {}
+        self.last_grid: Path | None = None
         self._buffers: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._buffers.clear()
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
-        self._buffers[dataloader_idx].append((outputs["index"].detach().cpu(), outputs["descriptors"].detach().cpu()))
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ):
+        self._buffers[dataloader_idx].append(
+            (outputs["index"].detach().cpu(), outputs["descriptors"].detach().cpu())
+        )
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
+            self._buffers.clear()
             return
         eval_sets = trainer.datamodule.eval_sets
         for i, eval_set in enumerate(eval_sets):
             chunks = self._buffers.get(i, [])
-            if not chunks:
-                continue
-            index = torch.cat([c[0] for c in chunks])
-            desc = torch.cat([c[1] for c in chunks])
-            feats = gather_by_index(pl_module, index, desc, len(eval_set.dataset))
+            dim = chunks[0][1].shape[1] if chunks else 0
+            # every process takes part in the gather, also one whose share of this set was empty
+            index = torch.cat([c[0] for c in chunks]) if chunks else torch.zeros(0, dtype=torch.long)
+            desc = torch.cat([c[1] for c in chunks]) if chunks else torch.zeros(0, max(dim, 1))
+            if trainer.world_size == 1 and not chunks:
+                continue  # this set was not run (e.g. limit_val_batches)
+            feats = gather_by_index(index, desc, len(eval_set.dataset), pl_module.device)
             nq = eval_set.gt.n_queries
-            _, ranks = search(feats[:nq], feats[nq:])
-            scores = evaluate_revisited(ranks, eval_set.gt.gnd)
+            scores, ranks, protocol = rank_and_score(
+                feats[:nq], feats[nq:], eval_set.gt.gnd, options=self.ranking
+            )
+            protocol.update(crop_queries=eval_set.crop_queries, test_size=eval_set.test_size)
             self.results[eval_set.name] = scores
+            self.protocols[eval_set.name] = protocol
             for key, value in scores.as_dict().items():
-                pl_module.log(f"val/{eval_set.name}/{key}", float(value), add_dataloader_idx=False)
+                # identical on every process (each scores the gathered set): no reduction needed
+                pl_module.log(
+                    f"val/{eval_set.name}/{key}", float(value), add_dataloader_idx=False, sync_dist=False
+                )
             self._write_grid(trainer, eval_set, ranks)
         self._buffers.clear()
         if self.results and trainer.is_global_zero:
-            print_scores_table(self.results, title=f"retrieval after epoch {trainer.current_epoch} "
-                                                   f"(step {trainer.global_step})",
-                               options={s.name: f"test_size={s.test_size}, crop_queries={s.crop_queries}"
-                                        for s in eval_sets})
+            print_scores_table(
+                self.results,
+                title=f"retrieval after epoch {trainer.current_epoch} (step {trainer.global_step})",
+                options={
+                    name: f"crop={'on' if p['crop_queries'] else 'OFF'}, size={p['test_size']}, {p['ranking']}"
+                    for name, p in self.protocols.items()
+                },
+            )
 
     @rank_zero_only
     def _write_grid(self, trainer: pl.Trainer, eval_set, ranks: np.ndarray) -> None:
@@ -99,12 +155,28 @@ class RetrievalEvalCallback(pl.Callback):
         n = eval_set.gt.n_queries
         queries = np.linspace(0, n - 1, min(self.grid_queries, n)).round().astype(int).tolist()
         grid = result_grid(eval_set.dataset, ranks, queries, self.grid_top_k, self.grid_setup)
-        path = out_dir / f"{eval_set.name}_epoch{trainer.current_epoch:03d}_step{trainer.global_step:06d}.png"
+        name = f"{eval_set.name}_epoch{trainer.current_epoch:03d}_step{trainer.global_step:06d}.png"
+        path = out_dir / name
         tmp = path.with_suffix(".tmp.png")
         grid.save(tmp)
         os.replace(tmp, path)
         self.last_grid = path
+        key = f"val/{eval_set.name}/top{self.grid_top_k}_{self.grid_setup}"
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key=f"val/{eval_set.name}/top{self.grid_top_k}", images=[str(path)],
-                                 step=trainer.global_step)
+            log_image_to(logger, key, path, grid, trainer.global_step)
+
+
+def log_image_to(logger, key: str, path: Path, image, step: int) -> None:
+    """Send a PNG to one logger in the way that logger takes images."""
+    if isinstance(logger, WandbLogger):
+        logger.log_image(key=key, images=[str(path)], step=step)
+    elif isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_image(key, np.asarray(image), global_step=step, dataformats="HWC")
+    elif isinstance(logger, CSVLogger):  # a CSV file holds no image: keep it beside metrics.csv
+        dest = Path(logger.log_dir) / "images" / path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+    elif callable(getattr(logger, "log_image", None)):
+        logger.log_image(key=key, images=[str(path)], step=step)
+    else:
+        log.info("logger %s takes no images; result grid is at %s", type(logger).__name__, path)

@@ -1,0 +1,121 @@
+"""The validation callback in a real (1-process) Lightning validate: metrics to every logger, grid image."""
+
+from __future__ import annotations
+
+import csv
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from pytorch_lightning.loggers import CSVLogger, Logger
+from torch.utils.data import DataLoader
+
+from dalg.data.datamodules import EvalSet
+from dalg.data.revisited import RevisitedImages, load_ground_truth
+from dalg.data.transforms import eval_transform
+from dalg.retrieval.callback import RetrievalEvalCallback
+from dalg.retrieval.index import search
+from dalg.retrieval.metrics import evaluate_revisited
+
+N_Q, N_DB, DIM = 3, 9, 8
+
+
+def _write_set(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    (root / "jpg").mkdir(parents=True)
+    qim, im = [f"q{i}" for i in range(N_Q)], [f"d{i}" for i in range(N_DB)]
+    for name in qim + im:
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(root / "jpg" / f"{name}.jpg")
+    gnd = [
+        {"bbx": [0.0, 0.0, 20.0, 16.0], "easy": [3 * i], "hard": [3 * i + 1], "junk": [3 * i + 2]}
+        for i in range(N_Q)
+    ]
+    with open(root / "gnd_tiny.pkl", "wb") as f:
+        pickle.dump({"imlist": im, "qimlist": qim, "gnd": gnd}, f)
+
+
+def _table() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.nn.functional.normalize(torch.randn(N_Q + N_DB, DIM, generator=g), dim=1)
+
+
+class _Module(pl.LightningModule):
+    """Descriptors are a fixed function of the dataset index (so the expected scores are known)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        _, index = batch
+        return {"descriptors": _table()[index], "index": index}
+
+
+class _Data(pl.LightningDataModule):
+    def __init__(self, root: Path):
+        super().__init__()
+        gt = load_ground_truth(root, "tiny")
+        self.eval_sets = [EvalSet("tiny", gt, RevisitedImages(gt, eval_transform(32), True), 32, True)]
+
+    def val_dataloader(self):
+        return [DataLoader(s.dataset, batch_size=1) for s in self.eval_sets]  # cropped queries differ in size
+
+
+class _ImageLogger(Logger):
+    """Records log_image calls as W&B's logger would receive them."""
+
+    def __init__(self):
+        super().__init__()
+        self.images: list[tuple[str, list[str]]] = []
+
+    @property
+    def name(self):
+        return "images"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_image(self, key, images, step=None):
+        self.images.append((key, images))
+
+
+def test_callback_logs_scores_and_grid_to_every_logger(tmp_path) -> None:
+    _write_set(tmp_path / "tiny")
+    csv_logger, img_logger = CSVLogger(tmp_path / "csv", name="run"), _ImageLogger()
+    callback = RetrievalEvalCallback(grid_queries=2, grid_top_k=4, output_dir=str(tmp_path / "grids"))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=[csv_logger, img_logger],
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.validate(_Module(), datamodule=_Data(tmp_path / "tiny"), verbose=False)
+
+    table = _table().numpy()
+    gt = load_ground_truth(tmp_path / "tiny", "tiny")
+    _, ranks = search(table[:N_Q], table[N_Q:])
+    expected = evaluate_revisited(ranks, gt.gnd).as_dict()
+    assert callback.results["tiny"].as_dict() == pytest.approx(expected)
+    for key, value in expected.items():
+        assert float(trainer.callback_metrics[f"val/tiny/{key}"]) == pytest.approx(value, abs=1e-4)
+
+    rows = list(csv.DictReader(open(Path(csv_logger.log_dir) / "metrics.csv")))
+    assert float(rows[-1]["val/tiny/mAP_M"]) == pytest.approx(expected["mAP_M"], abs=1e-4)
+    assert {"val/tiny/mP@1_E", "val/tiny/mP@10_H"} <= rows[-1].keys()
+    assert callback.last_grid is not None and callback.last_grid.is_file()
+    assert (Path(csv_logger.log_dir) / "images" / callback.last_grid.name).is_file()
+    assert img_logger.images == [("val/tiny/top4_M", [str(callback.last_grid)])]
+    assert Image.open(callback.last_grid).size == (5 * 96, 2 * 96)
