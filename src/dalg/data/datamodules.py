@@ -1,11 +1,12 @@
-"""The retrieval DataModule: a classification training set (GLDv2 layout) and Revisited-format evaluation sets."""
+"""The retrieval DataModules: a classification training set (GLDv2 layout or class subfolders) and evaluation
+sets in the Revisited layout or given as a folder + queries CSV."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,12 +14,17 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from dalg.data.folder import ImageFolderDataset, load_query_csv
 from dalg.data.gldv2 import GLDv2Dataset
-from dalg.data.revisited import RevisitedGroundTruth, RevisitedImages, load_ground_truth
+from dalg.data.images import ImageReadError
+from dalg.data.labelled import LabelledImages
+from dalg.data.revisited import RevisitedGroundTruth, RevisitedImages, find_ground_truth, load_ground_truth
 from dalg.data.sampling import SizeBucketBatchSampler
 from dalg.data.transforms import eval_transform, resized_shape, train_transform
 
 log = logging.getLogger(__name__)
+
+TRAIN_LAYOUTS = ("gldv2", "folder")
 
 
 @dataclass
@@ -32,36 +38,82 @@ class EvalSet:
     crop_queries: bool
 
 
-class RetrievalDataModule(pl.LightningDataModule):
-    """Train on ``root`` (GLDv2 layout, optional), evaluate on every set in ``eval_sets``.
+class ReportingDataLoader(DataLoader):
+    """A DataLoader that calls ``on_epoch_end()`` in the main process whenever one pass over it ends: exhausted,
+    or abandoned early (``limit_train_batches``, an exception) when Lightning drops the iterator.
 
-    ``eval_sets`` maps a name to ``{data_dir, gnd_name, test_size, crop_queries, required}``. An optional set
-    whose ground truth is absent (e.g. ``../shared`` missing in a user's clone) is skipped with one warning.
+    The training set uses it to report unreadable images once per epoch, with the total over all workers.
+    """
+
+    def __init__(self, *args, on_epoch_end: Callable[[], object] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_epoch_end = on_epoch_end
+
+    def __iter__(self) -> Iterator:
+        iterator = super().__iter__()
+        try:
+            yield from iterator
+        finally:
+            if self.on_epoch_end is not None:
+                self.on_epoch_end()
+
+
+def _spec_path(value: object) -> Path:
+    return Path(os.path.expanduser(str(value)))
+
+
+class RetrievalDataModule(pl.LightningDataModule):
+    """Train on ``root`` (optional), evaluate on every set in ``eval_sets``.
+
+    Training set (``layout``): ``gldv2`` reads ``<root>/<csv_name>`` (train_clean.csv or train.csv) and
+    ``<root>/train/a/b/c/<id>.jpg``; ``folder`` reads ``<root>/<class>/**/<image>``. Classes are relabelled 0..N-1
+    in sorted order (``save_label_map`` writes the map beside checkpoints). ``val_fraction`` > 0 holds out that
+    share of each class's images (never a class's only image) as ``val_set`` for a classification check.
+    ``verify`` = ``exists`` | ``header`` pre-scans the listed files before training. Unreadable images found
+    while training are replaced, counted over all DataLoader workers and reported once per epoch (and at
+    teardown) with example paths; a class without any readable image is reported by name.
+
+    ``eval_sets`` maps a name to a spec. Revisited layout: ``{data_dir, gnd_name, test_size, crop_queries,
+    required}``. Own photos: ``{images, queries_csv, test_size, crop_queries, required}`` (see ``folder.py``).
+    A spec may set ``name`` (the name in metric keys; default: its key). An optional set whose files are absent
+    (e.g. ``../shared`` missing in a user's clone) is skipped with one warning.
     ``generator`` (optional) is called as ``generator(root=root)`` in ``prepare_data`` to create the data first.
     ``monitor_set`` names the set whose ``mAP_M`` selects checkpoints (the config's ``optimized_metric``).
     """
 
     def __init__(self, root: str | None = None, csv_name: str = "train_clean.csv", train_size: int = 512,
-                 train_scale: tuple[float, float] = (0.08, 1.0), color_jitter: float = 0.2,
+                 train_scale: Sequence[float] = (0.08, 1.0), color_jitter: float = 0.2,
                  min_images_per_class: int = 1, batch_size: int = 64, num_workers: int = 4,
                  eval_sets: Mapping[str, Mapping] | None = None, eval_batch_size: int = 32,
                  generator: Callable[..., object] | None = None, pin_memory: bool = False,
-                 monitor_set: str | None = None):
+                 monitor_set: str | None = None, layout: str = "gldv2", verify: str = "none",
+                 val_fraction: float = 0.0, split_seed: int = 0,
+                 train_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5):
         super().__init__()
+        if layout not in TRAIN_LAYOUTS:
+            raise ValueError(f"data.layout must be one of {TRAIN_LAYOUTS}, got {layout!r}")
         self.root = root
         self.csv_name = csv_name
+        self.layout = layout
+        self.verify = verify
+        self.val_fraction = float(val_fraction)
+        self.split_seed = split_seed
         self.train_size = train_size
         self.train_scale = tuple(train_scale)
+        self.train_ratio = tuple(train_ratio)
+        self.hflip = hflip
         self.color_jitter = color_jitter
         self.min_images_per_class = min_images_per_class
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.eval_specs = dict(eval_sets or {})
+        self.eval_specs = {k: dict(v) for k, v in (eval_sets or {}).items()}
         self.eval_batch_size = eval_batch_size
         self.generator = generator
         self.pin_memory = pin_memory
         self.monitor_set = monitor_set  # the evaluation set whose mAP_M selects checkpoints
-        self.train_set: GLDv2Dataset | None = None
+        self.train_set: LabelledImages | None = None
+        self.val_set: LabelledImages | None = None  # classification hold-out (val_fraction > 0)
+        self.full_train_set: LabelledImages | None = None
         self.eval_sets: list[EvalSet] = []
         self.skipped_eval_sets: dict[str, str] = {}
 
@@ -72,24 +124,53 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.root is not None and self.train_set is None and stage in (None, "fit"):
-            tf = train_transform(self.train_size, self.train_scale, color_jitter=self.color_jitter)
-            self.train_set = GLDv2Dataset(self.root, self.csv_name, tf, self.min_images_per_class)
+            self._setup_train()
         if not self.eval_sets:
             self.eval_sets = [s for s in (self._load_eval_set(n, spec) for n, spec in self.eval_specs.items()) if s]
 
-    def _load_eval_set(self, name: str, spec: Mapping) -> EvalSet | None:
-        data_dir = Path(os.path.expanduser(str(spec["data_dir"])))
-        gnd_name = spec.get("gnd_name", name)
-        if not (data_dir / f"gnd_{gnd_name}.pkl").is_file() and not spec.get("required", False):
-            reason = f"{data_dir / f'gnd_{gnd_name}.pkl'} not found"
-            if name not in self.skipped_eval_sets:
-                log.warning("evaluation set %s skipped: %s (set data.eval_sets.%s.data_dir)", name, reason, name)
-                self.skipped_eval_sets[name] = reason
-            return None
-        gt = load_ground_truth(data_dir, gnd_name)
+    def _setup_train(self) -> None:
+        tf = train_transform(self.train_size, self.train_scale, self.train_ratio, self.hflip, self.color_jitter)
+        if self.layout == "gldv2":
+            full = GLDv2Dataset(self.root, self.csv_name, tf, self.min_images_per_class, verify=self.verify)
+        else:
+            full = ImageFolderDataset(self.root, tf, self.min_images_per_class, verify=self.verify)
+        # one summary per epoch from the main process instead of per-file warnings from every worker
+        full.report_each = False
+        full.substitute_empty_classes = True
+        self.full_train_set = full
+        if self.val_fraction > 0:
+            self.train_set, self.val_set = full.split(self.val_fraction, self.split_seed)
+            log.info("%s: %d training and %d held-out images over %d classes", full.source, len(self.train_set),
+                     len(self.val_set), full.num_classes)
+        else:
+            self.train_set = full
+
+    def _load_eval_set(self, key: str, spec: Mapping) -> EvalSet | None:
+        name = str(spec.get("name") or key)
         test_size = int(spec.get("test_size", 512))
         crop = bool(spec.get("crop_queries", True))
+        required = bool(spec.get("required", False))
+        if spec.get("queries_csv"):
+            images, csv_path = _spec_path(spec.get("images") or spec.get("data_dir")), _spec_path(spec["queries_csv"])
+            missing = next((p for p in (images, csv_path) if not p.exists()), None)
+            if missing is not None and not required:
+                return self._skip(key, name, f"{missing} not found")
+            gt = load_query_csv(images, csv_path, name)
+        else:
+            if "data_dir" not in spec:
+                raise ValueError(f"evaluation set {key}: give data_dir (Revisited layout) or images + queries_csv")
+            data_dir = _spec_path(spec["data_dir"])
+            gnd_name = str(spec.get("gnd_name") or name)
+            if find_ground_truth(data_dir, gnd_name) is None and not required:
+                return self._skip(key, name, f"{data_dir / f'gnd_{gnd_name}.pkl'} not found")
+            gt = load_ground_truth(data_dir, gnd_name)
         return EvalSet(name, gt, RevisitedImages(gt, eval_transform(test_size), crop), test_size, crop)
+
+    def _skip(self, key: str, name: str, reason: str) -> None:
+        if name not in self.skipped_eval_sets:
+            log.warning("evaluation set %s skipped: %s (set data.eval_sets.%s)", name, reason, key)
+            self.skipped_eval_sets[name] = reason
+        return None
 
     @property
     def num_classes(self) -> int:
@@ -98,34 +179,90 @@ class RetrievalDataModule(pl.LightningDataModule):
         return self.train_set.num_classes
 
     def save_label_map(self, directory: str | os.PathLike) -> Path:
-        """Write ``label_map.json`` ({original landmark id: label}) atomically into ``directory``."""
+        """Write ``label_map.json`` ({original class id: label}) atomically into ``directory``."""
         if self.train_set is None:
             raise RuntimeError("no training set, so no label map")
         out = Path(directory) / "label_map.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".json.tmp")
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.train_set.label_map, indent=0))
         os.replace(tmp, out)
         return out
+
+    # ----------------------------------------------------------------------------------- reporting
+    def report_failures(self) -> None:
+        """One warning with what is new among the unreadable training images (all workers counted)."""
+        if self.full_train_set is not None:
+            self.full_train_set.report_failures(log)
+
+    def teardown(self, stage: str) -> None:
+        self.report_failures()
 
     # ------------------------------------------------------------------------------------ dataloaders
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             raise RuntimeError("no training set configured (data.root is null)")
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)
+        return ReportingDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                                   num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                   persistent_workers=self.num_workers > 0, on_epoch_end=self.report_failures)
+
+    def classification_val_dataloader(self) -> DataLoader:
+        """The held-out images of the training classes (``val_fraction`` > 0), unshuffled."""
+        if self.val_set is None:
+            raise RuntimeError("no classification hold-out: set data.val_fraction > 0")
+        return ReportingDataLoader(self.val_set, batch_size=self.batch_size, shuffle=False,
+                                   num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                   on_epoch_end=self.report_failures)
+
+    def eval_sizes(self, eval_set: EvalSet) -> list[tuple[int, int]]:
+        """Resized (height, width) of every image, from headers; every unreadable file named in one error."""
+        ds = eval_set.dataset
+        sizes: list[tuple[int, int]] = []
+        errors: list[ImageReadError] = []
+        for i in range(len(ds)):
+            try:
+                sizes.append(resized_shape(*ds.source_size(i), eval_set.test_size))
+            except ImageReadError as e:
+                errors.append(e)
+        if errors:
+            shown = "; ".join(f"{e.path} ({e.reason})" for e in errors[:5])
+            raise ImageReadError(eval_set.gt.image_dir, f"evaluation set {eval_set.name}: {len(errors)} of {len(ds)} "
+                                 f"images unreadable; the protocol needs every one of them. e.g. {shown}")
+        return sizes
 
     def eval_dataloader(self, eval_set: EvalSet) -> DataLoader:
-        ds = eval_set.dataset
-        sizes = [resized_shape(*ds.source_size(i), eval_set.test_size) for i in range(len(ds))]
         rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
             if torch.distributed.is_available() and torch.distributed.is_initialized() else (0, 1)
-        sampler = SizeBucketBatchSampler(sizes, self.eval_batch_size, rank, world)
-        return DataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        sampler = SizeBucketBatchSampler(self.eval_sizes(eval_set), self.eval_batch_size, rank, world)
+        return DataLoader(eval_set.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self.eval_dataloader(s) for s in self.eval_sets]
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()
+
+
+class RevisitedDataModule(RetrievalDataModule):
+    """Evaluation only, on one set in the Revisited layout: ``<root>/gnd_<name>.pkl`` + ``<root>/jpg/``
+    (``<root>/<name>/gnd_<name>.pkl`` is found too). Any dataset in that layout works (``data.name``).
+
+    Its spec lives in ``eval_sets`` like every other set (so ``eval.py``'s ``crop_queries``/``test_size``
+    options reach it); a spec without ``data_dir`` gets ``root`` and ``name`` from here, and is reported under
+    ``set_name`` (default ``name``).
+    """
+
+    def __init__(self, root: str, name: str, set_name: str | None = None,
+                 eval_sets: Mapping[str, Mapping] | None = None, monitor_set: str | None = None, **kwargs):
+        specs = {}
+        for key, spec in (eval_sets or {"main": {"required": True}}).items():
+            spec = dict(spec)
+            if "data_dir" not in spec and "queries_csv" not in spec:
+                spec.setdefault("gnd_name", name)
+                spec["data_dir"] = root
+                spec.setdefault("name", set_name or name)
+            specs[key] = spec
+        super().__init__(root=None, eval_sets=specs, monitor_set=monitor_set or set_name or name, **kwargs)
+        self.dataset_root = root
+        self.name = name

@@ -1,32 +1,106 @@
-"""Reading images from disk: one function, one error type, so every dataset fails and reports the same way."""
+"""Reading images from disk: one function, one error type, so every dataset fails and reports the same way.
+
+``load_rgb`` turns everything PIL can open into an upright 8-bit RGB image: EXIF orientation is applied, grayscale
+and CMYK are converted, palette and alpha images are composited over a neutral grey (the ImageNet mean, so that
+transparent areas normalise to ~0 instead of to a white or black block), and 16-bit images are scaled to 8 bits
+instead of clipped. Everything it cannot turn into pixels (missing, empty, truncated, not an image, too many
+pixels for PIL's decompression-bomb guard) raises :class:`ImageReadError` with a short ``kind`` for reports.
+"""
 
 from __future__ import annotations
 
 import os
 
-from PIL import Image, ImageOps
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# the ImageNet mean (transforms.IMAGENET_MEAN) in 8 bits: transparent pixels become ~0 after normalisation
+ALPHA_BACKGROUND = (124, 116, 104)
+
+_KINDS = ("missing", "empty", "not_image", "truncated", "too_large", "undecodable")
 
 
 class ImageReadError(RuntimeError):
-    """An image file that is missing or cannot be decoded; the message names the file and the reason."""
+    """An image file that is missing or cannot be decoded; the message names the file and the reason.
 
-    def __init__(self, path: str | os.PathLike, reason: str):
+    ``kind`` is one of ``missing``, ``empty``, ``not_image``, ``truncated``, ``too_large``, ``undecodable``.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str, kind: str = "undecodable"):
         super().__init__(f"cannot read image {os.fspath(path)!r}: {reason}")
         self.path = os.fspath(path)
         self.reason = reason
+        self.kind = kind if kind in _KINDS else "undecodable"
+
+    def __reduce__(self):  # keep path/reason/kind when the error crosses a DataLoader worker boundary
+        return type(self), (self.path, self.reason, self.kind)
+
+
+def _classify(path: str | os.PathLike, error: BaseException) -> ImageReadError:
+    if isinstance(error, FileNotFoundError):
+        return ImageReadError(path, "file does not exist", "missing")
+    if isinstance(error, Image.DecompressionBombError):
+        return ImageReadError(path, f"decompression-bomb guard: {error}", "too_large")
+    if isinstance(error, UnidentifiedImageError):
+        try:
+            empty = os.path.getsize(path) == 0
+        except OSError:
+            empty = False
+        if empty:
+            return ImageReadError(path, "empty file (0 bytes)", "empty")
+        return ImageReadError(path, "not an image PIL can identify", "not_image")
+    text = f"{type(error).__name__}: {error}"
+    if "truncated" in str(error).lower() or "broken data stream" in str(error).lower():
+        return ImageReadError(path, f"truncated file ({text})", "truncated")
+    return ImageReadError(path, text, "undecodable")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit / 32-bit integer and float grayscale -> ``L``, scaling the value range instead of clipping it."""
+    arr = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        out = arr.astype(np.uint32) >> 8
+    elif img.mode == "I":  # PNG 16-bit grayscale opens as "I" with values 0..65535
+        out = arr.astype(np.int64).clip(0, 65535) >> 8 if arr.max(initial=0) > 255 else arr.clip(0, 255)
+    else:  # "F": floats in 0..1 or 0..255
+        scale = 255.0 if float(arr.max(initial=0.0)) <= 1.0 else 1.0
+        out = np.nan_to_num(arr * scale).clip(0, 255)
+    return Image.fromarray(out.astype(np.uint8), "L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (alpha composited over :data:`ALPHA_BACKGROUND`)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        return _to_8bit(img).convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "La", "PA", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGB", img.size, ALPHA_BACKGROUND)
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")  # L, 1, CMYK (PIL reads Adobe inverted CMYK correctly), YCbCr, ...
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    # a broken EXIF block must not cost the pixels: keep the image as stored
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - any EXIF parsing failure; the image itself decoded fine
+        return img
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode ``path`` fully into an upright RGB image (EXIF orientation applied)."""
+    """Decode ``path`` fully into an upright 8-bit RGB image; raise :class:`ImageReadError` if that is impossible."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # PIL's guard raises past 2 x Image.MAX_IMAGE_PIXELS (it only warns below)
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
-    except FileNotFoundError as e:
-        raise ImageReadError(path, "file does not exist") from e
+            return to_rgb(_upright(img))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageReadError(path, f"{type(e).__name__}: {e}") from e
+        raise _classify(path, e) from e
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -34,9 +108,10 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             w, h = img.size
-            orientation = img.getexif().get(0x0112, 1)
-    except FileNotFoundError as e:
-        raise ImageReadError(path, "file does not exist") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(path, f"{type(e).__name__}: {e}") from e
+            try:
+                orientation = img.getexif().get(0x0112, 1)
+            except Exception:  # noqa: BLE001 - broken EXIF: load_rgb keeps the stored orientation too
+                orientation = 1
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise _classify(path, e) from e
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

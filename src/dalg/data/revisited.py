@@ -21,6 +21,7 @@ class RevisitedGroundTruth:
     imlist: list[str]  # database names (no extension)
     qimlist: list[str]  # query names
     gnd: list[dict]  # per query: bbx, easy, hard, junk (0-based indices into imlist)
+    suffix: str = ".jpg"  # appended to the names (the Revisited sets list names without extension)
 
     @property
     def n_queries(self) -> int:
@@ -31,17 +32,39 @@ class RevisitedGroundTruth:
         return len(self.imlist)
 
     def query_path(self, i: int) -> Path:
-        return self.image_dir / f"{self.qimlist[i]}.jpg"
+        return self.image_dir / f"{self.qimlist[i]}{self.suffix}"
 
     def database_path(self, i: int) -> Path:
-        return self.image_dir / f"{self.imlist[i]}.jpg"
+        return self.image_dir / f"{self.imlist[i]}{self.suffix}"
+
+
+def find_ground_truth(data_dir: str | os.PathLike, name: str) -> Path | None:
+    """``<data_dir>/gnd_<name>.pkl``, or ``<data_dir>/<name>/gnd_<name>.pkl`` (data_dir = the datasets' parent)."""
+    data_dir = Path(os.path.expanduser(str(data_dir)))
+    for candidate in (data_dir / f"gnd_{name}.pkl", data_dir / name / f"gnd_{name}.pkl"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _check_bbx(pkl: Path, qi: int, query: str, bbx) -> list[float] | None:
+    if bbx is None:
+        return None
+    try:
+        box = [float(v) for v in bbx]
+    except (TypeError, ValueError):
+        box = []
+    if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
+        raise ValueError(f"{pkl}: query {qi} ({query}) has bbx {bbx!r}; expected [x1, y1, x2, y2] with x2 > x1, y2 > y1")
+    return box
 
 
 def load_ground_truth(data_dir: str | os.PathLike, name: str) -> RevisitedGroundTruth:
-    data_dir = Path(data_dir)
-    pkl = data_dir / f"gnd_{name}.pkl"
-    if not pkl.is_file():
-        raise FileNotFoundError(f"ground truth {pkl} does not exist (Revisited layout: <data_dir>/gnd_<name>.pkl)")
+    pkl = find_ground_truth(data_dir, name)
+    if pkl is None:
+        raise FileNotFoundError(f"ground truth {Path(data_dir) / f'gnd_{name}.pkl'} does not exist "
+                                f"(Revisited layout: <data_dir>/gnd_<name>.pkl + <data_dir>/jpg/)")
+    data_dir = pkl.parent
     with open(pkl, "rb") as f:
         raw = pickle.load(f)
     missing = {"imlist", "qimlist", "gnd"} - set(raw)
@@ -56,8 +79,8 @@ def load_ground_truth(data_dir: str | os.PathLike, name: str) -> RevisitedGround
             if bad:
                 raise ValueError(f"{pkl}: query {qi} ({raw['qimlist'][qi]}) has {key} indices outside "
                                  f"0..{n - 1}: {bad[:5]} (is it the 1-based .mat version?)")
-    gnd = [{"bbx": g.get("bbx"), "easy": list(g.get("easy", [])), "hard": list(g.get("hard", [])),
-            "junk": list(g.get("junk", []))} for g in raw["gnd"]]
+    gnd = [{"bbx": _check_bbx(pkl, qi, raw["qimlist"][qi], g.get("bbx")), "easy": list(g.get("easy", [])), "hard": list(g.get("hard", [])),
+            "junk": list(g.get("junk", []))} for qi, g in enumerate(raw["gnd"])]
     return RevisitedGroundTruth(name, data_dir / "jpg", list(raw["imlist"]), list(raw["qimlist"]), gnd)
 
 

@@ -3,27 +3,56 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, DistributedSampler
 
 
-class SizeBucketBatchSampler(Sampler[list[int]]):
+class SizeBucketBatchSampler(BatchSampler):
     """Batches of indices whose images have the same (height, width) after the test transform.
 
     Aspect-ratio bucketing: no padding and no crop, so a descriptor does not depend on which batch its image
-    landed in. Under DDP each rank takes every ``world_size``-th batch; ranks may get different numbers of
-    batches, and the gather step places descriptors by their index, so nothing is duplicated or lost.
+    landed in. The indices come from ``sampler`` (default: all of ``sizes`` in order) and are grouped by size.
+
+    Distributed evaluation works both ways Lightning can run it:
+
+    * ``use_distributed_sampler=True`` (Lightning's default): Lightning rebuilds this batch sampler with a
+      ``DistributedSampler`` as ``sampler`` (it subclasses ``BatchSampler`` and takes ``sampler``); each rank then
+      buckets its own share and ``rank``/``world_size`` are ignored. The padded share repeats a few images,
+      which the retrieval callback's gather collapses.
+    * otherwise each rank takes every ``world_size``-th batch of the whole set; ranks may get different numbers
+      of batches and the gather places descriptors by their index, so nothing is duplicated or lost.
     """
 
-    def __init__(self, sizes: Sequence[tuple[int, int]], batch_size: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, sizes: Sequence[tuple[int, int]], batch_size: int, rank: int = 0, world_size: int = 1,
+                 sampler: Iterable[int] | None = None, drop_last: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, size in enumerate(sizes):
-            buckets[tuple(size)].append(i)
-        batches = [idx[k:k + batch_size] for _, idx in sorted(buckets.items()) for k in range(0, len(idx), batch_size)]
-        self.batches = batches[rank::world_size]
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        if drop_last:
+            raise ValueError("SizeBucketBatchSampler never drops images: evaluation needs every descriptor")
+        self.sizes = [tuple(s) for s in sizes]
+        self.sampler = sampler if sampler is not None else range(len(self.sizes))
+        self.batch_size = batch_size
+        self.drop_last = False
+        self.rank = rank
+        self.world_size = world_size
+        self._batches: list[list[int]] | None = None
+
+    @property
+    def batches(self) -> list[list[int]]:
+        if self._batches is None:
+            buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+            for i in self.sampler:
+                buckets[self.sizes[i]].append(int(i))
+            bs = self.batch_size
+            batches = [idx[k:k + bs] for _, idx in sorted(buckets.items()) for k in range(0, len(idx), bs)]
+            # a distributed sampler already gave this rank its share: splitting again would lose images
+            if not isinstance(self.sampler, DistributedSampler):
+                batches = batches[self.rank::self.world_size]
+            self._batches = batches
+        return self._batches
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)

@@ -1,0 +1,239 @@
+"""Classification training sets (GLDv2 lists, folders of class subfolders) behind one interface.
+
+A subclass lists ``{class name: [sample keys]}`` and says where a key's file is (``path_of``); this base class
+relabels the classes 0..N-1 in sorted order, optionally drops classes with too few images, optionally pre-scans
+the files, splits off a validation set that never takes a class's only image, and loads images so that a broken
+file never crashes an epoch: it is replaced by another image of its class, and a class with no readable image left
+is replaced by the next class's image (its own label stays unused) and reported by name.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from dalg.data.failures import FailureLog, FailureSummary
+from dalg.data.images import ImageReadError, image_size, load_rgb
+
+log = logging.getLogger(__name__)
+
+VERIFY_MODES = ("none", "exists", "header")
+
+
+def class_sort_key(name: str) -> tuple[int, int | str]:
+    """Numeric ids sort numerically ("10" after "9", as GLDv2 landmark ids); anything else as text, after them."""
+    return (0, int(name)) if name.isdigit() else (1, name)
+
+
+def _check_file(path: Path, mode: str) -> str | None:
+    """The reason ``path`` is unusable, or None; ``exists`` is a stat, ``header`` also parses the image header."""
+    try:
+        if mode == "exists":
+            if not path.is_file():
+                return "file does not exist"
+            if path.stat().st_size == 0:
+                return "empty file (0 bytes)"
+            return None
+        image_size(path)
+        return None
+    except ImageReadError as e:
+        return e.reason
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+class LabelledImages(Dataset):
+    """``(image, label)`` pairs; labels are 0..num_classes-1 in sorted class-name order.
+
+    Args:
+        groups: ``{class name: [sample keys]}``; a key is turned into a file by :meth:`path_of`.
+        transform: applied to the decoded RGB PIL image.
+        min_images_per_class: classes with fewer (listed, or readable when ``verify`` is on) images are left out.
+        verify: ``none`` (default: broken files are found while training), ``exists`` (a stat per file) or
+            ``header`` (parse each header) before training; unusable files are dropped and reported once,
+            classes left empty are reported by name and get no label.
+        source: what the list came from, for messages.
+    """
+
+    def __init__(self, groups: Mapping[str, Sequence[str]], transform: Callable | None = None,
+                 min_images_per_class: int = 1, verify: str = "none", source: str = "dataset",
+                 verify_threads: int = 16):
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+        if min_images_per_class < 1:
+            raise ValueError(f"min_images_per_class must be >= 1, got {min_images_per_class}")
+        self.source = source
+        self.transform = transform
+        self.failure_log = FailureLog()
+        self.failures: dict[str, str] = {}  # path -> reason: this process's view until collect_failures()
+        self.empty_classes: dict[str, str] = {}  # class name -> reason
+        self.report_each = True  # warn per file (first few); the DataModule switches to one summary per epoch
+        self.substitute_empty_classes = False  # DataModule: True, so a dead class never stops an epoch
+        self._reported = (0, 0)
+        self._dead_labels: set[int] = set()
+
+        groups = {str(k): list(v) for k, v in groups.items()}
+        self.n_listed = sum(len(v) for v in groups.values())
+        if verify != "none":
+            groups = self._prescan(groups, verify, verify_threads)
+        kept = sorted((k for k, v in groups.items() if len(v) >= min_images_per_class), key=class_sort_key)
+        if not kept:
+            raise ValueError(f"{source}: no class has at least {min_images_per_class} images")
+        self.label_map: dict[str, int] = {name: i for i, name in enumerate(kept)}
+        self.samples: list[tuple[str, int]] = [(key, self.label_map[name]) for name in kept for key in groups[name]]
+        self._index_classes()
+
+    # ----------------------------------------------------------------------------------------- layout
+    def path_of(self, key: str) -> Path:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def path(self, index: int) -> Path:
+        return self.path_of(self.samples[index][0])
+
+    def _index_classes(self) -> None:
+        self.class_names: list[str] = [""] * len(self.label_map)
+        for name, label in self.label_map.items():
+            self.class_names[label] = name
+        self.class_index: list[list[int]] = [[] for _ in self.class_names]
+        for i, (_, label) in enumerate(self.samples):
+            self.class_index[label].append(i)
+        self._position = {i: k for members in self.class_index for k, i in enumerate(members)}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_map)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    # ------------------------------------------------------------------------------------ pre-scan
+    def _prescan(self, groups: dict[str, list[str]], mode: str, threads: int) -> dict[str, list[str]]:
+        flat = [(name, key) for name, keys in groups.items() for key in keys]
+        with ThreadPoolExecutor(max(1, threads)) as pool:  # stat/header reads wait on the disk, not the CPU
+            reasons = list(pool.map(lambda nk: _check_file(self.path_of(nk[1]), mode), flat, chunksize=256))
+        kept: dict[str, list[str]] = {name: [] for name in groups}
+        for (name, key), reason in zip(flat, reasons):
+            if reason is None:
+                kept[name].append(key)
+            else:
+                self._record_image(str(self.path_of(key)), reason)
+        for name, keys in kept.items():
+            if not keys:
+                self._record_class(name, f"all {len(groups[name])} listed image(s) unusable")
+        summary = self.collect_failures()
+        if summary:
+            log.warning("%s (pre-scan '%s' of %d files): %s", self.source, mode, len(flat), summary.message())
+        return {name: keys for name, keys in kept.items() if keys}
+
+    # -------------------------------------------------------------------------------------- loading
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        label = self.samples[index][1]
+        img = self._load_from_class(label, self._position[index]) if label not in self._dead_labels else None
+        if img is None:
+            name = self.class_names[label]
+            self._dead_labels.add(label)
+            reason = f"none of its {len(self.class_index[label])} image(s) is readable"
+            self._record_class(name, reason)
+            if not self.substitute_empty_classes:
+                raise ImageReadError(self.path(index), f"no readable image left in class {label} (landmark {name}); "
+                                     f"{reason}")
+            img, label = self._substitute(label)
+        return (self.transform(img) if self.transform else img), label
+
+    def _load_from_class(self, label: int, start: int):
+        """The image at ``start`` in its class, else the next readable one of the same class, else None."""
+        members = self.class_index[label]
+        for k in range(len(members)):
+            path = self.path(members[(start + k) % len(members)])
+            if str(path) in self.failures:
+                continue  # known broken in this process: do not pay for the failure twice
+            try:
+                return load_rgb(path)
+            except ImageReadError as e:
+                self._record_image(e.path, e.reason)
+        return None
+
+    def _substitute(self, label: int):
+        """An image of the next class (in label order) that still has a readable one, with that class's label."""
+        for step in range(1, self.num_classes):
+            other = (label + step) % self.num_classes
+            if other in self._dead_labels or not self.class_index[other]:
+                continue  # known dead, or a class without samples in this split
+            img = self._load_from_class(other, 0)
+            if img is not None:
+                return img, other
+            self._dead_labels.add(other)
+            self._record_class(self.class_names[other], f"none of its {len(self.class_index[other])} image(s) is "
+                                                        f"readable")
+        raise ImageReadError(self.path_of(self.samples[0][0]).parent,
+                             f"{self.source}: not one readable image in any of the {self.num_classes} classes")
+
+    # ------------------------------------------------------------------------------------ reporting
+    def _record_image(self, path: str, reason: str) -> None:
+        new = path not in self.failures
+        self.failures.setdefault(path, reason)
+        self.failure_log.record_image(path, reason)
+        if new and self.report_each and get_worker_info() is None and len(self.failures) <= 5:
+            log.warning("cannot read image %r: %s (replaced by another image of its class; %d unreadable so far)",
+                        path, reason, len(self.failures))
+
+    def _record_class(self, name: str, reason: str) -> None:
+        new = name not in self.empty_classes
+        self.empty_classes.setdefault(name, reason)
+        self.failure_log.record_class(name, reason)
+        if new and self.report_each and get_worker_info() is None:
+            log.warning("%s: class %s has no readable image (%s)", self.source, name, reason)
+
+    def collect_failures(self) -> FailureSummary:
+        """Merge what every process recorded (main process + DataLoader workers); return what is new since the
+        previous call. Call it from the main process."""
+        images, classes = self.failure_log.read()
+        for path, reason in images.items():
+            self.failures.setdefault(path, reason)
+        for name, reason in classes.items():
+            self.empty_classes.setdefault(name, reason)
+        seen_i, seen_c = self._reported
+        new_images = dict(list(self.failures.items())[seen_i:])
+        new_classes = dict(list(self.empty_classes.items())[seen_c:])
+        self._reported = (len(self.failures), len(self.empty_classes))
+        return FailureSummary(new_images, new_classes, len(self.failures), len(self.empty_classes), self.n_listed)
+
+    def report_failures(self, logger: logging.Logger = log) -> FailureSummary:
+        """One warning with the count and a few example paths for everything new since the last report."""
+        summary = self.collect_failures()
+        if summary:
+            logger.warning("%s: %s", self.source, summary.message())
+        return summary
+
+    # ------------------------------------------------------------------------------------- splitting
+    def split(self, val_fraction: float, seed: int = 0) -> tuple[LabelledImages, LabelledImages]:
+        """``(train, val)`` sharing the label map; per class ``round(n * val_fraction)`` images go to val, but
+        never the last one: a class with a single image stays wholly in train."""
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        rng = random.Random(seed)
+        train_idx: list[int] = []
+        val_idx: list[int] = []
+        for members in self.class_index:
+            members = list(members)
+            rng.shuffle(members)
+            k = min(len(members) - 1, round(len(members) * val_fraction))
+            val_idx += members[:k]
+            train_idx += members[k:]
+        return self._subset(sorted(train_idx)), self._subset(sorted(val_idx))
+
+    def _subset(self, indices: Sequence[int]) -> LabelledImages:
+        part = copy.copy(self)  # shares the label map, transform and failure log
+        part.samples = [self.samples[i] for i in indices]
+        part.failures = self.failures
+        part.empty_classes = self.empty_classes
+        part._dead_labels = set()
+        part._index_classes()
+        return part
