@@ -24,10 +24,10 @@ from dalg.retrieval.metrics import evaluate_revisited
 N_Q, N_DB, DIM = 3, 9, 8
 
 
-def _write_set(root: Path) -> None:
+def _write_set(root: Path, n_db: int = N_DB) -> None:
     rng = np.random.default_rng(0)
     (root / "jpg").mkdir(parents=True)
-    qim, im = [f"q{i}" for i in range(N_Q)], [f"d{i}" for i in range(N_DB)]
+    qim, im = [f"q{i}" for i in range(N_Q)], [f"d{i}" for i in range(n_db)]
     for name in qim + im:
         Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(root / "jpg" / f"{name}.jpg")
     gnd = [
@@ -38,9 +38,9 @@ def _write_set(root: Path) -> None:
         pickle.dump({"imlist": im, "qimlist": qim, "gnd": gnd}, f)
 
 
-def _table() -> torch.Tensor:
+def _table(n: int = N_Q + N_DB) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
-    return torch.nn.functional.normalize(torch.randn(N_Q + N_DB, DIM, generator=g), dim=1)
+    return torch.nn.functional.normalize(torch.randn(n, DIM, generator=g), dim=1)
 
 
 class _Module(pl.LightningModule):
@@ -52,7 +52,7 @@ class _Module(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         _, index = batch
-        return {"descriptors": _table()[index], "index": index}
+        return {"descriptors": _table(64)[index], "index": index}
 
 
 class _Data(pl.LightningDataModule):
@@ -104,7 +104,7 @@ def test_callback_logs_scores_and_grid_to_every_logger(tmp_path) -> None:
     )
     trainer.validate(_Module(), datamodule=_Data(tmp_path / "tiny"), verbose=False)
 
-    table = _table().numpy()
+    table = _table(64).numpy()[: N_Q + N_DB]
     gt = load_ground_truth(tmp_path / "tiny", "tiny")
     _, ranks = search(table[:N_Q], table[N_Q:])
     expected = evaluate_revisited(ranks, gt.gnd).as_dict()
@@ -119,3 +119,44 @@ def test_callback_logs_scores_and_grid_to_every_logger(tmp_path) -> None:
     assert (Path(csv_logger.log_dir) / "images" / callback.last_grid.name).is_file()
     assert img_logger.images == [("val/tiny/top4_M", [str(callback.last_grid)])]
     assert Image.open(callback.last_grid).size == (5 * 96, 2 * 96)
+
+
+class _SavingCallback(RetrievalEvalCallback):
+    """Each process saves the descriptors it gathered (the processes are spawned: no shared objects)."""
+
+    def __init__(self, out: str, **kwargs):
+        super().__init__(keep_features=True, **kwargs)
+        self.out = out
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        super().on_validation_epoch_end(trainer, pl_module)
+        np.save(f"{self.out}/feats_rank{trainer.global_rank}.npy", self.features["tiny"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_lightning_ddp_two_cpu_processes_gather_all_descriptors(tmp_path) -> None:
+    # 3 queries + 10 database images = 13 on 2 processes: Lightning's DistributedSampler pads one duplicate
+    _write_set(tmp_path / "tiny", n_db=10)
+    cb = _SavingCallback(str(tmp_path), grid_queries=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        logger=CSVLogger(tmp_path, name="run"),
+        callbacks=[cb],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.validate(_Module(), datamodule=_Data(tmp_path / "tiny"), verbose=False)
+    expected = _table(64).numpy()[:13]
+    for rank in (0, 1):
+        np.testing.assert_array_equal(np.load(tmp_path / f"feats_rank{rank}.npy"), expected)
+    gt = load_ground_truth(tmp_path / "tiny", "tiny")
+    _, ranks = search(expected[:N_Q], expected[N_Q:])
+    (metrics_csv,) = (tmp_path / "run").glob("version_*/metrics.csv")  # written by rank 0
+    rows = list(csv.DictReader(open(metrics_csv)))
+    assert float(rows[-1]["val/tiny/mAP_M"]) == pytest.approx(
+        evaluate_revisited(ranks, gt.gnd).map["M"], abs=1e-4
+    )

@@ -78,6 +78,7 @@ class RetrievalEvalCallback(pl.Callback):
             result grid's borders; ``grid_queries=0`` turns the grid off.
         output_dir: where the grid PNGs go (default ``<default_root_dir>/retrieval``).
         ranking: options of :class:`dalg.retrieval.evaluation.RankingOptions` (default: full ranking).
+        keep_features: keep the gathered descriptors of the last epoch in ``features[name]`` (queries first).
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class RetrievalEvalCallback(pl.Callback):
         grid_setup: str = "M",
         output_dir: str | None = None,
         ranking: dict | None = None,
+        keep_features: bool = False,
     ):
         self.grid_queries = grid_queries
         self.grid_top_k = grid_top_k
@@ -96,6 +98,8 @@ class RetrievalEvalCallback(pl.Callback):
         self.results: dict[str, RevisitedScores] = {}
         self.protocols: dict[str, dict] = {}
         self.last_grid: Path | None = None
+        self.keep_features = keep_features
+        self.features: dict[str, np.ndarray] = {}
         self._buffers: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -122,6 +126,8 @@ class RetrievalEvalCallback(pl.Callback):
             if trainer.world_size == 1 and not chunks:
                 continue  # this set was not run (e.g. limit_val_batches)
             feats = gather_by_index(index, desc, len(eval_set.dataset), pl_module.device)
+            if self.keep_features:
+                self.features[eval_set.name] = feats
             nq = eval_set.gt.n_queries
             scores, ranks, protocol = rank_and_score(
                 feats[:nq], feats[nq:], eval_set.gt.gnd, options=self.ranking
