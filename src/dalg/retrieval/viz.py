@@ -9,7 +9,12 @@ from PIL import Image, ImageDraw, ImageOps
 
 from dalg.data.revisited import RevisitedImages
 
-COLOURS = {"positive": (30, 170, 60), "negative": (210, 40, 40), "junk": (150, 150, 150), "query": (40, 90, 220)}
+COLOURS = {
+    "positive": (30, 170, 60),
+    "negative": (210, 40, 40),
+    "junk": (150, 150, 150),
+    "query": (40, 90, 220),
+}
 
 
 def setup_labels(gnd: Mapping, setup: str) -> tuple[set[int], set[int]]:
@@ -29,8 +34,15 @@ def _tile(img: Image.Image, size: int, colour: tuple[int, int, int], border: int
     return ImageOps.expand(thumb, border=border, fill=colour)
 
 
-def result_grid(images: RevisitedImages, ranks: np.ndarray, queries: Sequence[int], top_k: int = 10,
-                setup: str = "M", thumb: int = 96, border: int = 5) -> Image.Image:
+def result_grid(
+    images: RevisitedImages,
+    ranks: np.ndarray,
+    queries: Sequence[int],
+    top_k: int = 10,
+    setup: str = "M",
+    thumb: int = 96,
+    border: int = 5,
+) -> Image.Image:
     """One row per query: the (cropped) query in blue, then its top-k results in green / red / grey."""
     gt = images.gt
     canvas = Image.new("RGB", ((top_k + 1) * thumb, len(queries) * thumb), "white")
