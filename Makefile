@@ -54,3 +54,15 @@ models: install  ## parameters / GFLOPs / descriptor size of every model config
 clean:
 	rm -rf logs outputs multirun wandb .pytest_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -prune -exec rm -rf {} +
+
+# Datasets into $(DATA_ROOT) (= paths.data_dir): resumable, verified, nothing half-written under a final name
+.PHONY: data-roxford5k data-rparis6k data-gldv2
+DATA_ROOT ?= data
+data-roxford5k: install  ## Revisited Oxford: $(DATA_ROOT)/roxford5k/{gnd_roxford5k.pkl,jpg/}
+	$(PY) -m dalg.data.download roxford5k --root $(DATA_ROOT) $(ARGS)
+
+data-rparis6k: install  ## Revisited Paris: $(DATA_ROOT)/rparis6k/{gnd_rparis6k.pkl,jpg/}
+	$(PY) -m dalg.data.download rparis6k --root $(DATA_ROOT) $(ARGS)
+
+data-gldv2: install  ## GLDv2 train_clean.csv + 500 image tars (md5-checked); ARGS="--parts 0-9" for a slice
+	$(PY) -m dalg.data.download gldv2 --root $(DATA_ROOT) $(ARGS)
