@@ -1,19 +1,33 @@
-"""What ``src/train.py`` runs: build data, model, callbacks, loggers and trainer from the config, then fit."""
+"""What ``src/train.py`` runs: check the config, build data, model, callbacks, loggers and trainer, then fit.
+
+Resume rule (``resume: auto``, the default): when ``ckpt_path`` is null and ``<output_dir>/checkpoints/last.ckpt``
+exists, training continues from it. With the default timestamped run folder that never happens; set ``run_name=<x>``
+(run folder ``<log_dir>/<task>/runs/<x>``, or a stable multirun folder ``<log_dir>/<task>/multiruns/<x>``) and the
+same command started again continues where the killed run stopped, mid-epoch included (steps, optimiser, scheduler,
+EMA and the data order; see ``dalg.lit.resumable_data``).
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
 
+from dalg.lit.csv_logger import ResumableCSVLogger
 from dalg.lit.module import RetrievalModule
+from dalg.lit.resumable_data import ResumableLoader
 from dalg.retrieval.callback import RetrievalEvalCallback
 from dalg.utils.config import save_config
+from dalg.utils.config_checks import check_before_data, check_image_sizes
+from dalg.utils.run_metadata import run_metadata, write_json_atomic
 from dalg.utils.tables import print_comparison_table
 
 log = logging.getLogger(__name__)
@@ -29,40 +43,104 @@ def build_module(cfg: DictConfig, num_classes: int) -> RetrievalModule:
                            eval_scales=list(cfg.eval_scales) if cfg.get("eval_scales") else None)
 
 
+def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
+    """``ckpt_path`` if given; else, with ``resume=auto``, this run folder's ``checkpoints/last.ckpt`` if present."""
+    if cfg.get("ckpt_path"):
+        return str(cfg.ckpt_path)
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if cfg.get("resume", "auto") == "auto" and last.is_file():
+        return str(last)
+    return None
+
+
+def checkpoint_step(path: str) -> int:
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0))
+
+
+def make_train_loader_resumable(datamodule: pl.LightningDataModule, trainer_ref: list[pl.Trainer], seed: int) -> None:
+    """Wrap the datamodule's training loader (same dataset, batch size, workers) in a ``ResumableLoader``."""
+    original = datamodule.train_dataloader
+
+    def consumed() -> int:
+        # batches of the current epoch that went through training_step (the loader itself prefetches ahead)
+        return trainer_ref[0].fit_loop.epoch_loop.batch_progress.current.processed if trainer_ref else 0
+
+    def train_dataloader() -> ResumableLoader:
+        return ResumableLoader.wrap(original(), seed=seed, consumed_batches=consumed)
+
+    datamodule.train_dataloader = train_dataloader  # type: ignore[method-assign]
+
+
+@rank_zero_only
+def _save_run_files(cfg: DictConfig, out_dir: Path, datamodule: Any, loggers: list, resumed_from: str | None
+                    ) -> dict[str, Any]:
+    save_config(cfg, out_dir)
+    meta = run_metadata(datamodule, {"resumed_from": resumed_from})
+    name = "run_meta.json" if resumed_from is None else f"run_meta.resume{len(list(out_dir.glob('run_meta*.json')))}.json"
+    write_json_atomic(meta, out_dir / name)
+    for lg in loggers:
+        lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True),
+                            "run": {"git": meta["git"], "data_sha256": meta["data"]["sha256"],
+                                    "resumed_from": resumed_from}})
+    return meta
+
+
+def _finish_wandb(loggers: list) -> None:
+    """Close the W&B run, so the next job of a multirun in this process starts its own (Lightning leaves it open)."""
+    for lg in loggers:
+        if isinstance(lg, WandbLogger) and getattr(lg, "_experiment", None) is not None:
+            lg.experiment.finish()
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and evaluate) one configuration; returns ``{"metrics": {...}, "before": {...}, "output_dir": ...}``."""
+    started = time.time()
+    check_before_data(cfg)  # config errors fail here, before any data is read
     pl.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     console = Console()
+    ckpt_path = resume_checkpoint(cfg, out_dir)
 
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    trainer_ref: list[pl.Trainer] = []
+    make_train_loader_resumable(datamodule, trainer_ref, cfg.seed)
     module = build_module(cfg, datamodule.num_classes)
+    check_image_sizes(cfg, module.net.stride)
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
+    resume_step = checkpoint_step(ckpt_path) if ckpt_path else None
+    for lg in loggers:
+        if isinstance(lg, ResumableCSVLogger):
+            lg.resume_step = resume_step
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer_ref.append(trainer)
     retrieval = next((c for c in callbacks if isinstance(c, RetrievalEvalCallback)), None)
 
-    save_config(cfg, out_dir)
-    label_map = datamodule.save_label_map(out_dir / "checkpoints")
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    _save_run_files(cfg, out_dir, datamodule, loggers, ckpt_path)
+    label_map = rank_zero_only(datamodule.save_label_map)(out_dir / "checkpoints")
 
     before: dict[str, dict[str, float]] = {}
-    if cfg.get("validate_before_fit") and retrieval is not None and datamodule.eval_sets:
+    if cfg.get("validate_before_fit") and ckpt_path is None and retrieval is not None and datamodule.eval_sets:
         console.rule("[bold]untrained model")
         trainer.validate(module, datamodule=datamodule, verbose=False)
         before = {k: v.as_dict() for k, v in retrieval.results.items()}
 
-    console.rule("[bold]training")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    console.rule(f"[bold]training (resuming from {ckpt_path})" if ckpt_path else "[bold]training")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if ckpt_path and trainer.global_step == resume_step and retrieval is not None and not retrieval.results:
+        # the checkpoint was already at the end of training: evaluate it, so a re-run still reports its metrics
+        console.rule("[bold]nothing left to train: evaluating the checkpoint")
+        trainer.validate(module, datamodule=datamodule, verbose=False)
 
     after = {k: v.as_dict() for k, v in retrieval.results.items()} if retrieval else {}
-    if before and after:
+    if before and after and trainer.is_global_zero:
         print_comparison_table(before, after, title="untrained vs trained (revisited mAP, %)", console=console)
-    if "landmarks_mini" in after:
+    if "landmarks_mini" in after and trainer.is_global_zero:
         console.print("[yellow]landmarks-mini holds real photos with hard changes (day/night, season, thermal); a model "
                       "trained for minutes on synthetic scenes from scratch on a CPU is not expected to do well there. "
                       "Its numbers are reported as they are.")
@@ -74,12 +152,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "last checkpoint": getattr(ckpt, "last_model_path", "") or "-",
         "label map": label_map,
         "resolved config": out_dir / "config.yaml",
+        "run metadata": out_dir / "run_meta.json",
+        "final metrics": out_dir / "metrics.json",
         "result grids": getattr(retrieval, "last_grid", None) and Path(retrieval.last_grid).parent,
     }
     for lg in loggers:
         where[f"{type(lg).__name__}"] = getattr(lg, "log_dir", None) or getattr(lg, "save_dir", None)
-    console.rule("[bold]outputs")
-    for k, v in where.items():
-        console.print(f"{k:>18}: {v}")
+    if trainer.is_global_zero:
+        console.rule("[bold]outputs")
+        for k, v in where.items():
+            console.print(f"{k:>18}: {v}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    return {"metrics": metrics, "before": before, "after": after, "output_dir": str(out_dir)}
+    _finish_wandb(loggers)
+    if trainer.is_global_zero:
+        write_json_atomic({"metrics": metrics, "global_step": trainer.global_step, "resumed_from": ckpt_path,
+                           "elapsed_s": round(time.time() - started, 1)},
+                          out_dir / "metrics.json")
+    return {"metrics": metrics, "before": before, "after": after, "output_dir": str(out_dir),
+            "global_step": trainer.global_step, "resumed_from": ckpt_path}

@@ -22,7 +22,7 @@ class RetrievalModule(pl.LightningModule):
 
     def __init__(self, model_cfg: Mapping[str, Any], num_classes: int, optimizer: Mapping[str, Any],
                  weight_decay: float = 1e-4, warmup_epochs: float = 1.0, min_lr_ratio: float = 0.0,
-                 eval_scales: Sequence[float] | None = None):
+                 layer_decay: float | None = None, eval_scales: Sequence[float] | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.net = hydra.utils.instantiate(dict(model_cfg), num_classes=num_classes)
@@ -38,13 +38,27 @@ class RetrievalModule(pl.LightningModule):
         logits = self.net.head(desc, labels)
         loss = F.cross_entropy(logits, labels)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at global step {self.global_step} "
-                                     f"(margin softmax cross-entropy); last good checkpoint left untouched")
+            self._raise_non_finite(loss, desc, logits)
         with torch.no_grad():
             acc = (self.net.head(desc.detach()).argmax(1) == labels).float().mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
         self.log("train/acc", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
+
+    def _raise_non_finite(self, loss: torch.Tensor, desc: torch.Tensor, logits: torch.Tensor) -> None:
+        """Stop before the optimiser step: the weights stay as they were, and no checkpoint is written after this."""
+        bad = [n for n, p in self.net.named_parameters() if not torch.isfinite(p).all()]
+        terms = {"loss (margin softmax cross-entropy)": loss.item(),
+                 "non-finite descriptors": int((~torch.isfinite(desc)).any(1).sum()),
+                 "non-finite logits": int((~torch.isfinite(logits)).sum()),
+                 "largest finite |logit|": float(logits[torch.isfinite(logits)].abs().max()) if torch.isfinite(
+                     logits).any() else float("nan")}
+        where = f"epoch {self.current_epoch}, global step {self.global_step}"
+        detail = "; ".join(f"{k} = {v}" for k, v in terms.items())
+        params = f"; non-finite weights already in {bad[:3]}" if bad else ""
+        ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+        raise FloatingPointError(f"non-finite training loss at {where}: {detail}{params}. Training stopped; "
+                                 f"the last good checkpoint is untouched ({ckpt}).")
 
     # ---------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int,
@@ -55,10 +69,23 @@ class RetrievalModule(pl.LightningModule):
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         return self.validation_step(batch, batch_idx, dataloader_idx)
 
+    # --------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the global RNG drives dropout/drop-path; data order and augmentation have their own (resumable_data.py)
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("torch_rng_state")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if getattr(self, "_rng_to_restore", None) is not None:  # first step after a resume
+            torch.set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
     # ----------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
         factory = hydra.utils.instantiate(dict(self.hparams.optimizer), _partial_=True)
-        optimizer = build_optimizer(factory, self, self.hparams.weight_decay)
+        optimizer = build_optimizer(factory, self, self.hparams.weight_decay, self.hparams.layer_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(round(self.hparams.warmup_epochs * total / max(1, self.trainer.max_epochs or 1)))
         warmup = min(max(1, warmup), total)

@@ -1,0 +1,99 @@
+"""Config errors found before any data is read or any step is trained, each naming the key and what is allowed."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from dalg.utils.config import REPO_ROOT
+
+RESUME_MODES = ("auto", "never")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and the allowed values."""
+
+
+def fusion_choices(conf_dir: Path = REPO_ROOT / "conf") -> dict[str, str]:
+    """``{name: _target_}`` of the shipped fusion configs (``conf/model/fusion/<name>.yaml``)."""
+    from omegaconf import OmegaConf
+
+    return {p.stem: str(OmegaConf.load(p).get("_target_")) for p in sorted((conf_dir / "model" / "fusion").glob("*.yaml"))}
+
+
+def check_fusion(cfg: DictConfig) -> None:
+    fusion = cfg.get("model", {}).get("fusion")
+    if fusion is None:
+        return
+    choices = fusion_choices()
+    target = fusion.get("_target_")
+    if target not in choices.values():
+        raise ConfigError(f"model.fusion._target_={target!r} is not a known fusion; allowed: model/fusion="
+                          f"{{{','.join(choices)}}} ({', '.join(sorted(set(choices.values())))})")
+
+
+def check_paths(cfg: DictConfig) -> None:
+    data = cfg.data
+    root = data.get("root")
+    if root is not None and data.get("generator") is None and not Path(os.path.expanduser(str(root))).is_dir():
+        raise ConfigError(f"data.root={root} does not exist: set data.root=<folder with {data.get('csv_name')}> "
+                          f"(or data=synthetic for the generated set)")
+    for name, spec in (data.get("eval_sets") or {}).items():
+        if spec is None:
+            continue
+        d = Path(os.path.expanduser(str(spec.data_dir)))
+        gnd = d / f"gnd_{spec.get('gnd_name', name)}.pkl"
+        required = spec.get("required", False)
+        generated = data.get("generator") is not None and str(spec.data_dir).startswith(str(root))
+        if required and not generated and not gnd.is_file():
+            raise ConfigError(f"data.eval_sets.{name}.data_dir={spec.data_dir}: {gnd.name} not found there "
+                              f"(required: true); point it at the folder holding {gnd.name} and jpg/")
+
+
+def check_image_sizes(cfg: DictConfig, stride: int) -> None:
+    """Train and test sizes must be multiples of the backbone's patch size / stride ``stride``."""
+    data = cfg.data
+    sizes = {"data.train_size": data.get("train_size")}
+    sizes.update({f"data.eval_sets.{n}.test_size": s.get("test_size") for n, s in (data.get("eval_sets") or {}).items()
+                  if s is not None})
+    for key, size in sizes.items():
+        if size is not None and int(size) % stride:
+            lo, hi = int(size) // stride * stride, (int(size) // stride + 1) * stride
+            raise ConfigError(f"{key}={size} is not a multiple of the backbone's patch size {stride}: allowed are "
+                              f"multiples of {stride}, e.g. {lo or stride} or {hi}")
+
+
+def check_wandb(cfg: DictConfig) -> None:
+    """An online W&B logger without credentials would prompt for a key; fail instead, with the two fixes."""
+    wb = (cfg.get("logger") or {}).get("wandb")
+    if wb is None or wb.get("offline", False) or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        return
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1]
+        if netrc.netrc().authenticators(host):
+            return
+    except (FileNotFoundError, netrc.NetrcParseError):
+        pass
+    raise ConfigError("logger.wandb.offline=false needs W&B credentials (WANDB_API_KEY or `wandb login`); "
+                      "allowed: logger.wandb.offline=true (default, sync later with `wandb sync`) or set the key")
+
+
+def check_run_options(cfg: DictConfig) -> None:
+    if cfg.get("resume", "auto") not in RESUME_MODES:
+        raise ConfigError(f"resume={cfg.get('resume')!r}; allowed: {', '.join(RESUME_MODES)} "
+                          f"(or ckpt_path=<file> for an explicit checkpoint)")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is not None and not Path(str(ckpt)).is_file():
+        raise ConfigError(f"ckpt_path={ckpt} does not exist")
+
+
+def check_before_data(cfg: DictConfig) -> None:
+    check_run_options(cfg)
+    check_fusion(cfg)
+    check_paths(cfg)
+    check_wandb(cfg)
