@@ -13,7 +13,7 @@ from dalg.models.dalg import DALG
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-SLOW: set[str] = set()  # every config runs in a few seconds at 64x64 on CPU; mark here if one grows
+SLOW = {"dolg_r101"}  # the biggest (65M params); dolg_r50 and dolg_tiny keep the ResNet family in the default suite
 EXPECTED = {"dalg_cross", "dalg_heuristic", "dalg_concat", "dalg_global", "dolg_r50", "dolg_r101", "dalg_tiny"}
 
 
@@ -50,7 +50,7 @@ def test_dolg_defaults_to_five_scales_and_dalg_to_one() -> None:
 
 def test_multiscale_extract_is_mean_of_normalised_scales() -> None:
     torch.manual_seed(0)
-    model = build("dolg_tiny", num_classes=0).eval()
+    model = build("dalg_tiny", num_classes=0).eval()  # extract() is the composer's, shared by DALG and DOLG
     x = torch.randn(1, 3, 96, 80)
     scales = [0.5, 1.0, 1.4142]
     with torch.no_grad():
@@ -59,9 +59,20 @@ def test_multiscale_extract_is_mean_of_normalised_scales() -> None:
                      for s in scales]
     ref = torch.nn.functional.normalize(torch.stack(per_scale).mean(0), dim=-1)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-    assert model.extract(x).shape == (1, 512)  # its config's own scales
+    model.scales = (0.7071, 1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model.extract(x), model.extract(x, [0.7071, 1.0]))  # default: its own scales
     with pytest.raises(ValueError, match="scales"):
         model.extract(x, [0.0])
+
+
+def test_dalg_cross_is_vit_small_with_cross_attention() -> None:
+    with torch.device("meta"):
+        model = build("dalg_cross", num_classes=5)
+    assert model.backbone.vit.embed_dim == 384 and model.backbone.local_block == 7
+    assert type(model.fusion).__name__ == "CrossAttentionFusion" and model.fusion.attn.heads == 8
+    assert model.global_branch.out_dim == 1024 and model.local_branch.out_dim == 512
+    assert model.local_branch.blocks[0].window == 7 and type(model.head).__name__ == "ArcFace"
 
 
 def test_ablation_is_a_command_line() -> None:

@@ -72,15 +72,6 @@ def test_no_head_without_classes() -> None:
     assert build("dalg_tiny", num_classes=0).head is None
 
 
-def test_dalg_cross_is_vit_small_with_cross_attention() -> None:
-    model = build("dalg_cross", num_classes=0)
-    assert model.backbone.vit.embed_dim == 384 and model.backbone.local_block == 7
-    assert type(model.fusion).__name__ == "CrossAttentionFusion"
-    model.eval()
-    with torch.no_grad():
-        assert model(torch.randn(1, 3, 64, 48)).shape == (1, 512)
-
-
 def test_bf16_autocast_is_finite(tiny: DALG) -> None:
     """Masks (-1e4) and GeM stay finite in half precision, including padded and shifted windows."""
     tiny.zero_grad()
