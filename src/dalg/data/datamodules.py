@@ -249,12 +249,13 @@ class RevisitedDataModule(RetrievalDataModule):
     (``<root>/<name>/gnd_<name>.pkl`` is found too). Any dataset in that layout works (``data.name``).
 
     Its spec lives in ``eval_sets`` like every other set (so ``eval.py``'s ``crop_queries``/``test_size``
-    options reach it); a spec without ``data_dir`` gets ``root`` and ``name`` from here, and is reported under
-    ``set_name`` (default ``name``).
+    options reach it); a spec without ``data_dir`` gets ``root``, ``name``, ``test_size`` and ``crop_queries``
+    (queries cropped to their bbx unless false) from here, and is reported under ``set_name`` (default ``name``).
     """
 
-    def __init__(self, root: str, name: str, set_name: str | None = None,
-                 eval_sets: Mapping[str, Mapping] | None = None, monitor_set: str | None = None, **kwargs):
+    def __init__(self, root: str, name: str, set_name: str | None = None, test_size: int = 512,
+                 crop_queries: bool = True, eval_sets: Mapping[str, Mapping] | None = None,
+                 monitor_set: str | None = None, **kwargs):
         specs = {}
         for key, spec in (eval_sets or {"main": {"required": True}}).items():
             spec = dict(spec)
@@ -262,6 +263,9 @@ class RevisitedDataModule(RetrievalDataModule):
                 spec.setdefault("gnd_name", name)
                 spec["data_dir"] = root
                 spec.setdefault("name", set_name or name)
+                # values in the spec win: eval.py writes its crop_queries / test_size options there
+                spec.setdefault("test_size", test_size)
+                spec.setdefault("crop_queries", crop_queries)
             specs[key] = spec
         super().__init__(root=None, eval_sets=specs, monitor_set=monitor_set or set_name or name, **kwargs)
         self.dataset_root = root
