@@ -121,6 +121,23 @@ def test_callback_logs_scores_and_grid_to_every_logger(tmp_path) -> None:
     assert Image.open(callback.last_grid).size == (5 * 96, 2 * 96)
 
 
+def test_limited_validation_skips_scoring_instead_of_failing(tmp_path) -> None:
+    _write_set(tmp_path / "tiny")
+    callback = RetrievalEvalCallback(grid_queries=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        callbacks=[callback],
+        limit_val_batches=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.warns(UserWarning, match="not scored"):
+        trainer.validate(_Module(), datamodule=_Data(tmp_path / "tiny"), verbose=False)
+    assert callback.results == {}
+
+
 class _SavingCallback(RetrievalEvalCallback):
     """Each process saves the descriptors it gathered (the processes are spawned: no shared objects)."""
 

@@ -24,7 +24,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 from dalg.retrieval.evaluation import RankingOptions, rank_and_score
 from dalg.retrieval.metrics import RevisitedScores
@@ -125,7 +125,13 @@ class RetrievalEvalCallback(pl.Callback):
             desc = torch.cat([c[1] for c in chunks]) if chunks else torch.zeros(0, max(dim, 1))
             if trainer.world_size == 1 and not chunks:
                 continue  # this set was not run (e.g. limit_val_batches)
-            feats = gather_by_index(index, desc, len(eval_set.dataset), pl_module.device)
+            try:
+                feats = gather_by_index(index, desc, len(eval_set.dataset), pl_module.device)
+            except RuntimeError as e:  # images missing: fine when validation was cut short on purpose
+                if not _validation_is_limited(trainer):
+                    raise
+                rank_zero_warn(f"{eval_set.name}: not scored, validation is limited ({e})")
+                continue
             if self.keep_features:
                 self.features[eval_set.name] = feats
             nq = eval_set.gt.n_queries
@@ -170,6 +176,12 @@ class RetrievalEvalCallback(pl.Callback):
         key = f"val/{eval_set.name}/top{self.grid_top_k}_{self.grid_setup}"
         for logger in trainer.loggers:
             log_image_to(logger, key, path, grid, trainer.global_step)
+
+
+def _validation_is_limited(trainer: pl.Trainer) -> bool:
+    """True under fast_dev_run or limit_val_batches < all: then a set cannot be complete and is not scored."""
+    limit = trainer.limit_val_batches
+    return bool(trainer.fast_dev_run) or not (limit is None or (isinstance(limit, float) and limit >= 1.0))
 
 
 def log_image_to(logger, key: str, path: Path, image, step: int) -> None:
