@@ -73,6 +73,13 @@ def test_bad_input() -> None:
         search(q, np.zeros((5, 8), np.float32), k=6)
     with pytest.raises(ValueError, match="empty"):
         search(q, np.zeros((0, 8), np.float32))
+    db = np.ones((5, 8), np.float32)
+    db[3, 2] = np.nan
+    for k in (2, None):
+        with pytest.raises(ValueError, match=r"not finite.*\[3\]"):
+            search(q, db, k)
+    with pytest.raises(ValueError, match="query descriptors are not finite"):
+        search(np.full((1, 8), np.inf, np.float32), np.ones((5, 8), np.float32))
 
 
 @pytest.mark.parametrize("k", [5, None])

@@ -147,12 +147,19 @@ def _validate(queries: np.ndarray, parts: list[np.ndarray]) -> int:
 def _iter_chunks(parts: list[np.ndarray], chunk_size: int) -> Iterator[tuple[int, np.ndarray]]:
     """(global start row, fp32 chunk) over all parts in order; a chunk never spans two parts."""
     offset = 0
-    for p in parts:
+    for part_no, p in enumerate(parts):
         reader = _ChunkReader(p)
         try:
             for start in range(0, p.shape[0], chunk_size):
                 stop = min(start + chunk_size, p.shape[0])
-                yield offset + start, reader.read(start, stop)
+                chunk = reader.read(start, stop)
+                if not np.isfinite(chunk).all():
+                    bad = np.flatnonzero(~np.isfinite(chunk).all(1))[:5] + start
+                    where = getattr(p, "filename", None) or f"database part {part_no}"
+                    raise ValueError(
+                        f"{where}: database descriptors are not finite (NaN/inf), e.g. rows {bad.tolist()}"
+                    )
+                yield offset + start, chunk
         finally:
             reader.close()
         offset += p.shape[0]
@@ -253,6 +260,11 @@ def search(
     queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
     parts = database_parts(database)
     n_db = _validate(queries, parts)
+    if not np.isfinite(queries).all():
+        bad = np.flatnonzero(~np.isfinite(queries).all(1))
+        raise ValueError(
+            f"{bad.size} query descriptors are not finite (NaN/inf), e.g. rows {bad[:5].tolist()}"
+        )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     full = k is None
