@@ -29,6 +29,7 @@ import dalg.utils.config  # noqa: F401  (registers ${repo_root:})
 from dalg.lit.module import RetrievalModule
 from dalg.retrieval.evaluation import RankingOptions, rank_and_score
 from dalg.retrieval.features import load_features, save_features
+from dalg.retrieval.metrics import format_table
 from dalg.retrieval.torchmetric import assemble_by_index
 from dalg.utils.tables import print_scores_table
 
@@ -165,9 +166,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 meta={"checkpoint": str(cfg.ckpt_path), "protocol": protocol},
             )
 
-    print_scores_table(
-        results, title=f"revisited protocol: {cfg.ckpt_path}", options=protocol_text, console=console
-    )
+    if {1, 5, 10} <= {int(k) for k in cfg.kappas}:
+        print_scores_table(
+            results, title=f"revisited protocol: {cfg.ckpt_path}", options=protocol_text, console=console
+        )
+    else:  # the rich table has the standard mP@1/5/10 columns; other kappas get the plain table
+        for name, scores in results.items():
+            console.print(format_table(scores, title=f"{name}: {protocol_text[name]}"))
     if any(s.truncated for s in results.values()):
         console.print(
             "[yellow]truncated top-k ranking: positives outside the top-k count as misses (protocol.md)"
