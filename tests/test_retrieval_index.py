@@ -96,3 +96,22 @@ def test_database_in_parts_is_indexed_in_order(tmp_path, k) -> None:
     np.testing.assert_array_equal(take_rows(parts, idx), full[idx])
     with pytest.raises(IndexError, match="outside"):
         take_rows(parts, np.array([100]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    nq=st.integers(1, 5),
+    n=st.integers(1, 200),
+    levels=st.integers(1, 1000),
+    nan=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_rank_by_similarity_equals_the_stable_sort(
+    nq: int, n: int, levels: int, nan: bool, seed: int
+) -> None:
+    # fast SIMD argsort + tie repair must give exactly NumPy's stable order (ties by lower index), NaN last
+    rng = np.random.default_rng(seed)
+    sim = (rng.integers(0, levels, size=(nq, n)) / levels).astype(np.float32)
+    if nan:
+        sim[0, rng.integers(0, n, size=3)] = np.nan
+    np.testing.assert_array_equal(rank_by_similarity(sim), np.argsort(-sim, axis=1, kind="stable"))
