@@ -72,7 +72,7 @@ def test_dalg_cross_is_vit_small_with_cross_attention() -> None:
     assert model.backbone.vit.embed_dim == 384 and model.backbone.local_block == 7
     assert type(model.fusion).__name__ == "CrossAttentionFusion" and model.fusion.attn.heads == 8
     assert model.global_branch.out_dim == 1024 and model.local_branch.out_dim == 512
-    assert model.local_branch.blocks[0].window == 7 and type(model.head).__name__ == "ArcFace"
+    assert model.local_branch.window_blocks[0].window == 7 and type(model.head).__name__ == "ArcFace"
 
 
 def test_ablation_is_a_command_line() -> None:
@@ -80,8 +80,18 @@ def test_ablation_is_a_command_line() -> None:
                                 "model.fusion.direction=local_to_global", "model.backbone.local_block=2",
                                 "model.scales=[0.7071,1.0]"])
     assert type(model.head).__name__ == "CosFace" and model.head.margin == 0.35
-    assert model.local_branch.blocks[0].window == 3 and model.global_branch.use_cls
+    assert model.local_branch.window_blocks[0].window == 3 and model.global_branch.use_cls
     assert model.fusion.direction == "local_to_global" and model.backbone.local_block == 2
     assert model.scales == (0.7071, 1.0)
     out = model.forward_features(torch.randn(1, 3, 64, 64))
     assert out["fusion_attention"].shape == (1, 4, 16, 17)
+
+
+def test_only_the_vit_has_parameters_named_blocks() -> None:
+    """Layer-wise lr decay (dalg.lit.optim) finds transformer depth by `blocks.<i>.`: only the backbone's count."""
+    import re
+
+    with torch.device("meta"):
+        model = build("dalg_tiny")
+    named = [n for n, _ in model.named_parameters() if re.search(r"(?:^|\.)blocks\.\d+\.", n)]
+    assert named and all(n.startswith("backbone.vit.blocks.") for n in named)

@@ -97,13 +97,13 @@ def test_local_branch_shapes_and_grad(context: str) -> None:
     assert local.shape == (2, 32, 5, 7) and att.shape == (2, 1, 5, 7)
     local.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
-    assert len(lb.blocks) == (2 if context == "window" else 0)
+    assert len(lb.window_blocks) == (2 if context == "window" else 0)
 
 
 def test_alternate_blocks_are_shifted() -> None:
     lb = LocalBranch(in_dim=8, dim=16, window=4, blocks=3, heads=2)
-    assert [b.shift for b in lb.blocks] == [0, 2, 0]
-    assert [b.shift for b in LocalBranch(in_dim=8, dim=16, window=4, blocks=2, heads=2, shift=False).blocks] == [0, 0]
+    assert [b.shift for b in lb.window_blocks] == [0, 2, 0]
+    assert [b.shift for b in LocalBranch(in_dim=8, dim=16, window=4, blocks=2, heads=2, shift=False).window_blocks] == [0, 0]
 
 
 def test_bad_options_raise() -> None:

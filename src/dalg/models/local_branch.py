@@ -177,7 +177,7 @@ class LocalBranch(nn.Module):
         n_blocks = blocks if context == "window" else 0
         if n_blocks and window < 1:
             raise ValueError(f"LocalBranch: window must be >= 1, got {window}")
-        self.blocks = nn.ModuleList([
+        self.window_blocks = nn.ModuleList([
             WindowBlock(dim, heads, window, shift=(window // 2 if shift and i % 2 else 0), mlp_ratio=mlp_ratio,
                         drop_path=drop_path, mask_padding=mask_padding)
             for i in range(n_blocks)])
@@ -185,9 +185,9 @@ class LocalBranch(nn.Module):
 
     def forward(self, local: Tensor) -> tuple[Tensor, Tensor]:
         x = self.proj(local)
-        if len(self.blocks):
+        if len(self.window_blocks):
             x = x.permute(0, 2, 3, 1)
-            for blk in self.blocks:
+            for blk in self.window_blocks:
                 x = blk(x)
             x = x.permute(0, 3, 1, 2).contiguous()
         return self.attention(x)
