@@ -150,6 +150,7 @@ def test_as_dict_keys_and_table() -> None:
     [
         (np.array([[0, 1]]), [{"easy": [2], "hard": [], "junk": []}], None, "outside the database"),
         (np.array([[0, 5]]), [{"easy": [0], "hard": [], "junk": []}], 3, "outside"),
+        (np.array([[0, -1]]), [{"easy": [0], "hard": [], "junk": []}], 3, "outside"),
         (np.array([[0, 1]]), [{"easy": [0], "hard": []}], None, "junk"),
         (np.array([[0, 1]]), [], None, "gnd has 0"),
         (np.array([0, 1]), [{"easy": [0], "hard": [], "junk": []}], None, "n_queries"),

@@ -140,8 +140,9 @@ def evaluate_revisited(
     kappas = tuple(int(x) for x in kappas)
     if any(x < 1 for x in kappas):
         raise ValueError(f"kappas must be >= 1, got {kappas}")
-    ranks = ranks.astype(np.int64, copy=False)
-    if ranks.size and (ranks.min() < 0 or ranks.max() >= n_database):
+    ranks = np.ascontiguousarray(ranks, dtype=np.int64)
+    # one pass: viewed as unsigned, a negative index is huge, so max() < n catches both ends
+    if ranks.size and int(ranks.view(np.uint64).max()) >= n_database:
         raise ValueError(
             f"ranks hold indices outside [0, {n_database}): min {ranks.min()}, max {ranks.max()}"
         )
