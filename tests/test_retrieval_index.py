@@ -115,3 +115,13 @@ def test_rank_by_similarity_equals_the_stable_sort(
     if nan:
         sim[0, rng.integers(0, n, size=3)] = np.nan
     np.testing.assert_array_equal(rank_by_similarity(sim), np.argsort(-sim, axis=1, kind="stable"))
+
+
+def test_full_ranking_that_cannot_fit_says_so(monkeypatch) -> None:
+    import dalg.retrieval.index as index_mod
+
+    monkeypatch.setattr(index_mod, "_available_memory", lambda: 1000)
+    q = np.ones((3, 4), np.float32)
+    with pytest.raises(MemoryError, match="top-k"):
+        search(q, np.ones((100, 4), np.float32))
+    assert search(q, np.ones((100, 4), np.float32), 5)[1].shape == (3, 5)  # top-k needs no full matrix

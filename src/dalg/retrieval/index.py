@@ -326,9 +326,29 @@ def search(
     return best_s.astype(np.float32, copy=False), best_i
 
 
+# similarities, their negation and sorted copy (fp32), the int64 order, the returned scores, tie masks
+_FULL_RANKING_BYTES_PER_CELL = 4 + 4 + 4 + 8 + 4 + 3
+
+
+def _available_memory() -> int | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
 def _full_ranking(
     queries: np.ndarray, parts: list[np.ndarray], n_db: int, chunk_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
+    need = queries.shape[0] * n_db * _FULL_RANKING_BYTES_PER_CELL
+    available = _available_memory()
+    if available is not None and need > available:
+        raise MemoryError(
+            f"a full ranking of {queries.shape[0]:,} queries x {n_db:,} images needs ~{need / 2**30:.1f} GiB, "
+            f"only {available / 2**30:.1f} GiB is available: ask for the top-k instead (search(..., k=...), "
+            "eval.py ranking.top_k=...)"
+        )
     sim = np.empty((queries.shape[0], n_db), dtype=np.float32)
     for start, chunk in _iter_chunks(parts, chunk_size):
         sim[:, start : start + chunk.shape[0]] = queries @ chunk.T
