@@ -147,3 +147,23 @@ def test_lightning_fit_reports_at_the_end_of_the_epoch_where_damage_is_found(tmp
         trainer.fit(_TinyClassifier(dm.num_classes), datamodule=dm)
     reports = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
     assert len(reports) == 1 and "1 unreadable or missing image(s)" in reports[0]
+
+
+def test_sample_table_is_compact_and_list_like():
+    from dalg.data.labelled import SampleTable
+
+    pairs = [(f"{i:016x}", i % 7) for i in range(10_000)]
+    table = SampleTable.build(pairs)
+    assert table == pairs and table[3] == pairs[3] and len(table) == 10_000
+    assert table.keys.nbytes + table.labels.nbytes == 10_000 * (16 + 4)  # no per-sample Python objects
+    assert list(table.take([5, 2])) == [pairs[5], pairs[2]] and table != pairs[:-1]
+
+
+def test_empty_class_in_a_split_is_substituted_from_a_class_present_there(tmp_path):
+    classes = {"1": _ids("1", 1), "2": _ids("2", 2), "3": _ids("3", 2)}
+    _write(tmp_path, classes, broken=set(classes["2"]))
+    full = GLDv2Dataset(tmp_path)
+    full.substitute_empty_classes = True
+    _, val = full.split(0.5)  # landmark 1 has no val image; landmark 2's val image is broken
+    labels = [val[i][1] for i in range(len(val))]
+    assert labels == [2, 2] and "2" in val.empty_classes

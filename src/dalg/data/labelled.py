@@ -12,10 +12,11 @@ from __future__ import annotations
 import copy
 import logging
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
@@ -30,6 +31,52 @@ VERIFY_MODES = ("none", "exists", "header")
 def class_sort_key(name: str) -> tuple[int, int | str]:
     """Numeric ids sort numerically ("10" after "9", as GLDv2 landmark ids); anything else as text, after them."""
     return (0, int(name)) if name.isdigit() else (1, name)
+
+
+class SampleTable(Sequence):
+    """``(key, label)`` pairs kept in two numpy arrays instead of millions of Python tuples and strings.
+
+    GLDv2's 1.6M images cost ~30 MB this way. It also matters for DataLoader workers: forked workers share the
+    parent's memory copy-on-write, and merely reading a Python object writes its reference count, so a list of
+    tuples is copied page by page into every worker (pytorch/pytorch#13246); numpy buffers are not touched.
+    """
+
+    def __init__(self, keys: np.ndarray, labels: np.ndarray):
+        self.keys = keys  # bytes (UTF-8), dtype S<n>
+        self.labels = labels.astype(np.int32, copy=False)
+
+    @classmethod
+    def build(cls, pairs: Iterable[tuple[str, int]]) -> SampleTable:
+        keys, labels = [], []
+        for key, label in pairs:
+            keys.append(key.encode("utf-8"))
+            labels.append(label)
+        return cls(np.array(keys, dtype=bytes) if keys else np.array([], "S1"), np.array(labels, np.int32))
+
+    def key(self, index: int) -> str:
+        return self.keys[index].decode("utf-8")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return SampleTable(self.keys[index], self.labels[index])
+        return self.key(index), int(self.labels[index])
+
+    def take(self, indices: Sequence[int]) -> SampleTable:
+        idx = np.asarray(indices, dtype=np.int64)
+        return SampleTable(self.keys[idx], self.labels[idx])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or len(other) != len(self):
+            return False
+        return all(a == tuple(b) for a, b in zip(self, other))
+
+    __hash__ = None  # mutable-looking sequence: not hashable, like a list
+
+    def __repr__(self) -> str:
+        return f"SampleTable({len(self)} samples)"
 
 
 def _check_file(path: Path, mode: str) -> str | None:
@@ -87,7 +134,7 @@ class LabelledImages(Dataset):
         if not kept:
             raise ValueError(f"{source}: no class has at least {min_images_per_class} images")
         self.label_map: dict[str, int] = {name: i for i, name in enumerate(kept)}
-        self.samples: list[tuple[str, int]] = [(key, self.label_map[name]) for name in kept for key in groups[name]]
+        self.samples = SampleTable.build((key, self.label_map[name]) for name in kept for key in groups[name])
         self._index_classes()
 
     # ----------------------------------------------------------------------------------------- layout
@@ -95,16 +142,19 @@ class LabelledImages(Dataset):
         raise NotImplementedError
 
     def path(self, index: int) -> Path:
-        return self.path_of(self.samples[index][0])
+        return self.path_of(self.samples.key(index))
 
     def _index_classes(self) -> None:
         self.class_names: list[str] = [""] * len(self.label_map)
         for name, label in self.label_map.items():
             self.class_names[label] = name
-        self.class_index: list[list[int]] = [[] for _ in self.class_names]
-        for i, (_, label) in enumerate(self.samples):
-            self.class_index[label].append(i)
-        self._position = {i: k for members in self.class_index for k, i in enumerate(members)}
+        labels = self.samples.labels
+        order = np.argsort(labels, kind="stable")  # sample indices grouped by class, in sample order
+        starts = np.searchsorted(labels[order], np.arange(len(self.class_names) + 1))
+        self.class_index: list[np.ndarray] = [order[starts[c]:starts[c + 1]] for c in range(len(self.class_names))]
+        position = np.empty(len(labels), np.int64)  # rank of each sample within its class
+        position[order] = np.arange(len(labels)) - starts[labels[order]]
+        self._position = position
 
     @property
     def num_classes(self) -> int:
@@ -134,8 +184,8 @@ class LabelledImages(Dataset):
 
     # -------------------------------------------------------------------------------------- loading
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        label = self.samples[index][1]
-        img = self._load_from_class(label, self._position[index]) if label not in self._dead_labels else None
+        label = int(self.samples.labels[index])
+        img = self._load_from_class(label, int(self._position[index])) if label not in self._dead_labels else None
         if img is None:
             name = self.class_names[label]
             self._dead_labels.add(label)
@@ -151,7 +201,7 @@ class LabelledImages(Dataset):
         """The image at ``start`` in its class, else the next readable one of the same class, else None."""
         members = self.class_index[label]
         for k in range(len(members)):
-            path = self.path(members[(start + k) % len(members)])
+            path = self.path(int(members[(start + k) % len(members)]))
             if str(path) in self.failures:
                 continue  # known broken in this process: do not pay for the failure twice
             try:
@@ -164,7 +214,7 @@ class LabelledImages(Dataset):
         """An image of the next class (in label order) that still has a readable one, with that class's label."""
         for step in range(1, self.num_classes):
             other = (label + step) % self.num_classes
-            if other in self._dead_labels or not self.class_index[other]:
+            if other in self._dead_labels or len(self.class_index[other]) == 0:
                 continue  # known dead, or a class without samples in this split
             img = self._load_from_class(other, 0)
             if img is not None:
@@ -172,7 +222,7 @@ class LabelledImages(Dataset):
             self._dead_labels.add(other)
             self._record_class(self.class_names[other], f"none of its {len(self.class_index[other])} image(s) is "
                                                         f"readable")
-        raise ImageReadError(self.path_of(self.samples[0][0]).parent,
+        raise ImageReadError(self.path(0).parent,
                              f"{self.source}: not one readable image in any of the {self.num_classes} classes")
 
     # ------------------------------------------------------------------------------------ reporting
@@ -222,7 +272,7 @@ class LabelledImages(Dataset):
         train_idx: list[int] = []
         val_idx: list[int] = []
         for members in self.class_index:
-            members = list(members)
+            members = members.tolist()
             rng.shuffle(members)
             k = min(len(members) - 1, round(len(members) * val_fraction))
             val_idx += members[:k]
@@ -231,7 +281,7 @@ class LabelledImages(Dataset):
 
     def _subset(self, indices: Sequence[int]) -> LabelledImages:
         part = copy.copy(self)  # shares the label map, transform and failure log
-        part.samples = [self.samples[i] for i in indices]
+        part.samples = self.samples.take(indices)
         part.failures = self.failures
         part.empty_classes = self.empty_classes
         part._dead_labels = set()
