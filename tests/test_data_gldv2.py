@@ -167,3 +167,25 @@ def test_empty_class_in_a_split_is_substituted_from_a_class_present_there(tmp_pa
     _, val = full.split(0.5)  # landmark 1 has no val image; landmark 2's val image is broken
     labels = [val[i][1] for i in range(len(val))]
     assert labels == [2, 2] and "2" in val.empty_classes
+
+
+def test_train_loader_survives_lightning_sampler_injection(tmp_path, caplog):
+    """Under DDP Lightning rebuilds the train DataLoader with a DistributedSampler; the rebuilt loader must keep
+    reporting unreadable images."""
+    from lightning_fabric.utilities.data import _replace_dunder_methods
+    from pytorch_lightning.trainer.states import RunningStage
+    from pytorch_lightning.utilities.data import _update_dataloader
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    classes = {"1": _ids("1", 3), "2": _ids("2", 3)}
+    _write(tmp_path, classes, broken={classes["1"][1]})
+    dm = RetrievalDataModule(root=str(tmp_path), train_size=16, batch_size=1, num_workers=0)
+    dm.setup("fit")
+    with _replace_dunder_methods(DataLoader, "dataset"):
+        loader = dm.train_dataloader()
+    rebuilt = _update_dataloader(loader, DistributedSampler(dm.train_set, num_replicas=1, rank=0),
+                                 mode=RunningStage.TRAINING)
+    assert type(rebuilt) is type(loader) and isinstance(rebuilt.sampler, DistributedSampler)
+    with caplog.at_level(logging.WARNING, logger="dalg.data"):
+        assert len(_epoch(rebuilt)) == 6
+    assert "1 unreadable or missing image(s)" in caplog.text

@@ -116,6 +116,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.full_train_set: LabelledImages | None = None
         self.eval_sets: list[EvalSet] = []
         self.skipped_eval_sets: dict[str, str] = {}
+        self._eval_sizes: dict[int, tuple[int, list[tuple[int, int]]]] = {}
 
     # ------------------------------------------------------------------------------------------ setup
     def prepare_data(self) -> None:
@@ -216,6 +217,9 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def eval_sizes(self, eval_set: EvalSet) -> list[tuple[int, int]]:
         """Resized (height, width) of every image, from headers; every unreadable file named in one error."""
+        cached = self._eval_sizes.get(id(eval_set.dataset))
+        if cached is not None and cached[0] == eval_set.test_size:
+            return cached[1]  # headers are read once per set, not at every val_dataloader() call
         ds = eval_set.dataset
         sizes: list[tuple[int, int]] = []
         errors: list[ImageReadError] = []
@@ -228,6 +232,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             shown = "; ".join(f"{e.path} ({e.reason})" for e in errors[:5])
             raise ImageReadError(eval_set.gt.image_dir, f"evaluation set {eval_set.name}: {len(errors)} of {len(ds)} "
                                  f"images unreadable; the protocol needs every one of them. e.g. {shown}")
+        self._eval_sizes[id(eval_set.dataset)] = (eval_set.test_size, sizes)
         return sizes
 
     def eval_dataloader(self, eval_set: EvalSet) -> DataLoader:
