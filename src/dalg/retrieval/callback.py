@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 from dalg.retrieval.evaluation import RankingOptions, rank_and_score
 from dalg.retrieval.metrics import RevisitedScores
@@ -33,6 +35,14 @@ from dalg.retrieval.viz import result_grid
 from dalg.utils.tables import print_scores_table
 
 log = logging.getLogger(__name__)
+
+# Our val/<set>/mAP_* and mP@* values are computed from the gathered set and identical on every process, so
+# Lightning's "use sync_dist=True" advice does not apply to them (and only to them).
+warnings.filterwarnings(
+    "ignore",
+    message=r"It is recommended to use `self\.log\('val/[^']+/(mAP|mP@)",
+    category=PossibleUserWarning,
+)
 
 
 def _all_gather_rows(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -142,7 +152,8 @@ class RetrievalEvalCallback(pl.Callback):
             self.results[eval_set.name] = scores
             self.protocols[eval_set.name] = protocol
             for key, value in scores.as_dict().items():
-                # identical on every process (each scores the gathered set): no reduction needed
+                # identical on every process (each scores the gathered set): no reduction needed (a mean over
+                # 3 processes would not even return the same float); Lightning's advice to sync is muted above
                 pl_module.log(
                     f"val/{eval_set.name}/{key}", float(value), add_dataloader_idx=False, sync_dist=False
                 )
