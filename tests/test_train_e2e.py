@@ -59,3 +59,20 @@ def test_checkpoint_rebuilds_the_model(trained):
     desc = module.net.extract(x)
     assert desc.shape == (2, module.net.embed_dim)
     assert torch.allclose(desc.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_run_metadata_has_git_commit_and_dataset_fingerprint(trained, tiny_synthetic):
+    import hashlib
+    import json
+
+    result, out = trained
+    meta = json.loads((out / "run_meta.json").read_text())
+    assert meta["git"]["commit"] is None or len(meta["git"]["commit"]) == 40
+    files = meta["data"]["files"]
+    train_csv = tiny_synthetic / "train_clean.csv"
+    assert files["train"]["sha256"] == hashlib.sha256(train_csv.read_bytes()).hexdigest()
+    assert files["eval/synthetic_heldout"]["sha256"] is not None
+    assert len(meta["data"]["sha256"]) == 64 and meta["data"]["train_classes"] == 12
+    final = json.loads((out / "metrics.json").read_text())
+    assert final["global_step"] == result["global_step"] == 2
+    assert final["metrics"]["val/synthetic_heldout/mAP_M"] == pytest.approx(result["metrics"]["val/synthetic_heldout/mAP_M"])
