@@ -189,3 +189,32 @@ def test_train_loader_survives_lightning_sampler_injection(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="dalg.data"):
         assert len(_epoch(rebuilt)) == 6
     assert "1 unreadable or missing image(s)" in caplog.text
+
+
+def test_report_per_epoch_through_the_training_pipeline_loader(tmp_path, caplog):
+    """train_pipeline re-wraps the loader in a ResumableLoader (a new DataLoader): damage found in epoch 0 is still
+    reported once, before epoch 1 trains, and new damage in a later epoch gets its own report."""
+    from dalg.train_pipeline import make_train_loader_resumable
+
+    classes = {"1": _ids("1", 3), "2": _ids("2", 3)}
+    _write(tmp_path, classes, broken={classes["2"][0]})
+    dm = RetrievalDataModule(root=str(tmp_path), train_size=16, batch_size=2, num_workers=0)
+    dm.setup("fit")
+    trainer_ref: list = []
+    make_train_loader_resumable(dm, trainer_ref, seed=0)
+
+    class _BreakOnSecondEpoch(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 2:  # damage that appears later is reported when found
+                image_path(tmp_path, classes["1"][2]).write_bytes(b"")
+
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                         callbacks=[_BreakOnSecondEpoch()])
+    trainer_ref.append(trainer)
+    with caplog.at_level(logging.WARNING, logger="dalg.data"):
+        trainer.fit(_TinyClassifier(dm.num_classes), datamodule=dm)
+    reports = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(reports) == 2, reports
+    assert str(image_path(tmp_path, classes["2"][0])) in reports[0]
+    assert str(image_path(tmp_path, classes["1"][2])) in reports[1] and "(2 of 6 listed so far)" in reports[1]

@@ -117,6 +117,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.eval_sets: list[EvalSet] = []
         self.skipped_eval_sets: dict[str, str] = {}
         self._eval_sizes: dict[int, tuple[int, list[tuple[int, int]]]] = {}
+        self._last_train_epoch: int | None = None
 
     # ------------------------------------------------------------------------------------------ setup
     def prepare_data(self) -> None:
@@ -198,6 +199,18 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         self.report_failures()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # The epoch-end report also works when the training loader is re-wrapped (e.g. train_pipeline's
+        # ResumableLoader builds a new DataLoader and drops ReportingDataLoader's hook): the first training batch
+        # of a new epoch reports what the previous epoch found. A few attribute reads per batch.
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training:
+            epoch = trainer.current_epoch
+            if self._last_train_epoch is not None and epoch != self._last_train_epoch:
+                self.report_failures()
+            self._last_train_epoch = epoch
+        return batch
 
     # ------------------------------------------------------------------------------------ dataloaders
     def train_dataloader(self) -> DataLoader:
