@@ -1,0 +1,114 @@
+"""Measurement helpers shared by the benchmarks: clocks, interleaved medians, matmul peak, memory, machine facts."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+import torch
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
+    """Wall seconds of one call (the GPU queue is drained before and after)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, device: torch.device | str = "cpu",
+                between: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+    """Time every function once per round in the order A, B, C, A, B, C, ... (fair under a shared, noisy CPU)."""
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds):
+        if between is not None:
+            between(r)
+        for name, fn in fns.items():
+            out[name].append(timed(fn, device))
+    return out
+
+
+def matmul_gflops(n: int, dtype: torch.dtype, device: torch.device | str = "cpu", reps: int = 3) -> float:
+    """Dense (n x n) @ (n x n) GFLOP/s (2 n^3 FLOPs per product), median of ``reps`` after one warm-up."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    with torch.inference_mode():
+        torch.mm(a, b)
+        ts = [timed(lambda: torch.mm(a, b), device) for _ in range(reps)]
+    return 2 * n**3 / median(ts) / 1e9
+
+
+class PeakRSS:
+    """Peak resident memory of this process, sampled in a background thread while the block runs."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not on this platform
+        return []
+
+
+def machine_facts(device: torch.device) -> dict[str, Any]:
+    from dalg.inference import cpu_has_fast_bf16
+
+    facts: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_fast_bf16": cpu_has_fast_bf16(),
+        "device": str(device),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    facts["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if device.type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+    return facts

@@ -1,0 +1,263 @@
+"""`make bench`: DALG's efficiency claim measured side by side, in one run, on this machine.
+
+Sections (each writes experiments/bench/<section>.json; the markdown table goes to experiments/bench/results.md):
+  extraction  images/s, latency and achieved GFLOP/s at the test size: dalg_cross @1 scale, dolg_r50 @5 and @1
+              scales, same photos, variants interleaved; before (plain) and after (dalg.inference) figures;
+              the dense matmul GFLOP/s of the machine measured between rounds
+  train       training-step images/s and peak memory of the tiny CPU config (model=dalg_tiny)
+  eval        revisited mAP from given similarities, 70 x 5,000: dalg.retrieval vs a per-query NumPy reference
+  search_1m   benchmarks/bench_search_1m.py (70 queries vs 5,000 + 1M distractors), run as a subprocess
+
+    python benchmarks/run_all.py                 # everything (~15 min on 2 idle cores)
+    python benchmarks/run_all.py --skip-1m       # without the 1M search
+    python benchmarks/run_all.py --quick --out /tmp/bench   # tiny configs, seconds (tests use this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import bench_eval  # noqa: E402
+import bench_extraction  # noqa: E402
+import bench_train  # noqa: E402
+from measure import load_average, machine_facts  # noqa: E402
+
+from dalg.inference import InferenceOptions  # noqa: E402
+
+SECTIONS = ("extraction", "train", "eval", "search_1m")
+DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "landmarks-mini" / "jpg"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def extraction_variants(quick: bool, with_compile: bool, max_batch: int) -> list[bench_extraction.Variant]:
+    V, Opt = bench_extraction.Variant, InferenceOptions
+    dalg, dolg = ("dalg_tiny", "dolg_tiny") if quick else ("dalg_cross", "dolg_r50")
+    five = bench_extraction.DOLG_SCALES
+    auto = Opt(bf16=None)  # the defaults an eval script gets: channels-last for CNNs, bf16 where it is fast
+    out: list[bench_extraction.Variant] = []
+    for model, scales, tag in ((dalg, (1.0,), f"{dalg}@1"), (dolg, five, f"{dolg}@5"), (dolg, (1.0,), f"{dolg}@1")):
+        cnn = model.startswith("dolg")
+        out.append(V(model, scales, None, tag=tag))
+        if not quick:  # the smoke run keeps only before / after
+            out.append(V(model, scales, Opt(channels_last=cnn, bf16=False), tag=tag))
+            out.append(V(model, scales, Opt(channels_last=cnn, bf16=True), tag=tag))
+        out.append(V(model, scales, auto, max_batch=max_batch, tag=tag))
+        if with_compile:
+            out.append(V(model, scales, Opt(channels_last=cnn, bf16=False, compile=True), tag=tag))
+    return out
+
+
+def run_extraction(args, device: torch.device) -> dict[str, Any]:
+    image_dir = None if args.synthetic_images else Path(args.image_dir)
+    if image_dir is not None and not image_dir.is_dir():
+        print(f"  {image_dir} not found: using synthetic views instead", flush=True)
+        image_dir = None
+    images, names = bench_extraction.load_images(image_dir, args.images, args.size)
+    print(f"  {len(images)} images at longer side {args.size}: {sorted({tuple(i.shape[1:]) for i in images})}",
+          flush=True)
+    variants = extraction_variants(args.quick, args.compile, args.max_batch)
+    res = bench_extraction.run(variants, images, args.rounds, device, matmul_n=args.matmul_n,
+                               log=lambda s: print(s, flush=True))
+    res.update(n_images=len(images), images=names, image_source=str(image_dir) if image_dir else "synthetic generator views",
+               image_shapes=[list(i.shape[1:]) for i in images], test_size=args.size, rounds=args.rounds)
+    rows = res["variants"]
+    tags = list(dict.fromkeys(r["tag"] for r in rows))
+    dalg_tag, dolg5_tag, dolg1_tag = tags[0], tags[1], tags[2]
+    summary = {}
+    for opt in (False, True):
+        key = "optimised" if opt else "plain"
+        d, d5, d1 = (bench_extraction.best(rows, t, opt) for t in (dalg_tag, dolg5_tag, dolg1_tag))
+        summary[key] = {
+            "dalg": d["how"], "dolg5": d5["how"], "dolg1": d1["how"],
+            "dalg_images_per_s": d["images_per_s"], "dolg5_images_per_s": d5["images_per_s"],
+            "dolg1_images_per_s": d1["images_per_s"],
+            "ratio_dalg_over_dolg5": d["images_per_s"] / d5["images_per_s"],
+            "ratio_dalg_over_dolg1": d["images_per_s"] / d1["images_per_s"],
+            "flop_ratio_dolg5_over_dalg": d5["gflops_per_image"] / d["gflops_per_image"],
+            "dalg_fraction_of_matmul_peak": d["fraction_of_matmul_peak"], "dalg_dtype": d["dtype"],
+        }
+    res["summary"] = summary
+    return res
+
+
+def run_search_1m(args) -> dict[str, Any]:
+    n = 20_000 if args.quick else args.n_distractors
+    cmd = [sys.executable, str(HERE / "bench_search_1m.py"), "--n-distractors", str(n)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    text = proc.stdout
+
+    def grab(pattern: str) -> float | None:
+        m = re.search(pattern, text)
+        return float(m.group(1)) if m else None
+
+    out = {"command": " ".join(["python", "benchmarks/bench_search_1m.py", "--n-distractors", str(n)]),
+           "n_distractors": n, "wall_seconds": wall,
+           "generation_seconds": grab(r"generation\s*:\s*([\d.]+) s"),
+           "search_seconds": grab(r"search \(top-\d+\)\s*:\s*([\d.]+) s"),
+           "evaluate_seconds": grab(r"evaluate_revisited:\s*([\d.]+) s"),
+           "peak_rss_gib": grab(r"peak RSS \(search\+eval, sampled\):\s*([\d.]+) GiB"),
+           "stdout": text}
+    print(f"  1M search: {out['search_seconds']} s search, {out['evaluate_seconds']} s evaluate, "
+          f"peak RSS {out['peak_rss_gib']} GiB", flush=True)
+    return out
+
+
+def _f(x: float | None, fmt: str = ".2f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def markdown(results: dict[str, Any], command: str) -> str:
+    env = results["environment"]
+    lines = [f"# Benchmarks (`{command}`)", "",
+             f"Machine: {env['machine']['cpu']}, {env['machine']['cpu_count']} CPUs, torch {env['machine']['torch']},"
+             f" {env['machine']['torch_threads']} threads, device {env['machine']['device']}; load average "
+             f"(1/5/15 min) at start {env['load_start']}, at end {env['load_end']}. "
+             f"Started {env['started']}, took {env['seconds']:.0f} s.", ""]
+    ex = results.get("extraction")
+    if ex:
+        peak = ex["matmul_peak_gflops_per_s"]
+        lines += ["## Extraction at the test size", "",
+                  f"{ex['n_images']} images ({ex['image_source']}, own aspect ratios, longer side {ex['test_size']})"
+                  f", {ex['rounds']} interleaved rounds, medians. Dense matmul ({ex['matmul_n']}²) in the same run: "
+                  + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()) + ".", "",
+                  "| model @ scales | how | images/s | latency ms (1 image) | GFLOPs / image | achieved GFLOP/s "
+                  "| of matmul peak (same dtype) | min cos to plain |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in ex["variants"]:
+            lines.append(f"| {r['tag']} | {r['how']} | {r['images_per_s']:.3f} | {_f(r['latency_ms_median'], '.0f')} | "
+                         f"{r['gflops_per_image']:.1f} | {r['achieved_gflops_per_s']:.1f} | "
+                         f"{_f(r['fraction_of_matmul_peak'] and 100 * r['fraction_of_matmul_peak'], '.0f')}% | "
+                         f"{_f(r['min_cosine_to_plain'], '.4f')} |")
+        lines.append("")
+        for key, s in ex["summary"].items():
+            lines.append(f"- **{key}**: DALG / DOLG-5-scale images/s = **{s['ratio_dalg_over_dolg5']:.2f}×** "
+                         f"(FLOP ratio {s['flop_ratio_dolg5_over_dalg']:.2f}×; DALG / DOLG-1-scale "
+                         f"{s['ratio_dalg_over_dolg1']:.2f}×); DALG at "
+                         f"{100 * (s['dalg_fraction_of_matmul_peak'] or 0):.0f}% of the {s['dalg_dtype']} matmul peak.")
+        lines.append("")
+    tr = results.get("train")
+    if tr:
+        lines += ["## Training step (tiny CPU config)", "",
+                  f"`model={tr['model']}`, batch {tr['batch_size']} at {tr['train_size']} px, {tr['num_classes']} "
+                  f"classes, {tr['optimizer']}: **{tr['images_per_s']:.1f} images/s** (median of {tr['steps']} "
+                  f"steps), peak RSS {tr['peak_rss_mib']:.0f} MiB ({tr['rss_before_mib']:.0f} MiB before the steps)"
+                  + (f", peak CUDA memory {tr['peak_cuda_allocated_mib']:.0f} MiB" if "peak_cuda_allocated_mib" in tr
+                     else "") + ".", ""]
+    ev = results.get("eval")
+    if ev:
+        ms = ev["median_ms"]
+        lines += ["## Evaluation from given similarities", "",
+                  f"{ev['n_queries']} queries × {ev['n_database']:,} database images, revisited mAP + mP@k (E/M/H); "
+                  "identical scores checked before timing.", "",
+                  "| implementation | ms (median) | vs reference |", "|---|---:|---:|",
+                  f"| per-query NumPy reference (benchmarks/bench_eval.py) | {ms['reference']:.1f} | 1× |",
+                  f"| dalg.retrieval: rank_by_similarity + evaluate_revisited | {ms['dalg']:.1f} | "
+                  f"**{ms['reference'] / ms['dalg']:.1f}×** |",
+                  f"| … of which rank_by_similarity (full argsort) | {ms['dalg_rank_only']:.1f} | |",
+                  f"| … of which evaluate_revisited (given ranks) | {ms['dalg_score_only']:.1f} | "
+                  f"{ms['reference'] / ms['dalg_score_only']:.1f}× |"]
+        if "prototype" in ms:
+            lines.append(f"| prototype: labelled positions only, no full ranking (bench_eval.py) | "
+                         f"{ms['prototype']:.1f} | {ms['reference'] / ms['prototype']:.1f}× |")
+        lines.append("")
+    s1 = results.get("search_1m")
+    if s1:
+        lines += ["## 70 × (5,000 + 1M) search", "",
+                  f"`{s1['command']}`: search {_f(s1['search_seconds'])} s, evaluate {_f(s1['evaluate_seconds'], '.3f')}"
+                  f" s, peak RSS {_f(s1['peak_rss_gib'], '.2f')} GiB (database file generation "
+                  f"{_f(s1['generation_seconds'])} s, not counted).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny configs and sizes: a smoke run in seconds")
+    ap.add_argument("--skip-1m", action="store_true", help="skip the 1M-distractor search")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
+    ap.add_argument("--out", type=Path, default=REPO / "experiments" / "bench")
+    ap.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--image-dir", default=str(DEFAULT_IMAGES), help="photos read at run time (never copied)")
+    ap.add_argument("--synthetic-images", action="store_true", help="use synthetic generator views instead")
+    ap.add_argument("--images", type=int, default=None, help="images per extraction round (default 6; quick 2)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; quick 1)")
+    ap.add_argument("--size", type=int, default=None, help="test size, longer side (default 512; quick 64)")
+    ap.add_argument("--max-batch", type=int, default=8, help="batch size of the by-shape batching variant")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile variants (slow to compile)")
+    ap.add_argument("--matmul-n", type=int, default=None, help="matmul side for the peak (default 2048; quick 256)")
+    ap.add_argument("--n-distractors", type=int, default=1_000_000)
+    args = ap.parse_args(argv)
+    args.images = args.images or (2 if args.quick else 6)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.size = args.size or (64 if args.quick else 512)
+    args.matmul_n = args.matmul_n or (256 if args.quick else 2048)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}; known: {SECTIONS}")
+    if args.skip_1m and "search_1m" in sections:
+        sections.remove("search_1m")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+
+    command = "python benchmarks/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    t0 = time.perf_counter()
+    env = {"machine": machine_facts(device), "load_start": load_average(), "started": started,
+           "command": command.strip(), "quick": args.quick}
+    results: dict[str, Any] = {}
+    runners = {
+        "extraction": lambda: run_extraction(args, device),
+        "train": lambda: bench_train.run("dalg_tiny", steps=2 if args.quick else 6, warmup=1 if args.quick else 2,
+                                         batch_size=8 if args.quick else None, size=64 if args.quick else None,
+                                         device=device, log=lambda s: print(s, flush=True)),
+        "eval": lambda: bench_eval.run(rounds=1 if args.quick else 7, log=lambda s: print(s, flush=True)),
+        "search_1m": lambda: run_search_1m(args),
+    }
+    for name in sections:
+        print(f"[{name}] load average {load_average()}", flush=True)
+        res = runners[name]()
+        res["load_end"] = load_average()
+        results[name] = res
+        write_json(args.out / f"{name}.json", res)
+    env.update(load_end=load_average(), seconds=time.perf_counter() - t0)
+    results["environment"] = env
+    write_json(args.out / "environment.json", env)
+    table = markdown(results, command.strip())
+    md = args.out / "results.md"
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text(table + "\n")
+    os.replace(tmp, md)
+    print(table)
+    print(f"wrote {args.out}/{{{','.join(sections + ['environment'])}}}.json and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

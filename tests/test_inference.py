@@ -1,0 +1,87 @@
+"""dalg.inference: optimised extraction equals plain DALG.extract (float32 options exactly, bf16 closely)."""
+
+from __future__ import annotations
+
+import hydra
+import pytest
+import torch
+
+from dalg.inference import (
+    InferenceOptions,
+    LowPrecisionIsland,
+    extract_images,
+    group_by_shape,
+    is_cnn,
+    optimize_for_inference,
+)
+from tests.conftest import compose_train
+
+
+def _model(name: str, tmp_path) -> torch.nn.Module:
+    cfg = compose_train([f"model={name}"], tmp_path)
+    torch.manual_seed(0)
+    model = hydra.utils.instantiate(cfg.model, num_classes=0).eval()
+    # non-trivial BatchNorm statistics, so that a wrong eval/train mode would show
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def images() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    shapes = [(3, 64, 48), (3, 48, 64), (3, 64, 48), (3, 64, 64)]
+    return [torch.randn(s, generator=g) for s in shapes]
+
+
+@pytest.mark.parametrize("name", ["dalg_tiny", "dolg_tiny"])
+def test_fp32_options_match_plain_extract(name, tmp_path, images):
+    model = _model(name, tmp_path)
+    x = torch.stack([images[0], images[2]])
+    ref = model.extract(x)
+    fast = optimize_for_inference(model, InferenceOptions(channels_last=None))
+    assert fast.options.channels_last == (name == "dolg_tiny")
+    assert fast.options.label() == ("channels-last" if name == "dolg_tiny" else "fp32")
+    out = fast.extract(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    # the model passed in is untouched (still train-able parameters, not channels-last)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.requires_grad is False for p in fast.model.parameters())
+
+
+@pytest.mark.parametrize("name", ["dalg_tiny", "dolg_tiny"])
+def test_bf16_close_to_fp32_and_descriptors_stay_float32(name, tmp_path, images):
+    model = _model(name, tmp_path)
+    x = torch.stack([images[0], images[2]])
+    ref = model.extract(x)
+    fast = optimize_for_inference(model, InferenceOptions(bf16=True))
+    assert isinstance(fast.model.backbone, LowPrecisionIsland)
+    assert next(fast.model.backbone.parameters()).dtype == torch.bfloat16
+    assert fast.model.descriptor.weight.dtype == torch.float32  # the head stays float32
+    out = fast.extract(x)
+    assert out.dtype == torch.float32
+    cos = (out * ref).sum(dim=1)
+    assert torch.all(cos > 0.98), cos  # bf16 keeps ~3 significant digits
+    assert not torch.allclose(out, ref, atol=1e-7)  # it really ran in bf16
+
+
+def test_scales_and_batching_by_shape_match_per_image(tmp_path, images):
+    model = _model("dolg_tiny", tmp_path)
+    fast = optimize_for_inference(model)
+    per_image = torch.cat([model.extract(im[None]) for im in images])
+    batched = extract_images(fast, images, max_batch=4)
+    torch.testing.assert_close(batched, per_image, atol=2e-5, rtol=1e-4)
+    groups = group_by_shape(images, max_batch=4)
+    assert sorted(len(i) for i, _ in groups) == [1, 1, 2]  # the two 64x48 images share a batch
+    with pytest.raises(ValueError, match="scales"):
+        fast.extract(images[0][None], scales=[])
+    with pytest.raises(ValueError, match="max_batch"):
+        group_by_shape(images, max_batch=0)
+
+
+def test_is_cnn(tmp_path):
+    assert is_cnn(_model("dolg_tiny", tmp_path))
+    assert not is_cnn(_model("dalg_tiny", tmp_path))
