@@ -103,3 +103,14 @@ def test_list_images_is_sorted_and_recursive(tmp_path):
     _img(tmp_path / "a" / "c.webp")
     (tmp_path / "a" / "readme.md").write_text("x")
     assert list_images(tmp_path) == ["a/c.webp", "b.jpg"]
+
+
+def test_list_files_names_what_defines_the_data(tmp_path):
+    images = _eval_folder(tmp_path / "photos")
+    (tmp_path / "q.csv").write_text("query,positives\nq_tower.jpg,tower2.jpg\n")
+    dm = RetrievalDataModule(root=str(tmp_path / "train"), layout="folder",
+                             eval_sets={"mine": {"images": str(images), "queries_csv": str(tmp_path / "q.csv")},
+                                        "ox": {"data_dir": str(tmp_path / "ox"), "gnd_name": "roxford5k"}})
+    assert dm.list_files() == {"train": None, "eval/mine": tmp_path / "q.csv",
+                               "eval/ox": tmp_path / "ox" / "gnd_roxford5k.pkl"}
+    assert dm.eval_specs["mine"]["data_dir"] == str(images)

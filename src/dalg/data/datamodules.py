@@ -106,7 +106,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.min_images_per_class = min_images_per_class
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.eval_specs = {k: dict(v) for k, v in (eval_sets or {}).items()}
+        self.eval_specs = {k: self._normalise_spec(v) for k, v in (eval_sets or {}).items()}
         self.eval_batch_size = eval_batch_size
         self.generator = generator
         self.pin_memory = pin_memory
@@ -118,6 +118,29 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.skipped_eval_sets: dict[str, str] = {}
         self._eval_sizes: dict[int, tuple[int, list[tuple[int, int]]]] = {}
         self._last_train_epoch: int | None = None
+
+    @staticmethod
+    def _normalise_spec(spec: Mapping) -> dict:
+        spec = dict(spec)
+        if spec.get("queries_csv") and "data_dir" not in spec and spec.get("images"):
+            spec["data_dir"] = spec["images"]  # every spec names the folder of its images as data_dir
+        return spec
+
+    def list_files(self) -> dict[str, Path | None]:
+        """The files that define this data: ``train`` (the GLDv2 list; None for class folders) and
+        ``eval/<name>`` (a gnd pickle or a queries CSV), for run fingerprints."""
+        files: dict[str, Path | None] = {}
+        if self.root is not None:
+            files["train"] = _spec_path(self.root) / self.csv_name if self.layout == "gldv2" else None
+        for key, spec in self.eval_specs.items():
+            name = str(spec.get("name") or key)
+            if spec.get("queries_csv"):
+                files[f"eval/{name}"] = _spec_path(spec["queries_csv"])
+            else:
+                gnd_name = str(spec.get("gnd_name") or name)
+                files[f"eval/{name}"] = find_ground_truth(spec["data_dir"], gnd_name) or \
+                    _spec_path(spec["data_dir"]) / f"gnd_{gnd_name}.pkl"
+        return files
 
     # ------------------------------------------------------------------------------------------ setup
     def prepare_data(self) -> None:
