@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from dalg.lit.optim import backbone_depth, build_optimizer, layer_id, parameter_groups, warmup_cosine
+from dalg.lit.optim import build_optimizer, parameter_groups, warmup_cosine
 
 from .conftest import CONF
 
@@ -23,27 +23,22 @@ def tiny_dalg():
     return instantiate(OmegaConf.to_container(cfg.model, resolve=True), num_classes=7)
 
 
-def test_layer_ids_follow_vit_blocks(tiny_dalg):
-    depth = backbone_depth(tiny_dalg)
-    assert depth == 6
-    assert layer_id("backbone.vit.blocks.0.attn.qkv.weight", depth) == 1
-    assert layer_id("backbone.vit.blocks.5.mlp.fc1.weight", depth) == 6
-    assert layer_id("backbone.vit.patch_embed.proj.weight", depth) == 0
-    assert layer_id("backbone.vit.cls_token", depth) == 0
-    assert layer_id("head.weight", depth) == depth + 1
-    assert layer_id("fusion.attn.in_proj_weight", depth) == depth + 1
-
-
 def test_layer_decay_scales_lr_per_block_and_keeps_head_at_base_lr(tiny_dalg):
+    # the backbone's own layer ids: embeddings 0, block k -> k + 1, final norm depth + 1; num_layers = depth + 2
+    assert tiny_dalg.backbone.num_layers == 8
     opt = build_optimizer(lambda params: torch.optim.AdamW(params, lr=1e-3), tiny_dalg, 0.05, layer_decay=0.5)
     lr_of = {}
     for g in opt.param_groups:
         for n in g["names"]:
             lr_of[n] = g["lr"]
     assert lr_of["head.weight"] == pytest.approx(1e-3)
-    assert lr_of["backbone.vit.blocks.5.attn.qkv.weight"] == pytest.approx(1e-3 * 0.5)
-    assert lr_of["backbone.vit.blocks.0.attn.qkv.weight"] == pytest.approx(1e-3 * 0.5 ** 6)
-    assert lr_of["backbone.vit.patch_embed.proj.weight"] == pytest.approx(1e-3 * 0.5 ** 7)
+    assert lr_of["descriptor.weight"] == pytest.approx(1e-3)
+    assert lr_of["backbone.vit.norm.weight"] == pytest.approx(1e-3 * 0.5)
+    assert lr_of["backbone.vit.blocks.5.attn.qkv.weight"] == pytest.approx(1e-3 * 0.5 ** 2)
+    assert lr_of["backbone.vit.blocks.0.attn.qkv.weight"] == pytest.approx(1e-3 * 0.5 ** 7)
+    assert lr_of["backbone.vit.patch_embed.proj.weight"] == pytest.approx(1e-3 * 0.5 ** 8)
+    # the local branch's window blocks are not ViT blocks: base lr
+    assert all(v == pytest.approx(1e-3) for k, v in lr_of.items() if k.startswith("local_branch."))
     # every trainable parameter is optimised exactly once, the margin head's included
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == sum(1 for p in tiny_dalg.parameters() if p.requires_grad)

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 
 import torch
 from torch import nn
-
-# transformer blocks of a timm ViT/DeiT (``...vit.blocks.<i>.``) and the layers before them
-_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-_EMBEDDING = ("patch_embed", "pos_embed", "cls_token", "reg_token", "dist_token")
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -19,33 +14,31 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith((".bias", "pos_embed", "cls_token", "reg_token", "dist_token", ".p"))
 
 
-def backbone_depth(module: nn.Module) -> int:
-    """Number of transformer blocks ``blocks.<i>`` in ``module`` (0 for a CNN)."""
-    ids = {int(m.group(1)) for name, _ in module.named_parameters() if (m := _BLOCK.search(name))}
-    return max(ids) + 1 if ids else 0
-
-
-def layer_id(name: str, depth: int) -> int:
-    """BEiT/MAE layer index: embeddings 0, block i -> i + 1, everything after the backbone (branches, fusion,
-    descriptor, margin head) ``depth + 1``."""
-    if m := _BLOCK.search(name):
-        return int(m.group(1)) + 1
-    if "backbone." in name and any(k in name for k in _EMBEDDING):
-        return 0
-    return depth + 1
+def find_backbone(module: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(prefix, backbone)`` of the first submodule with the backbone layer interface (``num_layers``,
+    ``layer_id``; see dalg.models.backbones), e.g. ``("net.backbone.", ...)`` in a RetrievalModule."""
+    for name, sub in module.named_modules():
+        if hasattr(sub, "layer_id") and hasattr(sub, "num_layers"):
+            return (name + "." if name else ""), sub
+    return None
 
 
 def parameter_groups(module: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
-    """Groups keyed by (decay?, layer); each group carries ``lr_scale`` = ``layer_decay ** (depth + 1 - layer)``
-    (1 for every group when ``layer_decay`` is None or the model has no ``blocks.<i>``)."""
-    depth = backbone_depth(module) if layer_decay is not None else 0
+    """Groups keyed by (no-decay?, layer). With ``layer_decay``, the backbone's layer ``i`` of ``L`` (its own
+    ``layer_id``: embeddings 0, ViT block k -> k + 1, ...) trains at ``lr * layer_decay ** (L - i)``; everything
+    outside the backbone (branches, fusion, descriptor, margin head) at ``lr`` (BEiT/MAE layer-wise decay)."""
+    found = find_backbone(module) if layer_decay is not None else None
     groups: dict[tuple[bool, int], dict] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         skip = no_weight_decay(name, p)
-        layer = layer_id(name, depth) if depth else 0
-        scale = float(layer_decay ** (depth + 1 - layer)) if depth else 1.0
+        layer, scale = 0, 1.0
+        if found is not None:
+            prefix, backbone = found
+            top = int(backbone.num_layers)
+            layer = int(backbone.layer_id(name[len(prefix):])) if name.startswith(prefix) else top
+            scale = float(layer_decay ** (top - layer))
         g = groups.setdefault((skip, layer), {"params": [], "weight_decay": 0.0 if skip else weight_decay,
                                               "lr_scale": scale, "names": []})
         g["params"].append(p)
