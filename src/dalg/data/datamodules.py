@@ -300,7 +300,8 @@ class RevisitedDataModule(RetrievalDataModule):
         specs = {}
         for key, spec in (eval_sets or {"main": {"required": True}}).items():
             spec = dict(spec)
-            if "data_dir" not in spec and "queries_csv" not in spec:
+            own = "queries_csv" not in spec and str(spec.get("data_dir", root)) == str(root)
+            if own:  # the module's own set (the config spells data_dir/gnd_name out for config checks)
                 spec.setdefault("gnd_name", name)
                 spec["data_dir"] = root
                 spec.setdefault("name", set_name or name)
