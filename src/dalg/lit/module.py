@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -56,7 +57,9 @@ class RetrievalModule(pl.LightningModule):
         where = f"epoch {self.current_epoch}, global step {self.global_step}"
         detail = "; ".join(f"{k} = {v}" for k, v in terms.items())
         params = f"; non-finite weights already in {bad[:3]}" if bad else ""
-        ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+        written = [c.last_model_path for c in self.trainer.checkpoint_callbacks if getattr(c, "last_model_path", "")]
+        ckpt = max(written, key=lambda p: os.path.getmtime(p) if os.path.exists(p) else 0) if written else \
+            "none written yet"
         raise FloatingPointError(f"non-finite training loss at {where}: {detail}{params}. Training stopped; "
                                  f"the last good checkpoint is untouched ({ckpt}).")
 
