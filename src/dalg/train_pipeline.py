@@ -102,6 +102,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     console = Console()
     ckpt_path = resume_checkpoint(cfg, out_dir)
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
 
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
