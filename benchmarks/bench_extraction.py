@@ -103,7 +103,12 @@ def run(variants: list[Variant], images: list[torch.Tensor], rounds: int, device
         plain_models[name] = build_model(name, device=str(device)).eval()
         meta_models[name] = build_model(name, device="meta").eval()
     cache: dict[tuple, InferenceModel] = {}
-    extractors = {v.name: _extractor(v, plain_models[v.model], cache) for v in variants}
+    extractors = {}
+    for v in variants:
+        ext = _extractor(v, plain_models[v.model], cache)
+        if isinstance(ext, InferenceModel):
+            v.options = ext.options  # resolved (automatic choices made), so labels and dtypes are the real ones
+        extractors[v.name] = ext
 
     flops: dict[tuple, int] = {}
     for v in variants:

@@ -5,6 +5,7 @@ Sections (each writes experiments/bench/<section>.json; the markdown table goes 
               scales, same photos, variants interleaved; before (plain) and after (dalg.inference) figures;
               the dense matmul GFLOP/s of the machine measured between rounds
   train       training-step images/s and peak memory of the tiny CPU config (model=dalg_tiny)
+  loader      benchmarks/bench_loader.py (data engineer's) at the tiny config's sizes, run as a subprocess
   eval        revisited mAP from given similarities, 70 x 5,000: dalg.retrieval vs a per-query NumPy reference
   search_1m   benchmarks/bench_search_1m.py (70 queries vs 5,000 + 1M distractors), run as a subprocess
 
@@ -21,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ from measure import load_average, machine_facts  # noqa: E402
 
 from dalg.inference import InferenceOptions  # noqa: E402
 
-SECTIONS = ("extraction", "train", "eval", "search_1m")
+SECTIONS = ("extraction", "train", "loader", "eval", "search_1m")
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "landmarks-mini" / "jpg"
 
 
@@ -100,6 +102,25 @@ def run_extraction(args, device: torch.device) -> dict[str, Any]:
     return res
 
 
+def run_loader(args) -> dict[str, Any]:
+    """bench_loader.py at the default run's sizes (128 px images, 96 px crops, batch 64, model=dalg_tiny)."""
+    quick = ["--n-images", "32", "--batch-size", "8", "--batches", "2", "--steps", "1", "--workers", "0"]
+    full = ["--n-images", "256", "--batch-size", "64", "--batches", "3", "--steps", "3", "--workers", "0,2"]
+    with tempfile.TemporaryDirectory(prefix="bench-run-all-") as tmp:
+        out_json = Path(tmp) / "loader.json"
+        cmd = ["benchmarks/bench_loader.py", "--image-size", "128", "--train-size", "96",
+               *(quick if args.quick else full), "--json", str(out_json)]
+        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        res = json.loads(out_json.read_text())
+    res["command"] = "python " + " ".join(c for c in cmd[:-2])
+    for r in res["results"]:
+        print(f"  loader workers={r['workers']}: augmented {r['augmented_img_s']:.1f} img/s"
+              + (f", waiting for data {100 * r['wait_share']:.0f}% of a step" if "wait_share" in r else ""), flush=True)
+    return res
+
+
 def run_search_1m(args) -> dict[str, Any]:
     n = 20_000 if args.quick else args.n_distractors
     cmd = [sys.executable, str(HERE / "bench_search_1m.py"), "--n-distractors", str(n)]
@@ -130,17 +151,22 @@ def _f(x: float | None, fmt: str = ".2f") -> str:
     return "–" if x is None else format(x, fmt)
 
 
+def _measured(res: dict[str, Any]) -> str:
+    return (f"*Measured {res.get('measured_at', '?')} in {res.get('seconds', float('nan')):.0f} s by `{res.get('run_command')}`;"
+            f" load average {res.get('load_start')} → {res.get('load_end')}.*")
+
+
 def markdown(results: dict[str, Any], command: str) -> str:
     env = results["environment"]
     lines = [f"# Benchmarks (`{command}`)", "",
              f"Machine: {env['machine']['cpu']}, {env['machine']['cpu_count']} CPUs, torch {env['machine']['torch']},"
              f" {env['machine']['torch_threads']} threads, device {env['machine']['device']}; load average "
              f"(1/5/15 min) at start {env['load_start']}, at end {env['load_end']}. "
-             f"Started {env['started']}, took {env['seconds']:.0f} s.", ""]
+             f"Last command started {env['started']}, took {env['seconds']:.0f} s.", ""]
     ex = results.get("extraction")
     if ex:
         peak = ex["matmul_peak_gflops_per_s"]
-        lines += ["## Extraction at the test size", "",
+        lines += ["## Extraction at the test size", "", _measured(ex), "",
                   f"{ex['n_images']} images ({ex['image_source']}, own aspect ratios, longer side {ex['test_size']})"
                   f", {ex['rounds']} interleaved rounds, medians. Dense matmul ({ex['matmul_n']}²) in the same run: "
                   + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()) + ".", "",
@@ -161,16 +187,25 @@ def markdown(results: dict[str, Any], command: str) -> str:
         lines.append("")
     tr = results.get("train")
     if tr:
-        lines += ["## Training step (tiny CPU config)", "",
+        lines += ["## Training step (tiny CPU config)", "", _measured(tr), "",
                   f"`model={tr['model']}`, batch {tr['batch_size']} at {tr['train_size']} px, {tr['num_classes']} "
                   f"classes, {tr['optimizer']}: **{tr['images_per_s']:.1f} images/s** (median of {tr['steps']} "
                   f"steps), peak RSS {tr['peak_rss_mib']:.0f} MiB ({tr['rss_before_mib']:.0f} MiB before the steps)"
                   + (f", peak CUDA memory {tr['peak_cuda_allocated_mib']:.0f} MiB" if "peak_cuda_allocated_mib" in tr
                      else "") + ".", ""]
+    ld = results.get("loader")
+    if ld:
+        lines += ["## Training loader (bench_loader.py)", "", _measured(ld), "", f"`{ld['command']}`", "",
+                  "| workers | decoded images/s | augmented images/s | share of a training step waiting for data |",
+                  "|---:|---:|---:|---:|"]
+        for r in ld["results"]:
+            share = f"{100 * r['wait_share']:.0f}%" if "wait_share" in r else "–"
+            lines.append(f"| {r['workers']} | {r['decoded_img_s']:.1f} | {r['augmented_img_s']:.1f} | {share} |")
+        lines.append("")
     ev = results.get("eval")
     if ev:
         ms = ev["median_ms"]
-        lines += ["## Evaluation from given similarities", "",
+        lines += ["## Evaluation from given similarities", "", _measured(ev), "",
                   f"{ev['n_queries']} queries × {ev['n_database']:,} database images, revisited mAP + mP@k (E/M/H); "
                   "identical scores checked before timing.", "",
                   "| implementation | ms (median) | vs reference |", "|---|---:|---:|",
@@ -186,7 +221,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
         lines.append("")
     s1 = results.get("search_1m")
     if s1:
-        lines += ["## 70 × (5,000 + 1M) search", "",
+        lines += ["## 70 × (5,000 + 1M) search", "", _measured(s1), "",
                   f"`{s1['command']}`: search {_f(s1['search_seconds'])} s, evaluate {_f(s1['evaluate_seconds'], '.3f')}"
                   f" s, peak RSS {_f(s1['peak_rss_gib'], '.2f')} GiB (database file generation "
                   f"{_f(s1['generation_seconds'])} s, not counted).", ""]
@@ -197,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny configs and sizes: a smoke run in seconds")
     ap.add_argument("--skip-1m", action="store_true", help="skip the 1M-distractor search")
+    ap.add_argument("--table-only", action="store_true", help="only rebuild results.md from the JSONs in --out")
+    ap.add_argument("--skip-loader", action="store_true", help="skip the training-loader benchmark")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
     ap.add_argument("--out", type=Path, default=REPO / "experiments" / "bench")
     ap.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
@@ -215,12 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.size = args.size or (64 if args.quick else 512)
     args.matmul_n = args.matmul_n or (256 if args.quick else 2048)
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    sections = [] if args.table_only else [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}; known: {SECTIONS}")
     if args.skip_1m and "search_1m" in sections:
         sections.remove("search_1m")
+    if args.skip_loader and "loader" in sections:
+        sections.remove("loader")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -238,17 +277,26 @@ def main(argv: list[str] | None = None) -> int:
                                          batch_size=8 if args.quick else None, size=64 if args.quick else None,
                                          device=device, log=lambda s: print(s, flush=True)),
         "eval": lambda: bench_eval.run(rounds=1 if args.quick else 7, log=lambda s: print(s, flush=True)),
+        "loader": lambda: run_loader(args),
         "search_1m": lambda: run_search_1m(args),
     }
     for name in sections:
-        print(f"[{name}] load average {load_average()}", flush=True)
+        load_start = load_average()
+        print(f"[{name}] load average {load_start}", flush=True)
+        t_section = time.perf_counter()
         res = runners[name]()
-        res["load_end"] = load_average()
-        results[name] = res
+        res.update(load_start=load_start, load_end=load_average(), seconds=time.perf_counter() - t_section,
+                   measured_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), run_command=command.strip(),
+                   machine=env["machine"])
         write_json(args.out / f"{name}.json", res)
-    env.update(load_end=load_average(), seconds=time.perf_counter() - t0)
-    results["environment"] = env
+    env.update(load_end=load_average(), seconds=time.perf_counter() - t0, sections=sections)
     write_json(args.out / "environment.json", env)
+    # the table covers every section present in the folder (a section re-run alone replaces only its own JSON)
+    for name in SECTIONS:
+        path = args.out / f"{name}.json"
+        if path.is_file():
+            results[name] = json.loads(path.read_text())
+    results["environment"] = env
     table = markdown(results, command.strip())
     md = args.out / "results.md"
     tmp = md.with_name(md.name + ".tmp")

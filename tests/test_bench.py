@@ -14,13 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_eval  # noqa: E402
+import bench_extraction  # noqa: E402
+import run_all  # noqa: E402
+import torch  # noqa: E402
 
 from dalg.retrieval.metrics import evaluate_revisited  # noqa: E402
 
 
+@pytest.mark.slow  # ~20-40 s on 2 idle cores: builds the tiny DALG and DOLG and extracts at five scales
 def test_quick_run_writes_json_and_table(tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick", "--skip-1m",
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick", "--skip-1m", "--skip-loader",
                            "--synthetic-images", "--out", str(out)], capture_output=True, text=True, cwd=REPO,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -43,6 +47,39 @@ def test_quick_run_writes_json_and_table(tmp_path):
     assert ev["same_scores"] and ev["n_queries"] == 70 and ev["n_database"] == 5000
     table = (out / "results.md").read_text()
     assert "DALG / DOLG-5-scale" in table and "images/s" in table and "matmul" in table
+    assert "Evaluation from given similarities" in table and "Training step" in table
+    # --table-only rebuilds the table from the JSONs alone
+    (out / "results.md").unlink()
+    assert run_all.main(["--table-only", "--out", str(out)]) == 0
+    assert (out / "results.md").read_text().count("| dolg_tiny@5 |") == 2
+
+
+def test_extraction_run_counts_flops_per_scale_and_checks_descriptors():
+    images = [torch.randn(3, 40, 32), torch.randn(3, 32, 40)]
+    V, Opt = bench_extraction.Variant, bench_extraction.InferenceOptions
+    variants = [V("dalg_tiny", (1.0,), None, tag="one"), V("dalg_tiny", (1.0,), Opt(), max_batch=2, tag="one"),
+                V("dalg_tiny", (0.5, 1.0), None, tag="two")]
+    res = bench_extraction.run(variants, images, rounds=1, device=torch.device("cpu"), matmul_n=64, log=lambda s: None)
+    rows = {(r["tag"], r["options"]): r for r in res["variants"]}
+    plain, opt, two = rows[("one", "plain")], rows[("one", "fp32")], rows[("two", "plain")]
+    assert opt["min_cosine_to_plain"] == pytest.approx(1.0, abs=1e-5)
+    assert plain["latency_ms_median"] > 0 and opt["latency_ms_median"] is None  # batched: no per-image latency
+    assert plain["gflops_per_image"] == pytest.approx(opt["gflops_per_image"])
+    assert plain["gflops_per_image"] < two["gflops_per_image"] < 2 * plain["gflops_per_image"]  # + half-size pass
+    assert res["matmul_peak_gflops_per_s"]["float32"] > 0
+    assert plain["fraction_of_matmul_peak"] == pytest.approx(
+        plain["achieved_gflops_per_s"] / res["matmul_peak_gflops_per_s"]["float32"])
+    assert bench_extraction.best(res["variants"], "one", optimised=True)["options"] == "fp32"
+
+
+def test_runner_eval_section_and_table(tmp_path):
+    assert run_all.main(["--quick", "--sections", "eval", "--out", str(tmp_path)]) == 0
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["same_scores"] and ev["median_ms"]["reference"] > 0 and ev["load_start"] and ev["load_end"]
+    table = (tmp_path / "results.md").read_text()
+    assert "per-query NumPy reference" in table and "Extraction" not in table
+    with pytest.raises(SystemExit):
+        run_all.main(["--sections", "nope", "--out", str(tmp_path)])
 
 
 def _ties_problem(seed: int):

@@ -16,8 +16,13 @@ from dalg.inference import (
 )
 from tests.conftest import compose_train
 
+_MODELS: dict[str, torch.nn.Module] = {}
+
 
 def _model(name: str, tmp_path) -> torch.nn.Module:
+    """Built once per module (optimize_for_inference works on a copy, so tests cannot change it)."""
+    if name in _MODELS:
+        return _MODELS[name]
     cfg = compose_train([f"model={name}"], tmp_path)
     torch.manual_seed(0)
     model = hydra.utils.instantiate(cfg.model, num_classes=0).eval()
@@ -26,6 +31,7 @@ def _model(name: str, tmp_path) -> torch.nn.Module:
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
+    _MODELS[name] = model
     return model
 
 
