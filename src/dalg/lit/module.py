@@ -80,6 +80,16 @@ class RetrievalModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("torch_rng_state")
 
+    def on_train_start(self) -> None:
+        # Lightning 2.6 builds the training loader early when configure_optimizers reads estimated_stepping_batches
+        # (before the checkpoint is restored) and then skips handing it the restored loader state (fit_loop.
+        # setup_data returns early). Hand it over here and restart the iterator, so a mid-epoch resume continues
+        # the epoch's data order (dalg.lit.resumable_data) instead of starting a new one.
+        fit_loop = self.trainer.fit_loop
+        if getattr(fit_loop, "_combined_loader_states_to_load", None) and fit_loop._combined_loader is not None:
+            fit_loop._load_combined_loader_states()
+            iter(fit_loop._data_fetcher)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if getattr(self, "_rng_to_restore", None) is not None:  # first step after a resume
             torch.set_rng_state(self._rng_to_restore)
