@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dalg.retrieval.index import rank_by_similarity
-from dalg.retrieval.metrics import evaluate_revisited, format_table
+from dalg.retrieval.metrics import evaluate_revisited, evaluate_revisited_from_similarity, format_table
 
 # ----------------------------------------------------------------------------------------------------------
 # Plain reference: one query at a time, Python loops, written straight from protocol.md.
@@ -241,3 +241,37 @@ def test_overlapping_lists_follow_official_semantics(seed) -> None:
         for _ in range(nq)
     ]
     _assert_close(evaluate_revisited(ranks, gnd).as_dict(), _reference(ranks, gnd))
+
+
+@settings(max_examples=100, deadline=None)
+@given(_problems(), st.booleans())
+def test_from_similarity_equals_ranking_then_scoring(problem, overlapping: bool) -> None:
+    # many exact ties (few levels), -0.0 next to 0.0, optionally lists that overlap
+    sim, gnd, _ = problem
+    sim = sim - sim.mean()
+    sim[sim == 0] = np.where(np.arange((sim == 0).sum()) % 2, -0.0, 0.0)
+    if overlapping:
+        gnd = [dict(g, junk=list(g["junk"]) + list(g["easy"][:1])) for g in gnd]
+    expected = evaluate_revisited(rank_by_similarity(sim), gnd)
+    got = evaluate_revisited_from_similarity(sim, gnd)
+    _assert_close(got.as_dict(), expected.as_dict())
+    for s in "EMH":
+        np.testing.assert_allclose(got.aps[s], expected.aps[s], atol=1e-12)
+    assert got.truncated is False
+
+
+def test_from_similarity_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate_revisited_from_similarity(np.array([[np.nan, 1.0]]), [{"easy": [0], "hard": [], "junk": []}])
+    with pytest.raises(ValueError, match="2-D float"):
+        evaluate_revisited_from_similarity(np.array([[1, 2]]), [{"easy": [0], "hard": [], "junk": []}])
+
+
+def test_from_similarity_signed_zero_ties() -> None:
+    sim = np.array([[0.0, -0.0, 0.5, -0.0]], dtype=np.float32)  # stable order: 2, 0, 1, 3
+    gnd = [{"easy": [1], "hard": [3], "junk": []}]
+    assert rank_by_similarity(sim)[0].tolist() == [2, 0, 1, 3]
+    _assert_close(
+        evaluate_revisited_from_similarity(sim, gnd).as_dict(),
+        evaluate_revisited(np.array([[2, 0, 1, 3]]), gnd).as_dict(),
+    )

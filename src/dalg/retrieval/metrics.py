@@ -154,6 +154,20 @@ def evaluate_revisited(
     rows = where // k
     cols = where - rows * k
     lab = labels.ravel()[where]
+    return _score_labelled(rows, cols, lab, lengths, nq, kappas, truncated=k < n_database)
+
+
+def _score_labelled(
+    rows: np.ndarray,
+    cols: np.ndarray,
+    lab: np.ndarray,
+    lengths: np.ndarray,
+    nq: int,
+    kappas: tuple[int, ...],
+    truncated: bool,
+) -> RevisitedScores:
+    """Scores from the labelled items only: query ``rows``, 0-based ranked positions ``cols`` and easy/hard/
+    junk bits ``lab``, sorted by (row, position); ``lengths`` = (n_queries, 3) sizes of the gnd lists."""
     first_of_row = np.searchsorted(rows, np.arange(nq))  # index of each query's first labelled item
     n_per_setup = {"E": lengths[:, 0], "H": lengths[:, 1], "M": lengths[:, 0] + lengths[:, 1]}
 
@@ -196,7 +210,57 @@ def evaluate_revisited(
         out_aps[setup] = aps
         out_map[setup] = float(np.nanmean(aps) * 100.0) if valid.any() else float("nan")
         out_mpk[setup] = mpk
-    return RevisitedScores(map=out_map, mpk=out_mpk, aps=out_aps, truncated=k < n_database)
+    return RevisitedScores(map=out_map, mpk=out_mpk, aps=out_aps, truncated=truncated)
+
+
+def evaluate_revisited_from_similarity(
+    sim: np.ndarray, gnd: Sequence[Mapping], kappas: Sequence[int] = (1, 5, 10)
+) -> RevisitedScores:
+    """Same scores as ``evaluate_revisited(rank_by_similarity(sim), gnd)``, without ranking the database.
+
+    Only the positions of the labelled images are needed: position = #(higher similarity) + #(equal
+    similarity, lower index), i.e. the stable order with ties broken by the lower index. One value sort per
+    row (cheaper than an argsort) and a binary search per labelled image; exact ties with a labelled image's
+    score are counted directly. ``sim``: ``(n_queries, n_database)`` finite similarities.
+    """
+    sim = np.asarray(sim)
+    if sim.ndim != 2 or not np.issubdtype(sim.dtype, np.floating):
+        raise ValueError(
+            f"sim must be a 2-D float array (n_queries, n_database), got {sim.dtype} {sim.shape}"
+        )
+    nq, n = sim.shape
+    if len(gnd) != nq:
+        raise ValueError(f"sim has {nq} queries (rows) but gnd has {len(gnd)} entries")
+    if not np.isfinite(sim).all():
+        raise ValueError("sim holds NaN or infinite similarities")
+    kappas = tuple(int(x) for x in kappas)
+    if any(x < 1 for x in kappas):
+        raise ValueError(f"kappas must be >= 1, got {kappas}")
+    sim = sim + sim.dtype.type(0)  # -0.0 -> +0.0: equal floats must also look equal to the sort
+    flat, lengths = _gnd_lists(gnd, n)
+    rows = np.repeat(np.repeat(np.arange(nq, dtype=np.int64), 3), lengths.ravel())
+    bits = np.repeat(np.tile(np.array([_EASY, _HARD, _JUNK], dtype=np.uint8), nq), lengths.ravel())
+    # one entry per (query, image): an image in two lists of a query gets both bits, as in the lookup table
+    keys = rows * n + flat
+    order = np.argsort(keys, kind="stable")
+    keys, bits = keys[order], bits[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if keys.size else np.zeros(0, np.int64)
+    ukeys = keys[starts]
+    ubits = np.bitwise_or.reduceat(bits, starts) if keys.size else bits
+    uq, item = ukeys // n, ukeys % n
+    values = sim[uq, item]
+    srt = np.sort(sim, axis=1)
+    pos = np.empty(ukeys.size, dtype=np.int64)
+    bounds = np.searchsorted(uq, np.arange(nq + 1))
+    for q in np.flatnonzero(bounds[1:] > bounds[:-1]):  # vectorised within the query
+        a, b = bounds[q], bounds[q + 1]
+        hi = np.searchsorted(srt[q], values[a:b], side="right")
+        lo = np.searchsorted(srt[q], values[a:b], side="left")
+        pos[a:b] = n - hi  # strictly higher scores
+        for t in np.flatnonzero(hi - lo > 1):  # equal scores: the lower indices come first
+            pos[a + t] += int(np.count_nonzero(sim[q, : item[a + t]] == values[a + t]))
+    o = np.lexsort((pos, uq))
+    return _score_labelled(uq[o], pos[o], ubits[o], lengths, nq, kappas, truncated=False)
 
 
 def format_table(scores: RevisitedScores, title: str = "") -> str:
