@@ -26,6 +26,8 @@ from dalg.inference import InferenceModel, InferenceOptions, extract_images, opt
 from dalg.models.summary import build_model
 
 DOLG_SCALES = (0.3535, 0.5, 0.7071, 1.0, 1.4142)
+# (tokens, width, 4 x width): ViT-S/16's MLP input GEMM for one 384 x 512 image, the practical ceiling of its layers
+VIT_S_GEMM = (768, 384, 1536)
 
 
 @dataclass
@@ -94,7 +96,7 @@ def _extractor(v: Variant, plain: nn.Module, cache: dict[tuple, InferenceModel])
 
 
 def run(variants: list[Variant], images: list[torch.Tensor], rounds: int, device: torch.device,
-        matmul_n: int = 2048, log=print) -> dict[str, Any]:
+        matmul_n: int = 2048, peak_seconds: float = 1.0, log=print) -> dict[str, Any]:
     """Interleaved timing of all variants; returns per-variant figures and the matmul peaks of the run."""
     plain_models: dict[str, nn.Module] = {}
     meta_models: dict[str, nn.Module] = {}
@@ -144,15 +146,19 @@ def run(variants: list[Variant], images: list[torch.Tensor], rounds: int, device
         per_image[v.name].clear()
         log(f"  warm-up {v.name}: {warm[v.name]:.1f} s")
 
-    wants_bf16 = any(v.options is not None and v.options.bf16 for v in variants)
-    peaks: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    dtypes = {"float32": torch.float32}
+    if any(v.options is not None and v.options.bf16 for v in variants):
+        dtypes["bfloat16"] = torch.bfloat16
+    peaks: dict[str, list[float]] = {k: [] for k in dtypes}
+    vit_gemm: dict[str, list[float]] = {k: [] for k in dtypes}
 
     def between(r: int) -> None:
-        peaks["float32"].append(matmul_gflops(matmul_n, torch.float32, device))
-        if wants_bf16:
-            peaks["bfloat16"].append(matmul_gflops(matmul_n, torch.bfloat16, device))
-        log(f"  round {r + 1}/{rounds}: matmul fp32 {peaks['float32'][-1]:.0f} GFLOP/s"
-            + (f", bf16 {peaks['bfloat16'][-1]:.0f} GFLOP/s" if wants_bf16 else ""))
+        for name, dt in dtypes.items():
+            peaks[name].append(matmul_gflops(matmul_n, dt, device, min_seconds=peak_seconds))
+            vit_gemm[name].append(matmul_gflops(0, dt, device, min_seconds=peak_seconds / 2, shape=VIT_S_GEMM))
+        log(f"  round {r + 1}/{rounds}: matmul {matmul_n}^2 " + ", ".join(
+            f"{k} {v[-1]:.0f}" for k, v in peaks.items()) + " GFLOP/s; ViT-S MLP-shaped GEMM " + ", ".join(
+            f"{k} {v[-1]:.0f}" for k, v in vit_gemm.items()) + " GFLOP/s")
 
     times = interleaved(fns, rounds, device, between=between)
     peak = {k: median(v) for k, v in peaks.items() if v}
@@ -187,7 +193,9 @@ def run(variants: list[Variant], images: list[torch.Tensor], rounds: int, device
             + (f", cos>= {cos_min:.4f}" if cos_min is not None else ""))
     return {"variants": results, "matmul_peak_gflops_per_s": peak,
             "matmul_rounds_gflops_per_s": {k: [round(x, 1) for x in v] for k, v in peaks.items() if v},
-            "matmul_n": matmul_n}
+            "matmul_n": matmul_n, "matmul_seconds_per_figure": peak_seconds,
+            "vit_s_gemm_shape": list(VIT_S_GEMM),
+            "vit_s_gemm_gflops_per_s": {k: median(v) for k, v in vit_gemm.items() if v}}
 
 
 def best(results: list[dict], tag: str, optimised: bool) -> dict | None:

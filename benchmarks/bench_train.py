@@ -2,10 +2,19 @@
 
 One step = forward, margin-softmax cross-entropy, backward, AdamW step with the project's parameter groups,
 on random tensors of the configured batch and train size (data loading is benchmarks/bench_loader.py's job).
+run_all.py runs this file as its own process, so that the peak memory is that of a process that only trains:
+
+    python benchmarks/bench_train.py --json /tmp/train.json [--model dalg_tiny --steps 6 --batch-size 64]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import resource
+import sys
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -54,6 +63,7 @@ def run(model: str = "dalg_tiny", steps: int = 6, warmup: int = 2, batch_size: i
         times = [timed(step, device) for _ in range(steps)]
     t = median(times)
     out = {"model": model, "batch_size": batch_size, "train_size": size, "num_classes": num_classes,
+           "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "steps": steps, "warmup_steps": warmup, "step_seconds": [round(s, 4) for s in times],
            "images_per_s": batch_size / t,
            "peak_rss_mib": rss.peak / 2**20, "rss_before_mib": rss.start / 2**20,
@@ -64,3 +74,27 @@ def run(model: str = "dalg_tiny", steps: int = 6, warmup: int = 2, batch_size: i
     log(f"  train {model} batch {batch_size} @{size}px: {out['images_per_s']:.1f} img/s, "
         f"peak RSS {out['peak_rss_mib']:.0f} MiB")
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="dalg_tiny")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the data config's batch size")
+    ap.add_argument("--size", type=int, default=None, help="default: the data config's train size")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args(argv)
+    res = run(args.model, args.steps, args.warmup, args.batch_size, args.size, torch.device(args.device),
+              log=lambda s: print(s, flush=True))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(res, indent=2) + "\n")
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

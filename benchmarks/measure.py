@@ -44,15 +44,31 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, device: torch.de
     return out
 
 
-def matmul_gflops(n: int, dtype: torch.dtype, device: torch.device | str = "cpu", reps: int = 3) -> float:
-    """Dense (n x n) @ (n x n) GFLOP/s (2 n^3 FLOPs per product), median of ``reps`` after one warm-up."""
+def matmul_gflops(n: int, dtype: torch.dtype, device: torch.device | str = "cpu", min_seconds: float = 1.0,
+                  shape: tuple[int, int, int] | None = None) -> float:
+    """Dense matmul GFLOP/s (2 m k n FLOPs per product): (n x n) @ (n x n), or (m x k) @ (k x n) for ``shape``.
+
+    Products are repeated for at least ``min_seconds`` and the total is timed, so that on a shared machine the
+    figure sees the same contention as the multi-second extraction it is compared with (a few short products
+    would catch the idle gaps and overstate the peak).
+    """
+    m, k, nn_ = shape if shape is not None else (n, n, n)
     g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    a = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(k, nn_, generator=g).to(device=device, dtype=dtype)
     with torch.inference_mode():
         torch.mm(a, b)
-        ts = [timed(lambda: torch.mm(a, b), device) for _ in range(reps)]
-    return 2 * n**3 / median(ts) / 1e9
+        sync(device)
+        reps, t0 = 0, time.perf_counter()
+        while True:
+            torch.mm(a, b)
+            reps += 1
+            if reps % 4 == 0:
+                sync(device)
+                if time.perf_counter() - t0 >= min_seconds:
+                    break
+        elapsed = time.perf_counter() - t0
+    return 2 * m * k * nn_ * reps / elapsed / 1e9
 
 
 class PeakRSS:

@@ -9,7 +9,7 @@ Sections (each writes experiments/bench/<section>.json; the markdown table goes 
   eval        revisited mAP from given similarities, 70 x 5,000: dalg.retrieval vs a per-query NumPy reference
   search_1m   benchmarks/bench_search_1m.py (70 queries vs 5,000 + 1M distractors), run as a subprocess
 
-    python benchmarks/run_all.py                 # everything (~15 min on 2 idle cores)
+    python benchmarks/run_all.py                 # everything (~20 min under load ~6 on 2 cores; less when idle)
     python benchmarks/run_all.py --skip-1m       # without the 1M search
     python benchmarks/run_all.py --quick --out /tmp/bench   # tiny configs, seconds (tests use this)
 """
@@ -35,7 +35,6 @@ sys.path.insert(0, str(HERE))
 
 import bench_eval  # noqa: E402
 import bench_extraction  # noqa: E402
-import bench_train  # noqa: E402
 from measure import load_average, machine_facts  # noqa: E402
 
 from dalg.inference import InferenceOptions  # noqa: E402
@@ -55,7 +54,7 @@ def extraction_variants(quick: bool, with_compile: bool, max_batch: int) -> list
     V, Opt = bench_extraction.Variant, InferenceOptions
     dalg, dolg = ("dalg_tiny", "dolg_tiny") if quick else ("dalg_cross", "dolg_r50")
     five = bench_extraction.DOLG_SCALES
-    auto = Opt(bf16=None)  # the defaults an eval script gets: channels-last for CNNs, bf16 where it is fast
+    auto = Opt()  # the defaults an eval script gets: channels-last for CNNs, bf16 where it is fast
     out: list[bench_extraction.Variant] = []
     for model, scales, tag in ((dalg, (1.0,), f"{dalg}@1"), (dolg, five, f"{dolg}@5"), (dolg, (1.0,), f"{dolg}@1")):
         cnn = model.startswith("dolg")
@@ -79,7 +78,7 @@ def run_extraction(args, device: torch.device) -> dict[str, Any]:
           flush=True)
     variants = extraction_variants(args.quick, args.compile, args.max_batch)
     res = bench_extraction.run(variants, images, args.rounds, device, matmul_n=args.matmul_n,
-                               log=lambda s: print(s, flush=True))
+                               peak_seconds=0.1 if args.quick else 1.0, log=lambda s: print(s, flush=True))
     res.update(n_images=len(images), images=names, image_source=str(image_dir) if image_dir else "synthetic generator views",
                image_shapes=[list(i.shape[1:]) for i in images], test_size=args.size, rounds=args.rounds)
     rows = res["variants"]
@@ -99,6 +98,23 @@ def run_extraction(args, device: torch.device) -> dict[str, Any]:
             "dalg_fraction_of_matmul_peak": d["fraction_of_matmul_peak"], "dalg_dtype": d["dtype"],
         }
     res["summary"] = summary
+    return res
+
+
+def run_train(args, device: torch.device) -> dict[str, Any]:
+    """bench_train.py in its own process: its peak memory is that of a process that only trains."""
+    quick = ["--steps", "2", "--warmup", "1", "--batch-size", "8", "--size", "64"]
+    with tempfile.TemporaryDirectory(prefix="bench-run-all-") as tmp:
+        out_json = Path(tmp) / "train.json"
+        cmd = ["benchmarks/bench_train.py", "--model", "dalg_tiny", *(quick if args.quick else []),
+               "--device", str(device), "--json", str(out_json)]
+        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        res = json.loads(out_json.read_text())
+    res["command"] = "python " + " ".join(cmd[:-2])
+    print(f"  train {res['model']} batch {res['batch_size']} @{res['train_size']}px: {res['images_per_s']:.1f} img/s,"
+          f" peak RSS {res['process_peak_rss_mib']:.0f} MiB", flush=True)
     return res
 
 
@@ -168,8 +184,11 @@ def markdown(results: dict[str, Any], command: str) -> str:
         peak = ex["matmul_peak_gflops_per_s"]
         lines += ["## Extraction at the test size", "", _measured(ex), "",
                   f"{ex['n_images']} images ({ex['image_source']}, own aspect ratios, longer side {ex['test_size']})"
-                  f", {ex['rounds']} interleaved rounds, medians. Dense matmul ({ex['matmul_n']}²) in the same run: "
-                  + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()) + ".", "",
+                  f", {ex['rounds']} interleaved rounds, medians. Dense matmul ({ex['matmul_n']}²) in the same run, "
+                  "between rounds: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items())
+                  + (("; a GEMM of ViT-S's own MLP shape (" + "×".join(map(str, ex["vit_s_gemm_shape"])) + "): "
+                      + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in ex["vit_s_gemm_gflops_per_s"].items()))
+                     if "vit_s_gemm_gflops_per_s" in ex else "") + ".", "",
                   "| model @ scales | how | images/s | latency ms (1 image) | GFLOPs / image | achieved GFLOP/s "
                   "| of matmul peak (same dtype) | min cos to plain |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -177,7 +196,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
             lines.append(f"| {r['tag']} | {r['how']} | {r['images_per_s']:.3f} | {_f(r['latency_ms_median'], '.0f')} | "
                          f"{r['gflops_per_image']:.1f} | {r['achieved_gflops_per_s']:.1f} | "
                          f"{_f(r['fraction_of_matmul_peak'] and 100 * r['fraction_of_matmul_peak'], '.0f')}% | "
-                         f"{_f(r['min_cosine_to_plain'], '.4f')} |")
+                         f"{_f(r['min_cosine_to_plain'], '.5f')} |")
         lines.append("")
         for key, s in ex["summary"].items():
             lines.append(f"- **{key}**: DALG / DOLG-5-scale images/s = **{s['ratio_dalg_over_dolg5']:.2f}×** "
@@ -187,10 +206,11 @@ def markdown(results: dict[str, Any], command: str) -> str:
         lines.append("")
     tr = results.get("train")
     if tr:
-        lines += ["## Training step (tiny CPU config)", "", _measured(tr), "",
+        lines += ["## Training step (tiny CPU config)", "", _measured(tr), "", f"`{tr.get('command', '')}`", "",
                   f"`model={tr['model']}`, batch {tr['batch_size']} at {tr['train_size']} px, {tr['num_classes']} "
                   f"classes, {tr['optimizer']}: **{tr['images_per_s']:.1f} images/s** (median of {tr['steps']} "
-                  f"steps), peak RSS {tr['peak_rss_mib']:.0f} MiB ({tr['rss_before_mib']:.0f} MiB before the steps)"
+                  f"steps); peak RSS of the training process {tr['process_peak_rss_mib']:.0f} MiB (model, optimiser, "
+                  f"activations; {tr['peak_rss_mib'] - tr['rss_before_mib']:.0f} MiB more than before the timed steps)"
                   + (f", peak CUDA memory {tr['peak_cuda_allocated_mib']:.0f} MiB" if "peak_cuda_allocated_mib" in tr
                      else "") + ".", ""]
     ld = results.get("loader")
@@ -240,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--image-dir", default=str(DEFAULT_IMAGES), help="photos read at run time (never copied)")
     ap.add_argument("--synthetic-images", action="store_true", help="use synthetic generator views instead")
-    ap.add_argument("--images", type=int, default=None, help="images per extraction round (default 6; quick 2)")
+    ap.add_argument("--images", type=int, default=None, help="images per extraction round (default 4; quick 2)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; quick 1)")
     ap.add_argument("--size", type=int, default=None, help="test size, longer side (default 512; quick 64)")
     ap.add_argument("--max-batch", type=int, default=8, help="batch size of the by-shape batching variant")
@@ -248,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--matmul-n", type=int, default=None, help="matmul side for the peak (default 2048; quick 256)")
     ap.add_argument("--n-distractors", type=int, default=1_000_000)
     args = ap.parse_args(argv)
-    args.images = args.images or (2 if args.quick else 6)
+    args.images = args.images or (2 if args.quick else 4)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.size = args.size or (64 if args.quick else 512)
     args.matmul_n = args.matmul_n or (256 if args.quick else 2048)
@@ -273,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     runners = {
         "extraction": lambda: run_extraction(args, device),
-        "train": lambda: bench_train.run("dalg_tiny", steps=2 if args.quick else 6, warmup=1 if args.quick else 2,
-                                         batch_size=8 if args.quick else None, size=64 if args.quick else None,
-                                         device=device, log=lambda s: print(s, flush=True)),
+        "train": lambda: run_train(args, device),
         "eval": lambda: bench_eval.run(rounds=1 if args.quick else 7, log=lambda s: print(s, flush=True)),
         "loader": lambda: run_loader(args),
         "search_1m": lambda: run_search_1m(args),

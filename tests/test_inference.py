@@ -47,7 +47,7 @@ def test_fp32_options_match_plain_extract(name, tmp_path, images):
     model = _model(name, tmp_path)
     x = torch.stack([images[0], images[2]])
     ref = model.extract(x)
-    fast = optimize_for_inference(model, InferenceOptions(channels_last=None))
+    fast = optimize_for_inference(model, InferenceOptions(channels_last=None, bf16=False))
     assert fast.options.channels_last == (name == "dolg_tiny")
     assert fast.options.label() == ("channels-last" if name == "dolg_tiny" else "fp32")
     out = fast.extract(x)
@@ -76,7 +76,7 @@ def test_bf16_close_to_fp32_and_descriptors_stay_float32(name, tmp_path, images)
 
 def test_scales_and_batching_by_shape_match_per_image(tmp_path, images):
     model = _model("dolg_tiny", tmp_path)
-    fast = optimize_for_inference(model)
+    fast = optimize_for_inference(model, InferenceOptions(bf16=False))
     per_image = torch.cat([model.extract(im[None]) for im in images])
     batched = extract_images(fast, images, max_batch=4)
     torch.testing.assert_close(batched, per_image, atol=2e-5, rtol=1e-4)
@@ -86,6 +86,16 @@ def test_scales_and_batching_by_shape_match_per_image(tmp_path, images):
         fast.extract(images[0][None], scales=[])
     with pytest.raises(ValueError, match="max_batch"):
         group_by_shape(images, max_batch=0)
+
+
+def test_automatic_bf16_follows_the_device(tmp_path, monkeypatch):
+    import dalg.inference as inf
+
+    model = _model("dalg_tiny", tmp_path)
+    monkeypatch.setattr(inf, "cpu_has_fast_bf16", lambda: False)
+    assert optimize_for_inference(model).options.bf16 is False
+    monkeypatch.setattr(inf, "cpu_has_fast_bf16", lambda: True)
+    assert optimize_for_inference(model).options.bf16 is True
 
 
 def test_is_cnn(tmp_path):

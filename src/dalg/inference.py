@@ -1,7 +1,7 @@
 """Inference-time optimisations applied to a built DALG/DOLG model from outside (no model code changes).
 
     from dalg.inference import InferenceOptions, optimize_for_inference
-    fast = optimize_for_inference(model, InferenceOptions(bf16=True))
+    fast = optimize_for_inference(model)   # automatic choices; InferenceOptions(bf16=False) for exact float32
     desc = fast.extract(images)            # (B, embed_dim) float32, L2-normalised, model.scales by default
 
 What each option does and why:
@@ -52,10 +52,15 @@ def is_cnn(model: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class InferenceOptions:
-    """``None`` = automatic: channels_last for CNN backbones; bf16 off (measure first: ``make bench``)."""
+    """``None`` = automatic: channels-last for CNN backbones; bf16 where the device has native bf16 matmuls.
+
+    Automatic bf16 follows `make bench` on a Xeon with AMX (experiments/bench/results.md): faster for both DALG
+    and DOLG, descriptors within cosine 0.999 of float32.  ``bf16=False`` gives float32 results bit-for-bit
+    comparable with ``model.extract``.
+    """
 
     channels_last: bool | None = None
-    bf16: bool | None = False
+    bf16: bool | None = None
     compile: bool = False
     compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune"; None = default
     device: str | None = None  # move the model there; None = where it already is
