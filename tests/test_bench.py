@@ -91,14 +91,12 @@ def _ties_problem(seed: int):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_reference_prototype_and_library_agree_with_ties(seed):
+def test_reference_and_library_agree_with_ties(seed):
     sim, gnd = _ties_problem(seed)
     ref = bench_eval.reference_scores(sim, gnd)
-    fast = bench_eval.fast_scores(sim, gnd)
-    proto = bench_eval.prototype_scores(sim, gnd)
-    for k in ref:
-        assert fast[k] == pytest.approx(ref[k], abs=1e-9), k
-        assert proto[k] == pytest.approx(ref[k], abs=1e-9), k
+    for got in (bench_eval.fast_scores(sim, gnd), bench_eval.rank_then_score(sim, gnd)):
+        for k in ref:
+            assert got[k] == pytest.approx(ref[k], abs=1e-9), k
 
 
 def test_reference_by_hand():
@@ -110,11 +108,3 @@ def test_reference_by_hand():
     assert bench_eval.reference_scores(sim, gnd)["mAP_E"] == pytest.approx(79.1667, abs=1e-3)
     ranks = np.argsort(-sim, axis=1)
     assert evaluate_revisited(ranks, gnd).map["E"] == pytest.approx(79.1667, abs=1e-3)
-
-
-def test_labelled_positions_tie_break_by_index():
-    sim = np.array([[0.5, 0.9, 0.5, 0.1, 0.5]])
-    gnd = [{"easy": [4], "hard": [2], "junk": [0]}]
-    q, pos, bits = bench_eval.labelled_positions(sim, gnd)
-    # full ranking: 1 (0.9), 0, 2, 4 (0.5 ties by index), 3
-    assert dict(zip(pos.tolist(), bits.tolist())) == {1: 4, 2: 2, 3: 1}
