@@ -174,11 +174,11 @@ def _measured(res: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, Any], command: str) -> str:
     env = results["environment"]
-    lines = [f"# Benchmarks (`{command}`)", "",
+    lines = ["# Benchmarks (`make bench` = `python benchmarks/run_all.py`)", "",
              f"Machine: {env['machine']['cpu']}, {env['machine']['cpu_count']} CPUs, torch {env['machine']['torch']},"
-             f" {env['machine']['torch_threads']} threads, device {env['machine']['device']}; load average "
-             f"(1/5/15 min) at start {env['load_start']}, at end {env['load_end']}. "
-             f"Last command started {env['started']}, took {env['seconds']:.0f} s.", ""]
+             f" {env['machine']['torch_threads']} threads, device {env['machine']['device']}. Each section says when, "
+             "by which command and under which load average (1/5/15 min) it was measured; `--sections` re-runs "
+             "some, `--table-only` rebuilds this file from the JSONs.", ""]
     ex = results.get("extraction")
     if ex:
         peak = ex["matmul_peak_gflops_per_s"]
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     runners = {
         "extraction": lambda: run_extraction(args, device),
         "train": lambda: run_train(args, device),
-        "eval": lambda: bench_eval.run(rounds=1 if args.quick else 7, log=lambda s: print(s, flush=True)),
+        "eval": lambda: bench_eval.run(rounds=1 if args.quick else 25, log=lambda s: print(s, flush=True)),
         "loader": lambda: run_loader(args),
         "search_1m": lambda: run_search_1m(args),
     }
@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                    machine=env["machine"])
         write_json(args.out / f"{name}.json", res)
     env.update(load_end=load_average(), seconds=time.perf_counter() - t0, sections=sections)
-    write_json(args.out / "environment.json", env)
+    if sections:  # --table-only leaves the record of the last measuring run alone
+        write_json(args.out / "environment.json", env)
     # the table covers every section present in the folder (a section re-run alone replaces only its own JSON)
     for name in SECTIONS:
         path = args.out / f"{name}.json"
