@@ -198,6 +198,15 @@ def markdown(results: dict[str, Any], command: str) -> str:
                          f"{_f(r['fraction_of_matmul_peak'] and 100 * r['fraction_of_matmul_peak'], '.0f')}% | "
                          f"{_f(r['min_cosine_to_plain'], '.5f')} |")
         lines.append("")
+        dalg_fp32 = [r for r in ex["variants"] if r["tag"] == ex["variants"][0]["tag"] and r["dtype"] == "float32"]
+        vit = ex.get("vit_s_gemm_gflops_per_s", {})
+        if dalg_fp32 and "float32" in peak:
+            b = max(dalg_fp32, key=lambda r: r["achieved_gflops_per_s"])
+            lines.append(f"- **fraction of peak** (target 60%): DALG in float32 ({b['how']}) reaches "
+                         f"{b['achieved_gflops_per_s']:.1f} GFLOP/s = **{100 * b['achieved_gflops_per_s'] / peak['float32']:.0f}%**"
+                         f" of the float32 {ex['matmul_n']}² matmul"
+                         + (f", {100 * b['achieved_gflops_per_s'] / vit['float32']:.0f}% of a GEMM of ViT-S's own shape"
+                            if "float32" in vit else "") + ".")
         for key, s in ex["summary"].items():
             lines.append(f"- **{key}**: DALG / DOLG-5-scale images/s = **{s['ratio_dalg_over_dolg5']:.2f}×** "
                          f"(FLOP ratio {s['flop_ratio_dolg5_over_dalg']:.2f}×; DALG / DOLG-1-scale "
