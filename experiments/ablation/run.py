@@ -50,9 +50,11 @@ def main() -> None:
         subprocess.run(cmd, cwd=REPO, check=True)
         wall = time.time() - t0
     made = collect(sweep_dir, args.out, command=shown, wall_s=wall)
-    user_cmd = "make ablate" + (f" ARGS={shlex.quote(' '.join(overrides))}" if overrides else "")
-    (args.out / "command.txt").write_text(f"{user_cmd}\n# = {shown}\n" + (f"# wall time {wall:.0f} s\n" if wall else ""))
     print(f"[ablate] table {made['table']}\n[ablate] plot  {made['plot']}")
+    if args.collect_only:  # command.txt keeps the command that ran the sweep
+        return
+    user_cmd = "make ablate" + (f" ARGS={shlex.quote(' '.join(sys.argv[1:]))}" if sys.argv[1:] else "")
+    (args.out / "command.txt").write_text(f"{user_cmd}\n# = {shown}\n# wall time {wall:.0f} s\n")
 
 
 if __name__ == "__main__":

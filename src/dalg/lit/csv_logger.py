@@ -1,8 +1,9 @@
 """Lightning's CSVLogger, except that a resumed run appends to its ``metrics.csv`` instead of deleting it.
 
 Lightning's writer removes an existing ``metrics.csv`` when it starts. After a resume that would lose every row
-logged before the kill, so here the file is kept: rows logged after the resumed checkpoint's step (the work that
-is repeated) are dropped, the header is read back, and new rows are appended under it.
+logged before the kill, so here the file is kept: rows logged at or after the resumed checkpoint's step (the work that
+is repeated) are dropped, the header is read back, and new rows are appended under it. Rows are flushed with every
+checkpoint, so the rows up to the checkpoint a run resumes from are on disk.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.utilities import rank_zero_only
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -28,7 +30,7 @@ class _AppendingWriter(ExperimentWriter):
             rows = list(reader)
         limit = self.keep_until_step
         if limit is not None:
-            rows = [r for r in rows if not r.get("step") or int(float(r["step"])) <= limit]
+            rows = [r for r in rows if not r.get("step") or int(float(r["step"])) < limit]
         tmp = self.metrics_file_path + ".tmp"
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=header)
@@ -39,12 +41,18 @@ class _AppendingWriter(ExperimentWriter):
 
 
 class ResumableCSVLogger(CSVLogger):
-    """``resume_step``: the global step of the checkpoint a run resumes from (None: a fresh run, the file is
+    """``resume_step``: the global step of the checkpoint a run resumes from; the resumed run logs again from that
+    step on, so older rows with step >= resume_step are dropped (None: a fresh run, the file is
     replaced as Lightning does)."""
 
     def __init__(self, *args: Any, resume_step: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.resume_step = resume_step
+
+    @rank_zero_only
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        # flush with every checkpoint: after a kill, the file holds every row up to the checkpoint resumed from
+        self.save()
 
     @property
     @rank_zero_experiment
