@@ -34,10 +34,10 @@ test-slow: install
 	$(PY) -m pytest -q -m slow $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check src tests experiments
+	$(VENV)/bin/ruff check src tests experiments benchmarks
 
 format: install
-	$(VENV)/bin/ruff format src tests experiments
+	$(VENV)/bin/ruff format src tests experiments benchmarks
 
 ablate: install  ## fusion x backbone sweep on the embedded data, then the table + plot in experiments/ablation
 	$(PY) experiments/ablation/run.py $(ARGS)
