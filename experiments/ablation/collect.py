@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,9 @@ def collect(sweep_dir: Path, out_dir: Path, command: str | None = None, wall_s: 
               "- per-run time: " + ", ".join(f"{r['fusion']}/{r['backbone']} {r['elapsed_s']:.0f}s"
                                              for r in runs if r["elapsed_s"])]
     if wall_s is not None:
-        lines.append(f"- whole sweep wall time: {wall_s / 60:.1f} min (2 CPU cores, shared with other jobs)")
+        load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+        lines.append(f"- whole sweep wall time: {wall_s / 60:.1f} min on {os.cpu_count()} CPU cores "
+                     f"(load average 1/5/15 min when the table was written: {load})")
     lines += ["- reading: one seed and a few dozen steps from scratch on CPU. The table shows that every variant "
               "trains and is evaluated the same way; gaps of a few points between variants are within what a "
               "different seed would change (not measured here), so it is not evidence for or against DALG's claims, "
