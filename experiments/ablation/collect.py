@@ -135,7 +135,7 @@ def collect(sweep_dir: Path, out_dir: Path, command: str | None = None, wall_s: 
         load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
         lines.append(f"- whole sweep wall time: {wall_s / 60:.1f} min on {os.cpu_count()} CPU cores "
                      f"(load average 1/5/15 min when the table was written: {load})")
-    lines += ["- reading: one seed and a few dozen steps from scratch on CPU. The table shows that every variant "
+    lines += ["- reading: one seed and a short from-scratch budget on CPU. The table shows that every variant "
               "trains and is evaluated the same way; gaps of a few points between variants are within what a "
               "different seed would change (not measured here), so it is not evidence for or against DALG's claims, "
               "which need the GLDv2 recipe (experiment=dalg_gldv2).",
