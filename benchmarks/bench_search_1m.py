@@ -17,40 +17,15 @@ import os
 import resource
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
+from measure import PeakRSS  # benchmarks/measure.py (the script's folder is on sys.path)
 
 from dalg.retrieval.index import search
 from dalg.retrieval.metrics import evaluate_revisited, format_table
-
-
-class PeakRSS:
-    """Samples this process's RSS in a background thread (ru_maxrss also covers the generation phase)."""
-
-    def __init__(self, interval: float = 0.02):
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._proc = psutil.Process()
-
-    def __enter__(self) -> PeakRSS:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
