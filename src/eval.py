@@ -10,10 +10,8 @@ as JSON (``output_json``) with the protocol options used, and says where.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from dalg.retrieval.evaluation import RankingOptions, rank_and_score
 from dalg.retrieval.features import load_features, save_features
 from dalg.retrieval.metrics import format_table
 from dalg.retrieval.torchmetric import assemble_by_index
+from dalg.utils.atomic import write_json_atomic
 from dalg.utils.tables import print_scores_table
 
 
@@ -74,15 +73,6 @@ def _effective_scales(module: RetrievalModule) -> list[float]:
 
 def _nan_to_none(values: np.ndarray) -> list[float | None]:
     return [None if math.isnan(float(v)) else float(v) for v in values]
-
-
-def _write_json(data: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -178,7 +168,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "[yellow]truncated top-k ranking: positives outside the top-k count as misses (protocol.md)"
         )
     out = Path(cfg.output_json)
-    _write_json(report, out)
+    write_json_atomic(report, out)
     console.print(f"results JSON: {out}")
     if cfg.get("save_features"):
         console.print(f"feature stores: {out_dir / 'features'}")

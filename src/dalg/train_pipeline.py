@@ -25,9 +25,10 @@ from dalg.lit.csv_logger import ResumableCSVLogger
 from dalg.lit.module import RetrievalModule
 from dalg.lit.resumable_data import ResumableLoader
 from dalg.retrieval.callback import RetrievalEvalCallback
+from dalg.utils.atomic import write_json_atomic
 from dalg.utils.config import save_config
 from dalg.utils.config_checks import check_before_data, check_image_sizes
-from dalg.utils.run_metadata import run_metadata, write_json_atomic
+from dalg.utils.run_metadata import run_metadata
 from dalg.utils.tables import print_comparison_table
 
 log = logging.getLogger(__name__)

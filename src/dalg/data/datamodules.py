@@ -3,7 +3,6 @@ sets in the Revisited layout or given as a folder + queries CSV."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,6 +20,7 @@ from dalg.data.labelled import LabelledImages
 from dalg.data.revisited import RevisitedGroundTruth, RevisitedImages, find_ground_truth, load_ground_truth
 from dalg.data.sampling import SizeBucketBatchSampler
 from dalg.data.transforms import eval_transform, resized_shape, train_transform
+from dalg.utils.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -207,12 +207,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         """Write ``label_map.json`` ({original class id: label}) atomically into ``directory``."""
         if self.train_set is None:
             raise RuntimeError("no training set, so no label map")
-        out = Path(directory) / "label_map.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.train_set.label_map, indent=0))
-        os.replace(tmp, out)
-        return out
+        return write_json_atomic(self.train_set.label_map, Path(directory) / "label_map.json", indent=0)
 
     # ----------------------------------------------------------------------------------- reporting
     def report_failures(self) -> None:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dalg.utils.atomic import atomic_replace
+
 FORMAT = "dalg-features"
 VERSION = 1
 DTYPES = ("float16", "float32")
@@ -45,29 +47,13 @@ def store_paths(path: str | os.PathLike) -> tuple[Path, Path, Path]:
     )
 
 
-def _atomic_replace(write, final: Path, mode: str = "wb") -> None:
-    """Write through ``write(fileobj)`` into a temp file beside ``final``, fsync, then ``os.replace``."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_names(names: Sequence[str], final: Path) -> None:
     for n in names:
         if "\n" in n or "\r" in n:
             raise ValueError(
                 f"image name {n!r} contains a line break; the names file holds one name per line"
             )
-    _atomic_replace(lambda f: f.write("".join(f"{n}\n" for n in names)), final, mode="w")
+    atomic_replace(lambda f: f.write("".join(f"{n}\n" for n in names)), final, mode="w")
 
 
 def _read_names(path: Path) -> list[str]:
@@ -98,7 +84,7 @@ def save_features(
     arr_p, names_p, json_p = store_paths(path)
     if json_p.exists():  # an old store is no longer complete while being replaced
         json_p.unlink()
-    _atomic_replace(lambda f: np.save(f, features.astype(dt, copy=False)), arr_p)
+    atomic_replace(lambda f: np.save(f, features.astype(dt, copy=False)), arr_p)
     _write_names(list(names), names_p)
     _write_json(json_p, features.shape[0], features.shape[1], dt, meta)
     return arr_p
@@ -107,7 +93,7 @@ def save_features(
 def _write_json(json_p: Path, count: int, dim: int, dt: np.dtype, meta: dict | None) -> None:
     info = {"format": FORMAT, "version": VERSION, "count": int(count), "dim": int(dim), "dtype": dt.name}
     info["meta"] = meta or {}
-    _atomic_replace(lambda f: f.write(json.dumps(info, indent=2) + "\n"), json_p, mode="w")
+    atomic_replace(lambda f: f.write(json.dumps(info, indent=2) + "\n"), json_p, mode="w")
 
 
 @dataclass
@@ -170,7 +156,7 @@ class FeatureWriter:
                     f"this run writes {self.dim}-d {self.dtype.name}; delete the folder to start over"
                 )
         else:
-            _atomic_replace(lambda f: f.write(json.dumps(info)), info_p, mode="w")
+            atomic_replace(lambda f: f.write(json.dumps(info)), info_p, mode="w")
         self._shards: list[Path] = []
         self.done: list[str] = []
         for arr in sorted(self.partial.glob("shard_*.npy")):
@@ -211,7 +197,7 @@ class FeatureWriter:
             return
         arr = self.partial / f"shard_{len(self._shards):06d}.npy"
         feats = np.concatenate(self._buf)
-        _atomic_replace(lambda f: np.save(f, feats), arr)
+        atomic_replace(lambda f: np.save(f, feats), arr)
         _write_names(self._buf_names, arr.with_suffix(".names.txt"))  # written second: marks the shard done
         self._shards.append(arr)
         self.done.extend(self._buf_names)

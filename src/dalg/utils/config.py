@@ -7,6 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from dalg.utils.atomic import write_text_atomic
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -18,12 +20,7 @@ def register_resolvers() -> None:
 
 def save_config(cfg: DictConfig, directory: str | os.PathLike, name: str = "config.yaml") -> Path:
     """Write the fully resolved config atomically (written once per run, beside checkpoints and logs)."""
-    out = Path(directory) / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, out)
-    return out
+    return write_text_atomic(OmegaConf.to_yaml(cfg, resolve=True), Path(directory) / name)
 
 
 register_resolvers()

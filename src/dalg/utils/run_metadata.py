@@ -4,7 +4,6 @@ dataset file lists (the training CSV and every evaluation set's ground-truth pic
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import socket
@@ -78,14 +77,6 @@ def run_metadata(datamodule: Any, extra: Mapping[str, Any] | None = None) -> dic
                  "train_classes": getattr(train_set, "num_classes", None)},
         **dict(extra or {}),
     }
-
-
-def write_json_atomic(obj: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
