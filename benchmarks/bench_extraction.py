@@ -51,7 +51,9 @@ class Variant:
         return f"{self.tag} | {self.how}"
 
 
-def load_images(image_dir: Path | None, n: int, size: int, seed: int = 0) -> tuple[list[torch.Tensor], list[str]]:
+def load_images(
+    image_dir: Path | None, n: int, size: int, seed: int = 0
+) -> tuple[list[torch.Tensor], list[str]]:
     """``n`` photos spread evenly over the sorted folder, resized (longer side ``size``), normalised.
 
     Without a folder, views of the synthetic generator's scenes (mixed aspect ratios) are used instead.
@@ -86,7 +88,9 @@ def count_extract_flops(meta_model: nn.Module, shape: Sequence[int], scales: Seq
     return int(counter.get_total_flops())
 
 
-def _extractor(v: Variant, plain: nn.Module, cache: dict[tuple, InferenceModel]) -> nn.Module | InferenceModel:
+def _extractor(
+    v: Variant, plain: nn.Module, cache: dict[tuple, InferenceModel]
+) -> nn.Module | InferenceModel:
     if v.options is None:
         return plain
     key = (v.model, v.options)
@@ -95,8 +99,15 @@ def _extractor(v: Variant, plain: nn.Module, cache: dict[tuple, InferenceModel])
     return cache[key]
 
 
-def run(variants: list[Variant], images: list[torch.Tensor], rounds: int, device: torch.device,
-        matmul_n: int = 2048, peak_seconds: float = 1.0, log=print) -> dict[str, Any]:
+def run(
+    variants: list[Variant],
+    images: list[torch.Tensor],
+    rounds: int,
+    device: torch.device,
+    matmul_n: int = 2048,
+    peak_seconds: float = 1.0,
+    log=print,
+) -> dict[str, Any]:
     """Interleaved timing of all variants; returns per-variant figures and the matmul peaks of the run."""
     plain_models: dict[str, nn.Module] = {}
     meta_models: dict[str, nn.Module] = {}
@@ -109,7 +120,9 @@ def run(variants: list[Variant], images: list[torch.Tensor], rounds: int, device
     for v in variants:
         ext = _extractor(v, plain_models[v.model], cache)
         if isinstance(ext, InferenceModel):
-            v.options = ext.options  # resolved (automatic choices made), so labels and dtypes are the real ones
+            v.options = (
+                ext.options
+            )  # resolved (automatic choices made), so labels and dtypes are the real ones
         extractors[v.name] = ext
 
     flops: dict[tuple, int] = {}
@@ -133,10 +146,12 @@ def run(variants: list[Variant], images: list[torch.Tensor], rounds: int, device
             outs = []
             for im in images_dev:
                 box: list[torch.Tensor] = []
-                per_image[v.name].append(timed(lambda im=im, box=box: box.append(ext.extract(im[None], v.scales)),
-                                               device))
+                per_image[v.name].append(
+                    timed(lambda im=im, box=box: box.append(ext.extract(im[None], v.scales)), device)
+                )
                 outs.append(box[0].float())
             descriptors[v.name] = torch.cat(outs)
+
         return fn
 
     fns = {v.name: make_fn(v) for v in variants}
@@ -155,10 +170,16 @@ def run(variants: list[Variant], images: list[torch.Tensor], rounds: int, device
     def between(r: int) -> None:
         for name, dt in dtypes.items():
             peaks[name].append(matmul_gflops(matmul_n, dt, device, min_seconds=peak_seconds))
-            vit_gemm[name].append(matmul_gflops(0, dt, device, min_seconds=peak_seconds / 2, shape=VIT_S_GEMM))
-        log(f"  round {r + 1}/{rounds}: matmul {matmul_n}^2 " + ", ".join(
-            f"{k} {v[-1]:.0f}" for k, v in peaks.items()) + " GFLOP/s; ViT-S MLP-shaped GEMM " + ", ".join(
-            f"{k} {v[-1]:.0f}" for k, v in vit_gemm.items()) + " GFLOP/s")
+            vit_gemm[name].append(
+                matmul_gflops(0, dt, device, min_seconds=peak_seconds / 2, shape=VIT_S_GEMM)
+            )
+        log(
+            f"  round {r + 1}/{rounds}: matmul {matmul_n}^2 "
+            + ", ".join(f"{k} {v[-1]:.0f}" for k, v in peaks.items())
+            + " GFLOP/s; ViT-S MLP-shaped GEMM "
+            + ", ".join(f"{k} {v[-1]:.0f}" for k, v in vit_gemm.items())
+            + " GFLOP/s"
+        )
 
     times = interleaved(fns, rounds, device, between=between)
     peak = {k: median(v) for k, v in peaks.items() if v}
@@ -169,33 +190,48 @@ def run(variants: list[Variant], images: list[torch.Tensor], rounds: int, device
         total_flops = sum(flops[(v.model, tuple(im.shape), v.scales)] for im in images)
         t = median(times[v.name])
         dtype = "bfloat16" if (v.options is not None and v.options.bf16) else "float32"
-        ref_name = next((u.name for u in variants if u.model == v.model and u.scales == v.scales
-                         and u.options is None), None)
+        ref_name = next(
+            (u.name for u in variants if u.model == v.model and u.scales == v.scales and u.options is None),
+            None,
+        )
         cos_min = None
         if ref_name is not None and ref_name in descriptors:
             cos_min = float((descriptors[v.name].cpu() * descriptors[ref_name].cpu()).sum(1).min())
         achieved = total_flops / t / 1e9
-        results.append({
-            "tag": v.tag, "how": v.how, "model": v.model, "scales": list(v.scales),
-            "options": v.options.label() if v.options is not None else "plain",
-            "max_batch": v.max_batch, "dtype": dtype, "n_images": len(images),
-            "round_seconds": [round(x, 4) for x in times[v.name]],
-            "warmup_seconds": round(warm[v.name], 3),
-            "images_per_s": len(images) / t,
-            "latency_ms_median": median(per_image[v.name]) * 1e3 if per_image[v.name] else None,
-            "gflops_per_image": total_flops / len(images) / 1e9,
-            "achieved_gflops_per_s": achieved,
-            "matmul_peak_gflops_per_s": peak.get(dtype),
-            "fraction_of_matmul_peak": achieved / peak[dtype] if dtype in peak else None,
-            "min_cosine_to_plain": cos_min,
-        })
-        log(f"  {v.name}: {len(images) / t:.3f} img/s, {achieved:.1f} GFLOP/s"
-            + (f", cos>= {cos_min:.4f}" if cos_min is not None else ""))
-    return {"variants": results, "matmul_peak_gflops_per_s": peak,
-            "matmul_rounds_gflops_per_s": {k: [round(x, 1) for x in v] for k, v in peaks.items() if v},
-            "matmul_n": matmul_n, "matmul_seconds_per_figure": peak_seconds,
-            "vit_s_gemm_shape": list(VIT_S_GEMM),
-            "vit_s_gemm_gflops_per_s": {k: median(v) for k, v in vit_gemm.items() if v}}
+        results.append(
+            {
+                "tag": v.tag,
+                "how": v.how,
+                "model": v.model,
+                "scales": list(v.scales),
+                "options": v.options.label() if v.options is not None else "plain",
+                "max_batch": v.max_batch,
+                "dtype": dtype,
+                "n_images": len(images),
+                "round_seconds": [round(x, 4) for x in times[v.name]],
+                "warmup_seconds": round(warm[v.name], 3),
+                "images_per_s": len(images) / t,
+                "latency_ms_median": median(per_image[v.name]) * 1e3 if per_image[v.name] else None,
+                "gflops_per_image": total_flops / len(images) / 1e9,
+                "achieved_gflops_per_s": achieved,
+                "matmul_peak_gflops_per_s": peak.get(dtype),
+                "fraction_of_matmul_peak": achieved / peak[dtype] if dtype in peak else None,
+                "min_cosine_to_plain": cos_min,
+            }
+        )
+        log(
+            f"  {v.name}: {len(images) / t:.3f} img/s, {achieved:.1f} GFLOP/s"
+            + (f", cos>= {cos_min:.4f}" if cos_min is not None else "")
+        )
+    return {
+        "variants": results,
+        "matmul_peak_gflops_per_s": peak,
+        "matmul_rounds_gflops_per_s": {k: [round(x, 1) for x in v] for k, v in peaks.items() if v},
+        "matmul_n": matmul_n,
+        "matmul_seconds_per_figure": peak_seconds,
+        "vit_s_gemm_shape": list(VIT_S_GEMM),
+        "vit_s_gemm_gflops_per_s": {k: median(v) for k, v in vit_gemm.items() if v},
+    }
 
 
 def best(results: list[dict], tag: str, optimised: bool) -> dict | None:

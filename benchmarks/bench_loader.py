@@ -50,8 +50,9 @@ def make_images(root: Path, n: int, longer_side: int, classes: int, seed: int = 
         p.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(p, quality=90)
         rows.setdefault(k % classes, []).append(iid)
-    (root / "train_clean.csv").write_text("landmark_id,images\n" + "".join(
-        f"{lid},{' '.join(ids)}\n" for lid, ids in rows.items()))
+    (root / "train_clean.csv").write_text(
+        "landmark_id,images\n" + "".join(f"{lid},{' '.join(ids)}\n" for lid, ids in rows.items())
+    )
     return root
 
 
@@ -63,8 +64,15 @@ class _SizeOnly:
 
 
 def _loader(ds, batch_size: int, workers: int) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
-                      persistent_workers=workers > 0, prefetch_factor=2 if workers else None)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers else None,
+    )
 
 
 def images_per_second(ds, batch_size: int, workers: int, batches: int) -> float:
@@ -119,8 +127,11 @@ def wait_share(ds, model, batch_size: int, workers: int, steps: int) -> dict[str
         t2 = time.perf_counter()
         wait += t1 - t0
         compute += t2 - t1
-    return {"wait_s_per_step": wait / steps, "compute_s_per_step": compute / steps,
-            "wait_share": wait / (wait + compute)}
+    return {
+        "wait_s_per_step": wait / steps,
+        "compute_s_per_step": compute / steps,
+        "wait_share": wait / (wait + compute),
+    }
 
 
 def main() -> None:
@@ -134,8 +145,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=12, help="timed batches per throughput figure")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per wait-share figure")
     parser.add_argument("--workers", default="0,1,2")
-    parser.add_argument("--model", default="dalg_tiny", help="model config for the training step ('' to skip)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads in the main process (0: default)")
+    parser.add_argument(
+        "--model", default="dalg_tiny", help="model config for the training step ('' to skip)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads in the main process (0: default)"
+    )
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     if args.threads:
@@ -147,31 +162,46 @@ def main() -> None:
         else:
             t0 = time.perf_counter()
             root = make_images(Path(tmp), args.n_images, args.image_size, classes=max(2, args.n_images // 8))
-            print(f"generated {args.n_images} JPEGs ({args.image_size} px longer side) in "
-                  f"{time.perf_counter() - t0:.1f} s under {root}")
+            print(
+                f"generated {args.n_images} JPEGs ({args.image_size} px longer side) in "
+                f"{time.perf_counter() - t0:.1f} s under {root}"
+            )
         decode_ds = GLDv2Dataset(root, args.csv, _SizeOnly())
         aug_ds = GLDv2Dataset(root, args.csv, train_transform(args.train_size))
         model = build_model(args.model, aug_ds.num_classes) if args.model else None
-        print(f"{len(aug_ds)} images, {aug_ds.num_classes} classes, batch {args.batch_size}, crop {args.train_size}, "
-              f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, model {args.model or '-'}")
+        print(
+            f"{len(aug_ds)} images, {aug_ds.num_classes} classes, batch {args.batch_size}, crop {args.train_size}, "
+            f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, model {args.model or '-'}"
+        )
         results = []
         for workers in (int(w) for w in args.workers.split(",")):
-            row = {"workers": workers,
-                   "decoded_img_s": images_per_second(decode_ds, args.batch_size, workers, args.batches),
-                   "augmented_img_s": images_per_second(aug_ds, args.batch_size, workers, args.batches)}
+            row = {
+                "workers": workers,
+                "decoded_img_s": images_per_second(decode_ds, args.batch_size, workers, args.batches),
+                "augmented_img_s": images_per_second(aug_ds, args.batch_size, workers, args.batches),
+            }
             if model is not None:
                 row.update(wait_share(aug_ds, model, args.batch_size, workers, args.steps))
             results.append(row)
-            print(f"  workers={workers}: decoded {row['decoded_img_s']:7.1f} img/s, augmented "
-                  f"{row['augmented_img_s']:7.1f} img/s" + (
-                      f", step {row['wait_s_per_step'] + row['compute_s_per_step']:.3f} s of which waiting for data "
-                      f"{100 * row['wait_share']:.0f}%" if model is not None else ""), flush=True)
+            print(
+                f"  workers={workers}: decoded {row['decoded_img_s']:7.1f} img/s, augmented "
+                f"{row['augmented_img_s']:7.1f} img/s"
+                + (
+                    f", step {row['wait_s_per_step'] + row['compute_s_per_step']:.3f} s of which waiting for data "
+                    f"{100 * row['wait_share']:.0f}%"
+                    if model is not None
+                    else ""
+                ),
+                flush=True,
+            )
 
     header = f"{'workers':>7} | {'decoded img/s':>13} | {'augmented img/s':>15} | {'wait share':>10}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in results:
         share = f"{100 * r['wait_share']:.0f}%" if "wait_share" in r else "-"
-        print(f"{r['workers']:>7} | {r['decoded_img_s']:>13.1f} | {r['augmented_img_s']:>15.1f} | {share:>10}")
+        print(
+            f"{r['workers']:>7} | {r['decoded_img_s']:>13.1f} | {r['augmented_img_s']:>15.1f} | {share:>10}"
+        )
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)

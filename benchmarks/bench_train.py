@@ -33,16 +33,26 @@ def train_config(model: str, overrides: list[str] | None = None):
         return compose(config_name="train", overrides=[f"model={model}", *(overrides or [])])
 
 
-def run(model: str = "dalg_tiny", steps: int = 6, warmup: int = 2, batch_size: int | None = None,
-        size: int | None = None, device: torch.device = torch.device("cpu"), log=print) -> dict[str, Any]:
+def run(
+    model: str = "dalg_tiny",
+    steps: int = 6,
+    warmup: int = 2,
+    batch_size: int | None = None,
+    size: int | None = None,
+    device: torch.device = torch.device("cpu"),
+    log=print,
+) -> dict[str, Any]:
     cfg = train_config(model)
     batch_size = int(batch_size or cfg.data.batch_size)
     size = int(size or cfg.data.train_size)
     num_classes = int(cfg.data.generator.train_classes)
     torch.manual_seed(0)
     net = hydra.utils.instantiate(cfg.model, num_classes=num_classes).to(device).train()
-    opt = build_optimizer(hydra.utils.instantiate(cfg.optim.optimizer, _partial_=True), net,
-                          float(cfg.optim.get("weight_decay", 0.0)))
+    opt = build_optimizer(
+        hydra.utils.instantiate(cfg.optim.optimizer, _partial_=True),
+        net,
+        float(cfg.optim.get("weight_decay", 0.0)),
+    )
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, 3, size, size, generator=g).to(device)
     y = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
@@ -62,17 +72,27 @@ def run(model: str = "dalg_tiny", steps: int = 6, warmup: int = 2, batch_size: i
     with PeakRSS() as rss:
         times = [timed(step, device) for _ in range(steps)]
     t = median(times)
-    out = {"model": model, "batch_size": batch_size, "train_size": size, "num_classes": num_classes,
-           "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "steps": steps, "warmup_steps": warmup, "step_seconds": [round(s, 4) for s in times],
-           "images_per_s": batch_size / t,
-           "peak_rss_mib": rss.peak / 2**20, "rss_before_mib": rss.start / 2**20,
-           "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
-           "optimizer": str(cfg.optim.optimizer._target_)}
+    out = {
+        "model": model,
+        "batch_size": batch_size,
+        "train_size": size,
+        "num_classes": num_classes,
+        "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "steps": steps,
+        "warmup_steps": warmup,
+        "step_seconds": [round(s, 4) for s in times],
+        "images_per_s": batch_size / t,
+        "peak_rss_mib": rss.peak / 2**20,
+        "rss_before_mib": rss.start / 2**20,
+        "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
+        "optimizer": str(cfg.optim.optimizer._target_),
+    }
     if device.type == "cuda":
         out["peak_cuda_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    log(f"  train {model} batch {batch_size} @{size}px: {out['images_per_s']:.1f} img/s, "
-        f"peak RSS {out['peak_rss_mib']:.0f} MiB")
+    log(
+        f"  train {model} batch {batch_size} @{size}px: {out['images_per_s']:.1f} img/s, "
+        f"peak RSS {out['peak_rss_mib']:.0f} MiB"
+    )
     return out
 
 
@@ -86,8 +106,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args(argv)
-    res = run(args.model, args.steps, args.warmup, args.batch_size, args.size, torch.device(args.device),
-              log=lambda s: print(s, flush=True))
+    res = run(
+        args.model,
+        args.steps,
+        args.warmup,
+        args.batch_size,
+        args.size,
+        torch.device(args.device),
+        log=lambda s: print(s, flush=True),
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.json.with_name(args.json.name + ".tmp")

@@ -19,33 +19,53 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
-    """Wall seconds of one call (the GPU queue is drained before and after)."""
+def timed(fn: Callable[[], Any], device: torch.device | str = "cpu", min_seconds: float = 0.0) -> float:
+    """Wall seconds of one call (the GPU queue is drained before and after).
+
+    With ``min_seconds`` the call is repeated back to back until that much time has passed and the mean per
+    call is returned (timeit-style): a millisecond function timed once is dominated by timer and cache noise.
+    """
     sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        sync(device)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_seconds:
+            return elapsed / calls
 
 
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, device: torch.device | str = "cpu",
-                between: Callable[[int], None] | None = None) -> dict[str, list[float]]:
-    """Time every function once per round in the order A, B, C, A, B, C, ... (fair under a shared, noisy CPU)."""
+def interleaved(
+    fns: dict[str, Callable[[], Any]],
+    rounds: int,
+    device: torch.device | str = "cpu",
+    between: Callable[[int], None] | None = None,
+    min_seconds: float = 0.0,
+) -> dict[str, list[float]]:
+    """Time every function once per round in the order A, B, C, A, B, C, ... (fair under a shared, noisy CPU).
+
+    ``min_seconds``: each sample repeats its function for at least that long (see ``timed``)."""
     out: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(rounds):
         if between is not None:
             between(r)
         for name, fn in fns.items():
-            out[name].append(timed(fn, device))
+            out[name].append(timed(fn, device, min_seconds))
     return out
 
 
-def matmul_gflops(n: int, dtype: torch.dtype, device: torch.device | str = "cpu", min_seconds: float = 1.0,
-                  shape: tuple[int, int, int] | None = None) -> float:
+def matmul_gflops(
+    n: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    min_seconds: float = 1.0,
+    shape: tuple[int, int, int] | None = None,
+) -> float:
     """Dense matmul GFLOP/s (2 m k n FLOPs per product): (n x n) @ (n x n), or (m x k) @ (k x n) for ``shape``.
 
     Products are repeated for at least ``min_seconds`` and the total is timed, so that on a shared machine the

@@ -244,11 +244,11 @@ def test_overlapping_lists_follow_official_semantics(seed) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(_problems(), st.booleans())
-def test_from_similarity_equals_ranking_then_scoring(problem, overlapping: bool) -> None:
-    # many exact ties (few levels), -0.0 next to 0.0, optionally lists that overlap
+@given(_problems(), st.booleans(), st.sampled_from([np.float32, np.float64, np.float16]))
+def test_from_similarity_equals_ranking_then_scoring(problem, overlapping: bool, dtype) -> None:
+    # many exact ties (few levels), -0.0 next to 0.0, optionally lists that overlap, every float width
     sim, gnd, _ = problem
-    sim = sim - sim.mean()
+    sim = (sim - sim.mean()).astype(dtype)
     sim[sim == 0] = np.where(np.arange((sim == 0).sum()) % 2, -0.0, 0.0)
     if overlapping:
         gnd = [dict(g, junk=list(g["junk"]) + list(g["easy"][:1])) for g in gnd]
@@ -263,6 +263,12 @@ def test_from_similarity_equals_ranking_then_scoring(problem, overlapping: bool)
 def test_from_similarity_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="NaN"):
         evaluate_revisited_from_similarity(np.array([[np.nan, 1.0]]), [{"easy": [0], "hard": [], "junk": []}])
+    for bad in (np.inf, -np.inf):  # in the middle of a row and at either end
+        for row in ([0.5, bad, 0.2], [bad, 0.1, 0.2], [0.3, 0.1, bad]):
+            with pytest.raises(ValueError, match="NaN or infinite"):
+                evaluate_revisited_from_similarity(
+                    np.array([[0.0, 0.0, 0.0], row]), [{"easy": [0], "hard": [], "junk": []}] * 2
+                )
     with pytest.raises(ValueError, match="2-D float"):
         evaluate_revisited_from_similarity(np.array([[1, 2]]), [{"easy": [0], "hard": [], "junk": []}])
 
