@@ -235,5 +235,11 @@ def run(
 
 
 def best(results: list[dict], tag: str, optimised: bool) -> dict | None:
-    rows = [r for r in results if r["tag"] == tag and (r["options"] != "plain") == optimised]
+    """Fastest row of ``tag`` among plain (``optimised=False``) or optimised rows; compiled rows are left out
+    (only one-scale models get them, so they would tilt the DALG / DOLG-5-scale ratio)."""
+    rows = [
+        r
+        for r in results
+        if r["tag"] == tag and (r["options"] != "plain") == optimised and "compile" not in r["options"]
+    ]
     return max(rows, key=lambda r: r["images_per_s"]) if rows else None

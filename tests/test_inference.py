@@ -101,3 +101,38 @@ def test_automatic_bf16_follows_the_device(tmp_path, monkeypatch):
 def test_is_cnn(tmp_path):
     assert is_cnn(_model("dolg_tiny", tmp_path))
     assert not is_cnn(_model("dalg_tiny", tmp_path))
+
+
+@pytest.mark.slow  # inductor compiles one graph per shape: ~30-60 s on 2 cores
+def test_compiled_frozen_extract_matches_plain(tmp_path, images):
+    model = _model("dalg_tiny", tmp_path)
+    x = torch.stack([images[0], images[2]])
+    fast = optimize_for_inference(model, InferenceOptions(bf16=False, compile=True))
+    assert fast.options.label() == "compile"
+    torch.testing.assert_close(fast.extract(x), model.extract(x), atol=2e-5, rtol=1e-4)
+    # a second shape compiles its own graph and still agrees
+    y = images[3][None]
+    torch.testing.assert_close(fast.extract(y), model.extract(y), atol=2e-5, rtol=1e-4)
+
+
+class _TinyNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean((2, 3))
+
+
+@pytest.mark.slow  # ten small graphs: ~20-40 s on 2 cores
+def test_compile_keeps_compiling_past_dynamos_default_of_eight_shapes():
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    net = _TinyNet().eval()
+    fast = optimize_for_inference(net, InferenceOptions(bf16=False, channels_last=False, compile=True))
+    before = counters["stats"]["unique_graphs"]
+    for side in range(8, 18):  # ten shapes
+        x = torch.randn(1, 3, side, side + 1)
+        torch.testing.assert_close(fast(x), net(x), atol=1e-5, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] - before == 10  # no silent fall-back to eager after 8
