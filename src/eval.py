@@ -42,6 +42,8 @@ class DescriptorCollector(pl.Callback):
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
     ):
+        if not outputs:  # not an evaluation set
+            return
         self.chunks[dataloader_idx].append(
             (outputs["index"].detach().cpu(), outputs["descriptors"].detach().cpu())
         )
@@ -53,22 +55,14 @@ class DescriptorCollector(pl.Callback):
         return assemble_by_index(torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]), n)
 
 
-def _load_module(ckpt_path: str, scales) -> RetrievalModule:
-    path = Path(os.path.expanduser(str(ckpt_path)))
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (set ckpt_path=...)")
-    module = RetrievalModule.load_from_checkpoint(str(path), map_location="cpu")
-    if scales is not None:
-        scales = tuple(float(s) for s in scales)
-        if not scales or min(scales) <= 0:
-            raise ValueError(f"scales must be positive factors, got {list(scales)}")
-        module.eval_scales = scales
-    return module.eval()
-
-
 def _effective_scales(module: RetrievalModule) -> list[float]:
     scales = module.eval_scales if module.eval_scales else getattr(module.net, "scales", None)
     return [float(s) for s in scales] if scales else [1.0]
+
+
+def _inference_label(module: RetrievalModule) -> str:
+    options = module.inference_options
+    return options.label() if options is not None else "fp32 (model.extract)"
 
 
 def _nan_to_none(values: np.ndarray) -> list[float | None]:
@@ -79,7 +73,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation described by ``cfg`` (conf/eval.yaml); returns what is written to the JSON."""
     console = Console()
     options = RankingOptions.from_mapping(OmegaConf.to_container(cfg.ranking, resolve=True))
-    module = _load_module(cfg.ckpt_path, cfg.get("scales"))
+    module = RetrievalModule.for_evaluation(cfg.ckpt_path, cfg.get("scales"), cfg.get("inference"))
     scales = _effective_scales(module)
 
     with open_dict(cfg):  # the evaluation options apply to every set of the data config
@@ -127,10 +121,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         scores, _, protocol = rank_and_score(
             feats[:nq], feats[nq:], eval_set.gt.gnd, distractors, options, cfg.kappas
         )
-        protocol.update(crop_queries=eval_set.crop_queries, test_size=eval_set.test_size, scales=scales)
+        protocol.update(crop_queries=eval_set.crop_queries, test_size=eval_set.test_size, scales=scales,
+                        inference=_inference_label(module))
         results[eval_set.name] = scores
         protocol_text[eval_set.name] = (
             f"crop={'on' if eval_set.crop_queries else 'OFF'}, size={eval_set.test_size}, scales={scales}, "
+            f"{protocol['inference']}, "
             f"{protocol['ranking']} of {protocol['database']:,}"
             + (f"+{protocol['distractors']:,} distractors" if protocol["distractors"] else "")
             + f", rerank {protocol['rerank']}"

@@ -114,11 +114,7 @@ def extract(cfg: DictConfig) -> Path:
         )
 
     ckpt = Path(os.path.expanduser(str(cfg.ckpt_path)))
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist (set ckpt_path=...)")
-    module = RetrievalModule.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
-    if cfg.get("scales") is not None:
-        module.eval_scales = tuple(float(s) for s in cfg.scales)
+    module = RetrievalModule.for_evaluation(ckpt, cfg.get("scales"), cfg.get("inference"))
     scales = list(module.eval_scales or getattr(module.net, "scales", None) or [1.0])
     dim = _descriptor_dim(module, int(cfg.test_size))
 
@@ -126,6 +122,7 @@ def extract(cfg: DictConfig) -> Path:
         "checkpoint": str(ckpt),
         "test_size": int(cfg.test_size),
         "scales": scales,
+        "inference": module.inference_options.label() if module.inference_options else "fp32 (model.extract)",
         "source": str(cfg.images),
     }
     writer = FeatureWriter(arr_path, dim=dim, dtype=cfg.dtype, shard_size=int(cfg.shard_size), meta=meta)

@@ -110,3 +110,30 @@ def test_eval_missing_checkpoint(tmp_path, tiny_synthetic) -> None:
     cfg = _compose_eval(_overrides(tmp_path / "nope.ckpt", tiny_synthetic), tmp_path)
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         ev.evaluate(cfg)
+
+
+def test_eval_inference_options(tiny_ckpt, tiny_synthetic, tmp_path) -> None:
+    """Extraction through dalg.inference: float32 options reproduce the network's own extract; bf16 stays close;
+    the options used are written into the protocol; an unknown option is an error naming it."""
+    ev = _eval_module()
+
+    def run(extra: list[str], name: str) -> tuple[dict, np.ndarray]:
+        out = tmp_path / name
+        cfg = _compose_eval(_overrides(tiny_ckpt, tiny_synthetic) + ["save_features=true"] + extra, out)
+        res = ev.evaluate(cfg)["sets"]["synthetic_heldout"]
+        feats = load_features(out / "features" / "synthetic_heldout_database").features
+        return res, np.asarray(feats, np.float32)
+
+    plain, f_plain = run(["inference=null"], "plain")
+    fp32, f_fp32 = run([], "fp32")  # the default: inference.bf16=false
+    bf16, f_bf16 = run(["inference.bf16=true"], "bf16")
+    assert plain["protocol"]["inference"] == "fp32 (model.extract)"
+    assert fp32["protocol"]["inference"] == "fp32" and bf16["protocol"]["inference"] == "bf16"
+    np.testing.assert_allclose(f_fp32, f_plain, atol=2e-3)  # fp16 stores
+    assert fp32["scores"] == pytest.approx(plain["scores"], abs=1e-6)
+    assert float((f_bf16 * f_plain).sum(1).min()) > 0.99
+    assert not np.array_equal(f_bf16, f_plain)  # bf16 really ran
+
+    cfg = _compose_eval(_overrides(tiny_ckpt, tiny_synthetic) + ["+inference.fast=true"], tmp_path)
+    with pytest.raises(ValueError, match=r"inference options \['fast'\] are unknown"):
+        ev.evaluate(cfg)

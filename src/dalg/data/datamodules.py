@@ -19,7 +19,7 @@ from dalg.data.images import ImageReadError
 from dalg.data.labelled import LabelledImages
 from dalg.data.revisited import RevisitedGroundTruth, RevisitedImages, find_ground_truth, load_ground_truth
 from dalg.data.sampling import SizeBucketBatchSampler
-from dalg.data.transforms import eval_transform, resized_shape, train_transform
+from dalg.data.transforms import eval_transform, holdout_transform, resized_shape, train_transform
 from dalg.utils.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.full_train_set = full
         if self.val_fraction > 0:
             self.train_set, self.val_set = full.split(self.val_fraction, self.split_seed)
+            self.val_set.transform = holdout_transform(self.train_size)  # no random crops when measuring
             log.info("%s: %d training and %d held-out images over %d classes", full.source, len(self.train_set),
                      len(self.val_set), full.num_classes)
         else:
@@ -273,8 +274,17 @@ class RetrievalDataModule(pl.LightningDataModule):
         return DataLoader(eval_set.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                           pin_memory=self.pin_memory)
 
+    @property
+    def classification_val_index(self) -> int | None:
+        """Position of the classification hold-out among the validation dataloaders (after every evaluation
+        set), or None without one (``val_fraction`` = 0, or an evaluation-only setup)."""
+        return len(self.eval_sets) if self.val_set is not None and len(self.val_set) else None
+
     def val_dataloader(self) -> list[DataLoader]:
-        return [self.eval_dataloader(s) for s in self.eval_sets]
+        loaders = [self.eval_dataloader(s) for s in self.eval_sets]
+        if self.classification_val_index is not None:
+            loaders.append(self.classification_val_dataloader())
+        return loaders
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()

@@ -24,6 +24,13 @@ def train_transform(size: int, scale: Sequence[float] = (0.08, 1.0), ratio: Sequ
     return T.Compose(ops)
 
 
+def holdout_transform(size: int) -> T.Compose:
+    """Deterministic view of a training-class image for the classification hold-out: the shorter side resized
+    to ``size``, centre crop ``size`` x ``size`` (the training crops' shape, without their randomness)."""
+    return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
 def resized_shape(width: int, height: int, test_size: int) -> tuple[int, int]:
     """(height, width) after scaling the longer side to ``test_size``, aspect ratio kept."""
     s = test_size / max(width, height)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -11,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from dalg.inference import InferenceOptions, optimize_for_inference
 from dalg.lit.optim import build_optimizer, warmup_cosine
 
 
@@ -67,7 +69,53 @@ class RetrievalModule(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int,
                         dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         images, index = batch
-        return {"descriptors": self.net.extract(images, self.eval_scales).float(), "index": index}
+        if dataloader_idx == self._classification_val_index():
+            self._classification_val_step(images, index)
+            return None
+        extractor = getattr(self, "_extractor", None) or self.net
+        return {"descriptors": extractor.extract(images, self.eval_scales).float(), "index": index}
+
+    def _classification_val_index(self) -> int | None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(datamodule, "classification_val_index", None)
+
+    def _classification_val_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Held-out images of the training classes (``data.val_fraction``): the training loss (with its
+        margin) and top-1 accuracy, to see over-fitting that the retrieval mAP of unseen classes may hide."""
+        desc = self.net(images)
+        loss = F.cross_entropy(self.net.head(desc, labels), labels)
+        acc = (self.net.head(desc).argmax(1) == labels).float().mean()
+        for name, value in (("val/cls_loss", loss), ("val/cls_acc", acc)):
+            self.log(name, value, on_epoch=True, batch_size=len(labels), add_dataloader_idx=False, sync_dist=True)
+
+    @classmethod
+    def for_evaluation(cls, ckpt_path: str | os.PathLike, scales: Sequence[float] | None = None,
+                       inference: Mapping[str, Any] | InferenceOptions | None = None) -> RetrievalModule:
+        """A checkpoint ready for src/eval.py and src/extract.py: eval mode, optional test ``scales`` and
+        ``inference`` options (dalg.inference.InferenceOptions fields: bf16, channels_last, compile).
+
+        With ``inference`` the network is optimised in place (one copy of the weights): the module is for
+        extraction only from then on.
+        """
+        path = Path(os.path.expanduser(str(ckpt_path)))
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist (set ckpt_path=...)")
+        module = cls.load_from_checkpoint(str(path), map_location="cpu")
+        if scales is not None:
+            scales = tuple(float(s) for s in scales)
+            if not scales or min(scales) <= 0:
+                raise ValueError(f"scales must be positive factors, got {list(scales)}")
+            module.eval_scales = scales
+        if inference is not None:
+            options = inference if isinstance(inference, InferenceOptions) else InferenceOptions.from_mapping(inference)
+            module._extractor = optimize_for_inference(module.net, options, inplace=True)
+        return module.eval()
+
+    @property
+    def inference_options(self) -> InferenceOptions | None:
+        """The resolved options descriptors are extracted with (None: the network's own ``extract``)."""
+        extractor = getattr(self, "_extractor", None)
+        return extractor.options if extractor is not None else None
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         return self.validation_step(batch, batch_idx, dataloader_idx)

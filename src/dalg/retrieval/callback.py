@@ -118,6 +118,8 @@ class RetrievalEvalCallback(pl.Callback):
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
     ):
+        if not outputs:  # not an evaluation set (the classification hold-out logs its own metrics)
+            return
         self._buffers[dataloader_idx].append(
             (outputs["index"].detach().cpu(), outputs["descriptors"].detach().cpu())
         )
