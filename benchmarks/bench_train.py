@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import hydra
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from measure import PeakRSS, median, sync, timed
+from measure import PeakRSS, median, process_peak_rss_bytes, sync, timed
 
 import dalg.utils.config  # noqa: F401  (registers ${repo_root:})
 from dalg.lit.optim import build_optimizer
@@ -77,7 +76,7 @@ def run(
         "batch_size": batch_size,
         "train_size": size,
         "num_classes": num_classes,
-        "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "process_peak_rss_mib": process_peak_rss_bytes() / 2**20,
         "steps": steps,
         "warmup_steps": warmup,
         "step_seconds": [round(s, 4) for s in times],

@@ -9,7 +9,8 @@ Sections (each writes experiments/bench/<section>.json; the markdown table goes 
   eval        revisited mAP from given similarities, 70 x 5,000: dalg.retrieval vs a per-query NumPy reference
   search_1m   benchmarks/bench_search_1m.py (70 queries vs 5,000 + 1M distractors), run as a subprocess
 
-    python benchmarks/run_all.py                 # everything (~20 min under load ~6 on 2 cores; less when idle)
+    python benchmarks/run_all.py                 # everything, compile rows included (~12 min on 2 idle cores)
+    python benchmarks/run_all.py --no-compile    # without torch.compile (~6 min less)
     python benchmarks/run_all.py --skip-1m       # without the 1M search
     python benchmarks/run_all.py --quick --out /tmp/bench   # tiny configs, seconds (tests use this)
 """
@@ -416,7 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=None, help="test size, longer side (default 512; quick 64)")
     ap.add_argument("--max-batch", type=int, default=8, help="batch size of the by-shape batching variant")
     ap.add_argument(
-        "--compile", action="store_true", help="also time torch.compile variants (slow to compile)"
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time torch.compile variants at one scale (default: on, off with --quick; ~6 min of "
+        "compiling on 2 CPU cores)",
     )
     ap.add_argument(
         "--matmul-n", type=int, default=None, help="matmul side for the peak (default 2048; quick 256)"
@@ -424,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-distractors", type=int, default=1_000_000)
     args = ap.parse_args(argv)
     args.images = args.images or (2 if args.quick else 8)
+    args.compile = (not args.quick) if args.compile is None else args.compile
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.size = args.size or (64 if args.quick else 512)
     args.matmul_n = args.matmul_n or (256 if args.quick else 2048)
