@@ -3,6 +3,7 @@
 import importlib.util
 import json
 
+import pytest
 import yaml
 
 from .conftest import REPO
@@ -15,16 +16,16 @@ def _collect_module():
     return mod
 
 
-def _job(root, num, fusion_cls, bb_name, depth, width, m):
+def _job(root, num, fusion_cls, bb_name, depth, width, m, seed=42, steps=24):
     job = root / str(num)
     job.mkdir(parents=True)
-    cfg = {"seed": 42, "trainer": {"max_epochs": 1},
+    cfg = {"seed": seed, "trainer": {"max_epochs": 1},
            "model": {"fusion": {"_target_": f"dalg.models.fusion.{fusion_cls}"},
                      "backbone": {"name": bb_name, "depth": depth, "embed_dim": width}}}
     (job / "config.yaml").write_text(yaml.safe_dump(cfg))
     metrics = {f"val/{s}/mAP_{k}": m + (1 if k == "M" else 0) + (10 if s == "synthetic_heldout" else 0)
                for s in ("synthetic_heldout", "landmarks_mini") for k in ("M", "H")}
-    (job / "metrics.json").write_text(json.dumps({"metrics": metrics, "global_step": 24, "elapsed_s": 60.0}))
+    (job / "metrics.json").write_text(json.dumps({"metrics": metrics, "global_step": steps, "elapsed_s": 60.0}))
 
 
 def test_collect_writes_table_json_and_png(tmp_path):
@@ -44,3 +45,31 @@ def test_collect_writes_table_json_and_png(tmp_path):
                                                             ("orthogonal", "vit6x128"), ("cross_attention", "deit4x160")}
     png = made["plot"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_collect_merges_seeds_into_mean_and_std(tmp_path):
+    mod = _collect_module()
+    vit = ("vit_tiny_patch16_224", 6, 128)
+    _job(tmp_path / "s0", 0, "CrossAttentionFusion", *vit, 30.0, seed=0)
+    _job(tmp_path / "s0", 1, "OrthogonalFusion", *vit, 20.0, seed=0)
+    _job(tmp_path / "s12", 0, "CrossAttentionFusion", *vit, 32.0, seed=1)
+    _job(tmp_path / "s12", 1, "CrossAttentionFusion", *vit, 34.0, seed=2)
+    made = mod.collect([tmp_path / "s0", tmp_path / "s12"], tmp_path / "out")
+    md = made["table"].read_text()
+    # cross-attention: held-out M = 41, 43, 45 -> 43.0 ± 2.0; orthogonal ran one seed -> plain value
+    assert "| cross_attention | 43.0 ± 2.0 | 42.0 ± 2.0 | 33.0 ± 2.0 | 32.0 ± 2.0 |" in md
+    assert "| orthogonal | 31.00 | 30.00 | 21.00 | 20.00 |" in md
+    assert "seeds 0, 1, 2" in md and "median over cells: synthetic held-out mAP_M 2.0" in md
+    assert len(json.loads(made["json"].read_text())) == 4
+
+
+def test_collect_refuses_runs_that_are_not_one_ablation(tmp_path):
+    mod = _collect_module()
+    vit = ("vit_tiny_patch16_224", 6, 128)
+    _job(tmp_path / "a", 0, "CrossAttentionFusion", *vit, 30.0, seed=0)
+    _job(tmp_path / "b", 0, "CrossAttentionFusion", *vit, 31.0, seed=1, steps=48)
+    with pytest.raises(SystemExit, match="differ in global_step"):
+        mod.collect([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    _job(tmp_path / "c", 0, "CrossAttentionFusion", *vit, 31.0, seed=0)
+    with pytest.raises(SystemExit, match="repeats a/0"):
+        mod.collect([tmp_path / "a", tmp_path / "c"], tmp_path / "out")

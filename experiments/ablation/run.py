@@ -1,11 +1,13 @@
 """`make ablate`: a Hydra multirun over the six fusions x two CPU-sized ViT backbones on the embedded synthetic data
 (experiment=ablation_cpu: same seed, data and budget for every cell), then the table and bar chart.
 
-    python experiments/ablation/run.py [--name NAME] [--collect-only] [hydra overrides ...]
+    python experiments/ablation/run.py [--name NAME] [--merge NAME,...] [--collect-only] [hydra overrides ...]
+    python experiments/ablation/run.py --name seeds12 --merge ablation seed=1,2    # two more seeds, one table
 
 The sweep folder is logs/ablation/multiruns/<NAME> (default: ablation), so running the same command again after an
 interruption resumes every unfinished cell from its last.ckpt (resume=auto) and re-evaluates finished ones.
-Outputs: experiments/ablation/results.{md,png,json} and command.txt.
+``--merge`` adds the finished runs of other sweeps with the same budget and data (e.g. other seeds) to the table:
+cells with several seeds show mean ± std. Outputs: experiments/ablation/results.{md,png,json} and command.txt.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main() -> None:
     ap.add_argument("--log-dir", type=Path, default=REPO / "logs")
     ap.add_argument("--out", type=Path, default=REPO / "experiments" / "ablation")
     ap.add_argument("--collect-only", action="store_true")
+    ap.add_argument("--merge", default="", help="comma-separated names of other sweeps to put in the same table")
     ap.add_argument("--fusions", default=",".join(FUSIONS), help="comma-separated subset (default: all six)")
     ap.add_argument("--backbones", default=",".join(BACKBONES), help="comma-separated subset")
     args, overrides = ap.parse_known_args()
@@ -49,7 +52,8 @@ def main() -> None:
         t0 = time.time()
         subprocess.run(cmd, cwd=REPO, check=True)
         wall = time.time() - t0
-    made = collect(sweep_dir, args.out, command=shown, wall_s=wall)
+    merged = [args.log_dir / "ablation" / "multiruns" / m for m in args.merge.split(",") if m]
+    made = collect([*merged, sweep_dir], args.out, command=shown, wall_s=wall)
     print(f"[ablate] table {made['table']}\n[ablate] plot  {made['plot']}")
     if args.collect_only:  # command.txt keeps the command that ran the sweep
         return
