@@ -91,3 +91,57 @@ def test_assemble_by_index_dedupes_and_reports_missing() -> None:
         assemble_by_index(np.array([2, 0, 1]), desc[:3], 4)
     with pytest.raises(ValueError, match="outside"):
         assemble_by_index(np.array([5]), desc[:1], 3)
+
+
+class _Strategy:
+    def broadcast(self, obj, src: int = 0):
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+
+class _Trainer:
+    """The two things RetrievalEvalCallback._rank_and_score_once reads of a Lightning trainer under DDP."""
+
+    def __init__(self) -> None:
+        self.is_global_zero = dist.get_rank() == 0
+        self.world_size = dist.get_world_size()
+        self.strategy = _Strategy()
+
+
+def _score_once_worker(rank: int, world: int, tmp: str) -> None:
+    from types import SimpleNamespace
+
+    import dalg.retrieval.callback as cb
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous2", rank=rank, world_size=world)
+    try:
+        calls = []
+        real = cb.rank_and_score
+        cb.rank_and_score = lambda *a, **k: calls.append(1) or real(*a, **k)
+        callback = cb.RetrievalEvalCallback(grid_queries=0)
+        eval_set = SimpleNamespace(gt=SimpleNamespace(n_queries=N_QUERIES, gnd=_gnd()))
+        feats = _descriptors(torch.arange(N_QUERIES + N_DB)).numpy()
+        scores, ranks, protocol = callback._rank_and_score_once(_Trainer(), feats, eval_set)
+        out = {"scores": scores.as_dict(), "protocol": protocol, "ranks": ranks is not None, "calls": len(calls)}
+        # an error on rank 0 reaches every process instead of leaving the others in the broadcast
+        cb.rank_and_score = lambda *a, **k: (_ for _ in ()).throw(ValueError("broken search on rank 0"))
+        try:
+            callback._rank_and_score_once(_Trainer(), feats, eval_set)
+        except ValueError as e:
+            out["error"] = str(e)
+        with open(f"{tmp}/once_{rank}.json", "w") as f:
+            json.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_callback_searches_on_rank_zero_only_and_shares_scores(tmp_path) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.start_processes(_score_once_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    r0, r1 = (json.loads((tmp_path / f"once_{r}.json").read_text()) for r in range(2))
+    assert r0["calls"] == 1 and r1["calls"] == 0  # one search, on rank 0
+    assert r0["scores"] == r1["scores"] and r0["protocol"] == r1["protocol"]
+    assert r0["ranks"] is True and r1["ranks"] is False  # only rank 0 draws grids
+    assert r0["error"] == r1["error"] == "broken search on rank 0"

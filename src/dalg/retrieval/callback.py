@@ -146,16 +146,13 @@ class RetrievalEvalCallback(pl.Callback):
                 continue
             if self.keep_features:
                 self.features[eval_set.name] = feats
-            nq = eval_set.gt.n_queries
-            scores, ranks, protocol = rank_and_score(
-                feats[:nq], feats[nq:], eval_set.gt.gnd, options=self.ranking
-            )
+            scores, ranks, protocol = self._rank_and_score_once(trainer, feats, eval_set)
             protocol.update(crop_queries=eval_set.crop_queries, test_size=eval_set.test_size)
             self.results[eval_set.name] = scores
             self.protocols[eval_set.name] = protocol
             for key, value in scores.as_dict().items():
-                # identical on every process (each scores the gathered set): no reduction needed (a mean over
-                # 3 processes would not even return the same float); Lightning's advice to sync is muted above
+                # identical on every process (broadcast from rank 0): no reduction needed (a mean over 3
+                # processes would not even return the same float); Lightning's advice to sync is muted above
                 pl_module.log(
                     f"val/{eval_set.name}/{key}", float(value), add_dataloader_idx=False, sync_dist=False
                 )
@@ -171,9 +168,29 @@ class RetrievalEvalCallback(pl.Callback):
                 },
             )
 
+    def _rank_and_score_once(self, trainer: pl.Trainer, feats: np.ndarray, eval_set):
+        """Search and score on global rank 0 only; under DDP the other processes receive its scores and protocol
+        (not N copies of the same search). ``ranks`` stay on rank 0, the only one that draws grids. An error on
+        rank 0 is re-raised everywhere, so that no process waits forever in the broadcast."""
+        nq = eval_set.gt.n_queries
+        result, error = None, None
+        if trainer.is_global_zero:
+            try:
+                result = rank_and_score(feats[:nq], feats[nq:], eval_set.gt.gnd, options=self.ranking)
+            except Exception as e:  # re-raised below, on every process
+                error = e
+        if trainer.world_size > 1:
+            shared = (result[0], result[2]) if result is not None else None
+            shared, error = trainer.strategy.broadcast((shared, error), src=0)
+            if error is None and not trainer.is_global_zero:
+                result = (shared[0], None, shared[1])
+        if error is not None:
+            raise error
+        return result
+
     @rank_zero_only
-    def _write_grid(self, trainer: pl.Trainer, eval_set, ranks: np.ndarray) -> None:
-        if self.grid_queries <= 0:
+    def _write_grid(self, trainer: pl.Trainer, eval_set, ranks: np.ndarray | None) -> None:
+        if self.grid_queries <= 0 or ranks is None:
             return
         out_dir = Path(self.output_dir or os.path.join(trainer.default_root_dir, "retrieval"))
         out_dir.mkdir(parents=True, exist_ok=True)
