@@ -144,7 +144,7 @@ def bar_chart(runs: list[dict[str, Any]], out: Path) -> Path:
     backbones = sorted({r["backbone"] for r in runs}, reverse=True)
     fusions = [f for f in FUSIONS if any(r["fusion"] == f for r in runs)]
     by = cells(runs)
-    fig, axes = plt.subplots(1, len(SETS), figsize=(7 * len(SETS), 4.2), sharey=False)
+    fig, axes = plt.subplots(1, len(SETS), figsize=(7 * len(SETS), 4.6), sharey=False)
     series = [(b, k) for b in backbones for k in ("M", "H")]
     width = 0.8 / len(series)
     x = np.arange(len(fusions))
@@ -160,11 +160,12 @@ def bar_chart(runs: list[dict[str, Any]], out: Path) -> Path:
         ax.set_ylabel("revisited mAP (%)")
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
-    np.atleast_1d(axes)[0].legend(fontsize=8)
+    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(series), fontsize=8, frameon=False)  # below, not on bars
     seeds = sorted({r["seed"] for r in runs})
     fig.suptitle(f"Fusion ablation (CPU budget, same data/steps per cell; seeds {seeds}"
                  + (", mean ± std)" if len(seeds) > 1 else ")"))
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -194,6 +195,12 @@ def collect(sweep_dirs: Path | list[Path], out_dir: Path, command: str | None = 
               + ("; mean ± sample standard deviation over the seeds" if len(seeds) > 1 else ""),
               "- per-run time: " + ", ".join(f"{r['fusion']}/{r['backbone']}/s{r['seed']} {r['elapsed_s']:.0f}s"
                                              for r in runs if r["elapsed_s"])]
+    sweeps: dict[str, set] = {}
+    for r in runs:
+        sweeps.setdefault(r["job"].split("/", 1)[0], set()).add(r["seed"])
+    if len(sweeps) > 1:
+        lines.append("- sweeps merged (folder under logs/ablation/multiruns: seeds): "
+                     + "; ".join(f"{name}: {', '.join(map(str, sorted(seeds)))}" for name, seeds in sweeps.items()))
     if wall_s is not None:
         load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
         lines.append(f"- whole sweep wall time: {wall_s / 60:.1f} min on {os.cpu_count()} CPU cores "
