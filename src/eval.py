@@ -2,9 +2,10 @@
 
     python src/eval.py ckpt_path=<run>/checkpoints/last.ckpt [data=roxford5k|rparis6k|landmarks_mini]
         [crop_queries=false] [scales=[0.7071,1.0,1.4142]] [distractors=<feature store>] [ranking.top_k=10000]
+        [inference.bf16=true] [inference.compile=true]
 
 Descriptors come from the model's own ``validation_step`` (``trainer.validate``, the same path as the training
-callback); ranking and scoring from ``dalg.retrieval.evaluation.rank_and_score``. Prints the table, writes it
+callback), through ``dalg.inference`` with the ``inference`` options (float32 by default); ranking and scoring from ``dalg.retrieval.evaluation.rank_and_score``. Prints the table, writes it
 as JSON (``output_json``) with the protocol options used, and says where.
 """
 
