@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import math
 import os
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import hydra
 import numpy as np
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
 import dalg.utils.config  # noqa: F401  (registers ${repo_root:})
 from dalg.lit.module import RetrievalModule
+from dalg.retrieval.callback import DescriptorBuffer
 from dalg.retrieval.evaluation import RankingOptions, rank_and_score
 from dalg.retrieval.features import load_features, save_features
 from dalg.retrieval.metrics import format_table
@@ -38,22 +37,17 @@ class DescriptorCollector(pl.Callback):
     """Keeps the ``(index, descriptors)`` that ``validation_step`` returns, per dataloader (= evaluation set)."""
 
     def __init__(self) -> None:
-        self.chunks: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        self.buffer = DescriptorBuffer()
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
     ):
-        if not outputs:  # not an evaluation set
-            return
-        self.chunks[dataloader_idx].append(
-            (outputs["index"].detach().cpu(), outputs["descriptors"].detach().cpu())
-        )
+        self.buffer.add(outputs, dataloader_idx)
 
     def features(self, dataloader_idx: int, n: int) -> np.ndarray:
-        chunks = self.chunks.get(dataloader_idx)
-        if not chunks:
+        if not self.buffer.has(dataloader_idx):
             raise RuntimeError(f"no descriptors were extracted for evaluation set {dataloader_idx}")
-        return assemble_by_index(torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]), n)
+        return assemble_by_index(*self.buffer.tensors(dataloader_idx), n)
 
 
 def _effective_scales(module: RetrievalModule) -> list[float]:

@@ -177,3 +177,19 @@ def test_lightning_ddp_two_cpu_processes_gather_all_descriptors(tmp_path) -> Non
     assert float(rows[-1]["val/tiny/mAP_M"]) == pytest.approx(
         evaluate_revisited(ranks, gt.gnd).map["M"], abs=1e-4
     )
+
+
+def test_descriptor_buffer_keeps_batches_per_dataloader_and_skips_non_descriptors():
+    from dalg.retrieval.callback import DescriptorBuffer
+
+    buf = DescriptorBuffer()
+    buf.add({"index": torch.tensor([2, 0]), "descriptors": torch.ones(2, 3)}, 1)
+    buf.add(None, 2)  # the classification hold-out returns nothing
+    buf.add({"index": torch.tensor([1]), "descriptors": torch.zeros(1, 3)}, 1)
+    index, desc = buf.tensors(1)
+    assert index.tolist() == [2, 0, 1] and desc.shape == (3, 3)
+    assert not buf.has(2) and not buf.has(0)
+    empty_index, empty_desc = buf.tensors(0)
+    assert empty_index.shape == (0,) and empty_index.dtype == torch.long and empty_desc.shape[0] == 0
+    buf.clear()
+    assert not buf.has(1)

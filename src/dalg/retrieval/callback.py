@@ -80,6 +80,34 @@ def gather_by_index(
     return assemble_by_index(index, desc, n)
 
 
+class DescriptorBuffer:
+    """The ``{"index", "descriptors"}`` that ``validation_step`` returns, kept on the CPU per dataloader (= per
+    evaluation set). Outputs that are not descriptors (``None``: the classification hold-out) are skipped."""
+
+    def __init__(self) -> None:
+        self._chunks: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+
+    def add(self, outputs, dataloader_idx: int = 0) -> None:
+        if not outputs:
+            return
+        self._chunks[dataloader_idx].append(
+            (outputs["index"].detach().cpu(), outputs["descriptors"].detach().cpu())
+        )
+
+    def has(self, dataloader_idx: int) -> bool:
+        return bool(self._chunks.get(dataloader_idx))
+
+    def tensors(self, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(index, descriptors)`` of one dataloader; empty ``(0,)`` / ``(0, D)`` tensors when it gave none."""
+        chunks = self._chunks.get(dataloader_idx, [])
+        if not chunks:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, 1)
+        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+
+    def clear(self) -> None:
+        self._chunks.clear()
+
+
 class RetrievalEvalCallback(pl.Callback):
     """Scores every evaluation set after each validation epoch; ``results`` holds the last scores per set.
 
@@ -110,32 +138,25 @@ class RetrievalEvalCallback(pl.Callback):
         self.last_grid: Path | None = None
         self.keep_features = keep_features
         self.features: dict[str, np.ndarray] = {}
-        self._buffers: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        self._buffer = DescriptorBuffer()
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._buffers.clear()
+        self._buffer.clear()
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
     ):
-        if not outputs:  # not an evaluation set (the classification hold-out logs its own metrics)
-            return
-        self._buffers[dataloader_idx].append(
-            (outputs["index"].detach().cpu(), outputs["descriptors"].detach().cpu())
-        )
+        self._buffer.add(outputs, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
-            self._buffers.clear()
+            self._buffer.clear()
             return
         eval_sets = trainer.datamodule.eval_sets
         for i, eval_set in enumerate(eval_sets):
-            chunks = self._buffers.get(i, [])
-            dim = chunks[0][1].shape[1] if chunks else 0
             # every process takes part in the gather, also one whose share of this set was empty
-            index = torch.cat([c[0] for c in chunks]) if chunks else torch.zeros(0, dtype=torch.long)
-            desc = torch.cat([c[1] for c in chunks]) if chunks else torch.zeros(0, max(dim, 1))
-            if trainer.world_size == 1 and not chunks:
+            index, desc = self._buffer.tensors(i)
+            if trainer.world_size == 1 and not self._buffer.has(i):
                 continue  # this set was not run (e.g. limit_val_batches)
             try:
                 feats = gather_by_index(index, desc, len(eval_set.dataset), pl_module.device)
@@ -157,7 +178,7 @@ class RetrievalEvalCallback(pl.Callback):
                     f"val/{eval_set.name}/{key}", float(value), add_dataloader_idx=False, sync_dist=False
                 )
             self._write_grid(trainer, eval_set, ranks)
-        self._buffers.clear()
+        self._buffer.clear()
         if self.results and trainer.is_global_zero:
             print_scores_table(
                 self.results,
