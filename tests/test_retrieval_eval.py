@@ -70,6 +70,9 @@ def test_eval_table_json_and_protocol(tiny_ckpt, tiny_synthetic, tmp_path) -> No
     assert res["protocol"]["ranking"] == "full" and res["truncated"] is False
     assert set(res["scores"]) >= {"mAP_E", "mAP_M", "mAP_H", "mP@1_M", "mP@10_H"}
     assert report["sets"]["synthetic_heldout"]["scores"] == res["scores"]
+    ex = on_disk["extraction"]  # every image of the set, timed
+    assert ex["images"] == 5 + 5 * 4 + 4 and ex["seconds"] > 0 and ex["images_per_s"] > 0
+    assert ex["inference"] == "fp32" and ex["device"] == "cpu"
 
     # the scores equal an independent search + metric over the descriptors the run saved
     q = load_features(tmp_path / "features" / "synthetic_heldout_queries")
