@@ -224,6 +224,11 @@ def _f(x: float | None, fmt: str = ".2f") -> str:
     return "–" if x is None else format(x, fmt)
 
 
+def _section(title: str, res: dict[str, Any]) -> list[str]:
+    """A section's heading and its when/how/load line."""
+    return [f"## {title}", "", _measured(res), ""]
+
+
 def _measured(res: dict[str, Any]) -> str:
     return (
         f"*Measured {res.get('measured_at', '?')} in {res.get('seconds', float('nan')):.0f} s by `{res.get('run_command')}`;"
@@ -246,10 +251,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
     if ex:
         peak = ex["matmul_peak_gflops_per_s"]
         lines += [
-            "## Extraction at the test size",
-            "",
-            _measured(ex),
-            "",
+            *_section("Extraction at the test size", ex),
             f"{ex['n_images']} images ({ex['image_source']}, own aspect ratios, longer side {ex['test_size']})"
             f", {ex['rounds']} interleaved rounds, medians. Dense matmul ({ex['matmul_n']}²) in the same run, "
             "between rounds: "
@@ -306,10 +308,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
     tr = results.get("train")
     if tr:
         lines += [
-            "## Training step (tiny CPU config)",
-            "",
-            _measured(tr),
-            "",
+            *_section("Training step (tiny CPU config)", tr),
             f"`{tr.get('command', '')}`",
             "",
             f"`model={tr['model']}`, batch {tr['batch_size']} at {tr['train_size']} px, {tr['num_classes']} "
@@ -327,10 +326,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
     ld = results.get("loader")
     if ld:
         lines += [
-            "## Training loader (bench_loader.py)",
-            "",
-            _measured(ld),
-            "",
+            *_section("Training loader (bench_loader.py)", ld),
             f"`{ld['command']}`",
             "",
             "| workers | decoded images/s | augmented images/s | share of a training step waiting for data |",
@@ -346,10 +342,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
     if ev:
         ms = ev["median_ms"]
         lines += [
-            "## Evaluation from given similarities",
-            "",
-            _measured(ev),
-            "",
+            *_section("Evaluation from given similarities", ev),
             f"{ev['n_queries']} queries × {ev['n_database']:,} database images, revisited mAP + mP@k (E/M/H); "
             "identical scores checked before timing."
             + (
@@ -384,10 +377,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
     s1 = results.get("search_1m")
     if s1:
         lines += [
-            "## 70 × (5,000 + 1M) search",
-            "",
-            _measured(s1),
-            "",
+            *_section("70 × (5,000 + 1M) search", s1),
             f"`{s1['command']}`: search {_f(s1['search_seconds'])} s, evaluate {_f(s1['evaluate_seconds'], '.3f')}"
             f" s, peak RSS {_f(s1['peak_rss_gib'], '.2f')} GiB (database file generation "
             f"{_f(s1['generation_seconds'])} s, not counted).",

@@ -68,11 +68,16 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
+def _spawn_two(worker, tmp_path) -> None:
+    """Run ``worker(rank, 2, tmp)`` in 2 processes. fork: CPU only, nothing CUDA initialised; avoids re-importing
+    torch in each child (seconds, not tens)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.start_processes(worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+
+
 @pytest.mark.timeout(120)
 def test_two_gloo_processes_match_one(tmp_path) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # fork: CPU only, nothing CUDA initialised; avoids re-importing torch in each child (seconds, not tens)
-    mp.start_processes(_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    _spawn_two(_worker, tmp_path)
     single = _run_metric(torch.split(torch.arange(N_QUERIES + N_DB), 10))
     expected = {k: float(v) for k, v in single.compute().items()}
     for rank in range(2):
@@ -125,7 +130,10 @@ def _score_once_worker(rank: int, world: int, tmp: str) -> None:
         scores, ranks, protocol = callback._rank_and_score_once(_Trainer(), feats, eval_set)
         out = {"scores": scores.as_dict(), "protocol": protocol, "ranks": ranks is not None, "calls": len(calls)}
         # an error on rank 0 reaches every process instead of leaving the others in the broadcast
-        cb.rank_and_score = lambda *a, **k: (_ for _ in ()).throw(ValueError("broken search on rank 0"))
+        def broken(*args, **kwargs):
+            raise ValueError("broken search on rank 0")
+
+        cb.rank_and_score = broken
         try:
             callback._rank_and_score_once(_Trainer(), feats, eval_set)
         except ValueError as e:
@@ -138,8 +146,7 @@ def _score_once_worker(rank: int, world: int, tmp: str) -> None:
 
 @pytest.mark.timeout(120)
 def test_callback_searches_on_rank_zero_only_and_shares_scores(tmp_path) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(_score_once_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    _spawn_two(_score_once_worker, tmp_path)
     r0, r1 = (json.loads((tmp_path / f"once_{r}.json").read_text()) for r in range(2))
     assert r0["calls"] == 1 and r1["calls"] == 0  # one search, on rank 0
     assert r0["scores"] == r1["scores"] and r0["protocol"] == r1["protocol"]
