@@ -5,8 +5,9 @@
         [inference.bf16=true] [inference.compile=true]
 
 Descriptors come from the model's own ``validation_step`` (``trainer.validate``, the same path as the training
-callback), through ``dalg.inference`` with the ``inference`` options (float32 by default); ranking and scoring from ``dalg.retrieval.evaluation.rank_and_score``. Prints the table, writes it
-as JSON (``output_json``) with the protocol options used, and says where.
+callback), through ``dalg.inference`` with the ``inference`` options (conf/inference, float32 by default); ranking
+and scoring from ``dalg.retrieval.evaluation.rank_and_score``. Prints the table, writes it as JSON
+(``output_json``) with the protocol options used, and says where.
 """
 
 from __future__ import annotations
@@ -54,11 +55,6 @@ class DescriptorCollector(pl.Callback):
 def _effective_scales(module: RetrievalModule) -> list[float]:
     scales = module.eval_scales if module.eval_scales else getattr(module.net, "scales", None)
     return [float(s) for s in scales] if scales else [1.0]
-
-
-def _inference_label(module: RetrievalModule) -> str:
-    options = module.inference_options
-    return options.label() if options is not None else "fp32 (model.extract)"
 
 
 def _nan_to_none(values: np.ndarray) -> list[float | None]:
@@ -111,7 +107,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.output_json).parent
     # decoding and resizing included (the DataLoader's workers), ranking not: what a researcher waits for per set
     extraction = {"images": n_images, "seconds": round(seconds, 3), "images_per_s": n_images / seconds,
-                  "inference": _inference_label(module), "device": str(module.device)}
+                  "inference": module.inference_label, "device": str(module.device)}
     results, protocol_text, report = {}, {}, {"checkpoint": str(cfg.ckpt_path), "extraction": extraction, "sets": {}}
     for i, eval_set in enumerate(datamodule.eval_sets):
         feats = collector.features(i, len(eval_set.dataset))
@@ -124,7 +120,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             feats[:nq], feats[nq:], eval_set.gt.gnd, distractors, options, cfg.kappas
         )
         protocol.update(crop_queries=eval_set.crop_queries, test_size=eval_set.test_size, scales=scales,
-                        inference=_inference_label(module))
+                        inference=module.inference_label)
         results[eval_set.name] = scores
         protocol_text[eval_set.name] = (
             f"crop={'on' if eval_set.crop_queries else 'OFF'}, size={eval_set.test_size}, scales={scales}, "

@@ -122,7 +122,7 @@ def extract(cfg: DictConfig) -> Path:
         "checkpoint": str(ckpt),
         "test_size": int(cfg.test_size),
         "scales": scales,
-        "inference": module.inference_options.label() if module.inference_options else "fp32 (model.extract)",
+        "inference": module.inference_label,
         "source": str(cfg.images),
     }
     writer = FeatureWriter(arr_path, dim=dim, dtype=cfg.dtype, shard_size=int(cfg.shard_size), meta=meta)

@@ -127,7 +127,7 @@ def test_eval_inference_options(tiny_ckpt, tiny_synthetic, tmp_path) -> None:
         feats = load_features(out / "features" / "synthetic_heldout_database").features
         return res, np.asarray(feats, np.float32)
 
-    plain, f_plain = run(["inference=null"], "plain")
+    plain, f_plain = run(["~inference"], "plain")
     fp32, f_fp32 = run([], "fp32")  # the default: inference.bf16=false
     bf16, f_bf16 = run(["inference.bf16=true"], "bf16")
     assert plain["protocol"]["inference"] == "fp32 (model.extract)"

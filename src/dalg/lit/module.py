@@ -112,10 +112,11 @@ class RetrievalModule(pl.LightningModule):
         return module.eval()
 
     @property
-    def inference_options(self) -> InferenceOptions | None:
-        """The resolved options descriptors are extracted with (None: the network's own ``extract``)."""
+    def inference_label(self) -> str:
+        """How descriptors are extracted, for protocol records: the resolved dalg.inference options, or the
+        network's own ``extract``."""
         extractor = getattr(self, "_extractor", None)
-        return extractor.options if extractor is not None else None
+        return extractor.options.label() if extractor is not None else "fp32 (model.extract)"
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         return self.validation_step(batch, batch_idx, dataloader_idx)

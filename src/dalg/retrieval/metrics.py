@@ -264,7 +264,8 @@ def _count_above(sim: np.ndarray, srt: np.ndarray, uq: np.ndarray, item: np.ndar
     nq, n = sim.shape
     values = sim[uq, item]
     srt = srt.ravel()
-    base = uq * n  # the search range of each value: its own sorted row
+    row_start = uq * n
+    base = row_start  # the search range of each value: its own sorted row
     width = n
     while width > 1:  # invariant: the first element > value lies in [base, base + width]
         half = width // 2
@@ -273,7 +274,6 @@ def _count_above(sim: np.ndarray, srt: np.ndarray, uq: np.ndarray, item: np.ndar
     upper = base + (srt[base] <= values)  # first element > value, in flat coordinates
     pos = (uq + 1) * n - upper  # strictly higher scores
     # the value itself sits at upper - 1; an equal value before it means a tie (rare): lower indices first
-    row_start = uq * n
     tied = np.flatnonzero((upper - 2 >= row_start) & (srt[np.maximum(upper - 2, 0)] == values))
     for t in tied:
         pos[t] += int(np.count_nonzero(sim[uq[t], : item[t]] == values[t]))
