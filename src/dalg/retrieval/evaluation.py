@@ -1,7 +1,12 @@
 """From descriptors to revisited scores: search (+ distractors) -> optional re-ranking -> mAP / mP@k.
 
 One function shared by ``src/eval.py`` and the validation callback, so that both rank and score the same
-way and both report the protocol options they used.
+way and both report the protocol options they used. Routes:
+
+- full ranking, no re-ranking (the protocol default): exact similarities in database chunks, scored straight from
+  them (``evaluate_revisited_from_similarity``: one value sort per row, no argsort of the database);
+- top-k (``ranking.top_k``, e.g. +1M): FAISS ``IndexFlatIP`` over database chunks, then the ranked metric;
+- re-ranking: the ranking (full or top-k) with its shortlist re-ordered, then the ranked metric.
 """
 
 from __future__ import annotations
@@ -11,8 +16,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from dalg.retrieval.index import search
-from dalg.retrieval.metrics import RevisitedScores, evaluate_revisited
+from dalg.retrieval.index import search, similarity_matrix, topk_from_similarity
+from dalg.retrieval.metrics import RevisitedScores, evaluate_revisited, evaluate_revisited_from_similarity
 from dalg.retrieval.rerank import rerank_topk
 
 
@@ -65,14 +70,23 @@ def rank_and_score(
     distractors: np.ndarray | None = None,
     options: RankingOptions | None = None,
     kappas: Sequence[int] = (1, 5, 10),
+    keep_ranks: int = 100,
 ) -> tuple[RevisitedScores, np.ndarray, dict[str, object]]:
     """Rank ``database`` (then ``distractors``, indexed after it) for every query and score the ranking.
 
-    Returns ``(scores, ranks, protocol)``; ``protocol`` says how it was ranked (see :func:`describe`).
+    Returns ``(scores, ranks, protocol)``: ``ranks`` holds at least the first ``keep_ranks`` places of every
+    query's ranking (for result grids; the full-ranking route does not materialise the rest), ``protocol`` says
+    how it was ranked (see :func:`describe`).
     """
     options = options or RankingOptions()
     parts = [database] if distractors is None else [database, distractors]
     n_total = sum(int(p.shape[0]) for p in parts)
+    n_dis = 0 if distractors is None else int(distractors.shape[0])
+    protocol = describe(options, int(database.shape[0]), n_dis)
+    if options.top_k is None and not options.rerank:
+        sim = similarity_matrix(queries, parts, chunk_size=options.chunk_size)
+        scores = evaluate_revisited_from_similarity(sim, gnd, kappas)
+        return scores, topk_from_similarity(sim, keep_ranks), protocol
     k = None if options.top_k is None else min(int(options.top_k), n_total)
     _, ranks = search(queries, parts, k, chunk_size=options.chunk_size, use_gpu=options.use_gpu)
     if options.rerank:
@@ -86,5 +100,4 @@ def rank_and_score(
             alpha=options.alpha,
         )
     scores = evaluate_revisited(ranks, gnd, kappas, n_database=n_total)
-    n_dis = 0 if distractors is None else int(distractors.shape[0])
-    return scores, ranks, describe(options, int(database.shape[0]), n_dis)
+    return scores, ranks, protocol

@@ -338,19 +338,63 @@ def _available_memory() -> int | None:
     return int(psutil.virtual_memory().available)
 
 
-def _full_ranking(
-    queries: np.ndarray, parts: list[np.ndarray], n_db: int, chunk_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    need = queries.shape[0] * n_db * _FULL_RANKING_BYTES_PER_CELL
+def _check_full_fits(nq: int, n_db: int, bytes_per_cell: int) -> None:
+    need = nq * n_db * bytes_per_cell
     available = _available_memory()
     if available is not None and need > available:
         raise MemoryError(
-            f"a full ranking of {queries.shape[0]:,} queries x {n_db:,} images needs ~{need / 2**30:.1f} GiB, "
+            f"a full ranking of {nq:,} queries x {n_db:,} images needs ~{need / 2**30:.1f} GiB, "
             f"only {available / 2**30:.1f} GiB is available: ask for the top-k instead (search(..., k=...), "
             "eval.py ranking.top_k=...)"
         )
+
+
+def similarity_matrix(queries: np.ndarray, database: Database, chunk_size: int = 65536) -> np.ndarray:
+    """Exact ``(n_queries, n_database)`` float32 inner products, the database read ``chunk_size`` rows at a time.
+
+    This is what a full ranking is scored from (``metrics.evaluate_revisited_from_similarity`` needs no argsort);
+    a plain BLAS product in chunks is as fast as FAISS's flat index here and keeps every score.
+    """
+    queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
+    parts = database_parts(database)
+    n_db = _validate(queries, parts)
+    if not np.isfinite(queries).all():
+        bad = np.flatnonzero(~np.isfinite(queries).all(1))
+        raise ValueError(
+            f"{bad.size} query descriptors are not finite (NaN/inf), e.g. rows {bad[:5].tolist()}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_full_fits(queries.shape[0], n_db, 4)
     sim = np.empty((queries.shape[0], n_db), dtype=np.float32)
     for start, chunk in _iter_chunks(parts, chunk_size):
         sim[:, start : start + chunk.shape[0]] = queries @ chunk.T
+    return sim
+
+
+def topk_from_similarity(sim: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` columns of ``rank_by_similarity(sim)`` (ties by lower index), without a full sort."""
+    sim = np.asarray(sim)
+    n = sim.shape[1]
+    k = min(int(k), n)
+    if k >= n:
+        return rank_by_similarity(sim).astype(np.int64, copy=False)
+    # the k-th best value of each row; everything strictly above it is in, equal values fill up by index
+    kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1 : k]
+    out = np.empty((sim.shape[0], k), dtype=np.int64)
+    for r in range(sim.shape[0]):
+        above = np.flatnonzero(sim[r] > kth[r])
+        equal = np.flatnonzero(sim[r] == kth[r])[: k - above.size]
+        cand = np.concatenate([above, equal])
+        order = np.lexsort((cand, -sim[r, cand]))
+        out[r] = cand[order]
+    return out
+
+
+def _full_ranking(
+    queries: np.ndarray, parts: list[np.ndarray], n_db: int, chunk_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    _check_full_fits(queries.shape[0], n_db, _FULL_RANKING_BYTES_PER_CELL)
+    sim = similarity_matrix(queries, parts, chunk_size)
     ranks = rank_by_similarity(sim)
     return np.take_along_axis(sim, ranks, 1), ranks.astype(np.int64, copy=False)

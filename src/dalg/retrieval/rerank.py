@@ -11,14 +11,14 @@ top neighbours, the weights being ``sim ** alpha`` (the vector itself has weight
   (neighbours among the same top-k), so its cost stays ``n_queries * k^2 * dim`` whatever the database size.
 
 Only the order of the top-k shortlist changes; everything after it stays as it was. Off by default
-(``conf/eval.yaml``: ``rerank.enabled: false``); published protocol numbers are without re-ranking.
+(``conf/eval.yaml``: ``ranking.rerank: false``); published protocol numbers are without re-ranking.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from dalg.retrieval.index import Database, search
+from dalg.retrieval.index import Database, search, take_rows
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -83,10 +83,7 @@ def rerank_topk(
     if k <= 1 or (qe_n <= 0 and dba_n <= 0):
         return ranks.copy()
     short = ranks[:, :k]
-    uniq, inv = np.unique(
-        short, return_inverse=True
-    )  # read each shortlisted row once (sorted: memmap friendly)
-    vecs = np.asarray(database[uniq], dtype=np.float32)[inv.reshape(short.shape)]  # (nq, k, d)
+    vecs = take_rows(database, short)  # (nq, k, d) fp32; each shortlisted row read once, across parts
 
     if dba_n > 0:
         m = min(dba_n, k - 1)
