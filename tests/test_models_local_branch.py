@@ -111,3 +111,40 @@ def test_bad_options_raise() -> None:
         LocalBranch(in_dim=8, context="conv")
     with pytest.raises(ValueError, match="divisible"):
         LocalBranch(in_dim=8, dim=10, heads=4)
+
+
+def _dolg_local_reference(lb: LocalBranch, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DOLG's released local branch (ASPP + SpatialAttention2d, core/model/dolg_model.py) written out as formulas
+    on the weights of `lb`: branch_r = conv3x3_r(x) (dilation = padding = r), pool = relu(conv1x1(mean_hw(x)))
+    broadcast to h x w, y = relu(conv1x1([branches ; pool])); f = BN(conv1x1(y)), a = softplus(conv1x1(relu(f))),
+    out = a * f / ||f||."""
+    ma, sa = lb.proj, lb.attention
+    outs = [F.conv2d(x, ma.branches[0].weight, ma.branches[0].bias)]
+    for conv, r in zip(ma.branches[1:], (6, 12, 18)):
+        outs.append(F.conv2d(x, conv.weight, conv.bias, padding=r, dilation=r))
+    pooled = F.conv2d(x.mean(dim=(2, 3), keepdim=True), ma.pool_conv.weight, ma.pool_conv.bias).clamp(min=0)
+    outs.append(pooled.expand(-1, -1, x.shape[2], x.shape[3]))
+    y = F.conv2d(torch.cat(outs, 1), ma.fuse.weight, ma.fuse.bias).clamp(min=0)
+    f = F.conv2d(y, sa.conv.weight, sa.conv.bias)
+    bn = sa.bn
+    f = (f - bn.running_mean[:, None, None]) / (bn.running_var[:, None, None] + bn.eps).sqrt()
+    f = f * bn.weight[:, None, None] + bn.bias[:, None, None]
+    a = F.softplus(F.conv2d(f.clamp(min=0), sa.score.weight, sa.score.bias))
+    return a * f / f.norm(dim=1, keepdim=True), a
+
+
+def test_dolg_local_branch_matches_the_released_formulas() -> None:
+    torch.manual_seed(3)
+    lb = LocalBranch(in_dim=12, dim=16, context="atrous", atrous_dim=8).double().eval()
+    with torch.no_grad():  # non-trivial BN statistics; a negative-leaning pooled branch, so its ReLU matters
+        lb.attention.bn.running_mean.normal_()
+        lb.attention.bn.running_var.uniform_(0.5, 2.0)
+        lb.attention.bn.weight.normal_()
+        lb.proj.pool_conv.bias.sub_(0.5)
+        x = torch.randn(2, 12, 9, 11, dtype=torch.float64)
+        out, att = lb(x)
+        ref_out, ref_att = _dolg_local_reference(lb, x)
+        assert (F.conv2d(x.mean(dim=(2, 3), keepdim=True), lb.proj.pool_conv.weight,
+                         lb.proj.pool_conv.bias) < 0).any()  # the ReLU acts
+    torch.testing.assert_close(att, ref_att, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)

@@ -123,7 +123,9 @@ class WindowBlock(nn.Module):
 
 
 class MultiAtrous(nn.Module):
-    """DOLG's multi-atrous block: 1x1 and dilated 3x3 convs + image pooling, concatenated, 1x1, ReLU."""
+    """DOLG's multi-atrous block: 1x1 and dilated 3x3 convs + image pooling (1x1 conv, ReLU), concatenated,
+    1x1, ReLU. As DOLG's release (ASPP in core/model/dolg_model.py), except that the pooled branch comes last in
+    the concatenation here (a permutation of `fuse`'s input channels)."""
 
     def __init__(self, in_dim: int, out_dim: int, branch_dim: int = 512, rates: Sequence[int] = (6, 12, 18)) -> None:
         super().__init__()
@@ -134,7 +136,7 @@ class MultiAtrous(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         feats = [br(x) for br in self.branches]
-        pooled = self.pool_conv(x.mean(dim=(2, 3), keepdim=True)).expand(-1, -1, *x.shape[2:])
+        pooled = F.relu(self.pool_conv(x.mean(dim=(2, 3), keepdim=True))).expand(-1, -1, *x.shape[2:])
         return F.relu(self.fuse(torch.cat(feats + [pooled], dim=1)))
 
 
