@@ -148,3 +148,45 @@ def test_dolg_local_branch_matches_the_released_formulas() -> None:
                          lb.proj.pool_conv.bias) < 0).any()  # the ReLU acts
     torch.testing.assert_close(att, ref_att, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
+
+
+def _swin_reference(blk: WindowBlock, x: torch.Tensor) -> torch.Tensor:
+    """A (shifted) window block as plain attention over all tokens of one image with a group mask. Swin's
+    partition in the map's own coordinates: along an axis longer than the window, windows of `window` tokens
+    displaced by `shift` (the first holds the `shift` leading tokens; cyclic shift + region mask implement this);
+    along an axis no longer than the window, one window (the map's side) and no shift. Bias by (di, dj) offset."""
+    ws, s = blk.window, blk.shift
+    _, h, w, c = x.shape
+    attn = blk.attn
+    heads, d = attn.heads, c // attn.heads
+
+    def group(n: int) -> torch.Tensor:
+        return torch.zeros(n, dtype=torch.long) if n <= ws else (torch.arange(n) + (ws - s) % ws) // ws
+
+    gi, gj = torch.meshgrid(group(h), group(w), indexing="ij")
+    ii, jj = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    gi, gj, ii, jj = gi.flatten(), gj.flatten(), ii.flatten(), jj.flatten()
+    same = (gi[:, None] == gi[None, :]) & (gj[:, None] == gj[None, :])
+    table_idx = (ii[:, None] - ii[None, :] + ws - 1) * (2 * ws - 1) + (jj[:, None] - jj[None, :] + ws - 1)
+    bias = attn.rel_bias[table_idx.where(same, 0)].permute(2, 0, 1)  # (heads, N, N); other groups masked below
+    t = blk.norm1(x).reshape(1, h * w, c)
+    q, k, v = attn.qkv(t).reshape(1, h * w, 3, heads, d).permute(2, 0, 3, 1, 4)
+    logits = (q @ k.transpose(-1, -2) / math.sqrt(d) + bias).masked_fill(~same, float("-inf"))
+    y = attn.proj((torch.softmax(logits, dim=-1) @ v).transpose(1, 2).reshape(1, h * w, c)).reshape(1, h, w, c)
+    y = x + y
+    return y + blk.mlp(blk.norm2(y))
+
+
+@pytest.mark.parametrize("shift", [0, 3])
+@pytest.mark.parametrize("hw", [(5, 20), (20, 5), (3, 20), (9, 10)])
+def test_window_block_matches_swin_partition_on_thin_maps(shift: int, hw: tuple[int, int]) -> None:
+    """Window 7: on a 5x20 map Swin uses 5x7 windows shifted along the long axis only (5 <= 7). The old rule
+    (shift both axes unless one window covers the map) split the 5 rows into groups {0,1,2} and {3,4}; with 3
+    rows (<= shift) both rules agree. 9x10: both axes longer than the window, the plain shifted-window case,
+    checks the reference itself."""
+    torch.manual_seed(4)
+    blk = WindowBlock(dim=8, heads=2, window=7, shift=shift).eval()
+    with torch.no_grad():
+        blk.attn.rel_bias.normal_()
+        x = torch.randn(1, *hw, 8)
+        torch.testing.assert_close(blk(x), _swin_reference(blk, x), rtol=1e-5, atol=1e-5)

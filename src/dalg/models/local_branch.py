@@ -3,7 +3,9 @@
 Context blocks are either Swin-style window multi-head self-attention (DALG; Liu et al., ICCV 2021: W-MSA with
 relative position bias, alternate shifted windows) or DOLG's multi-atrous block (Yang et al., ICCV 2021).
 Maps whose sides are not multiples of the window are padded; padded tokens are masked out as keys, so the
-outputs at real positions do not depend on the padding (tested).
+outputs at real positions do not depend on the padding (tested). Along an axis no longer than the window, the window
+is clamped to the map and not shifted (Swin's rule, per axis as in timm's SwinTransformerBlock): windows can be
+rectangular on thin maps.
 """
 
 from __future__ import annotations
@@ -18,8 +20,16 @@ from torch import Tensor, nn
 MASK_VALUE = -1e4  # additive mask: exp(-1e4) == 0 in fp32/fp16/bf16, and finite so fully masked rows stay finite
 
 
+def _relative_index(wh: int, ww: int, window: int, device: torch.device | None = None) -> Tensor:
+    """(wh*ww, wh*ww) indices into the (2*window-1)^2 relative-bias table for a wh x ww window (wh, ww <= window)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device),
+                                        indexing="ij")).flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :] + (window - 1)  # (2, N, N), >= 0
+    return rel[0] * (2 * window - 1) + rel[1]
+
+
 class WindowAttention(nn.Module):
-    """Multi-head self-attention inside square windows with a learnt relative position bias."""
+    """Multi-head self-attention inside windows (at most window x window) with a learnt relative position bias."""
 
     def __init__(self, dim: int, heads: int, window: int) -> None:
         super().__init__()
@@ -30,15 +40,15 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rel_bias = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
         nn.init.trunc_normal_(self.rel_bias, std=0.02)
-        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
-        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # (N, N, 2), >= 0
-        self.register_buffer("rel_index", rel[..., 0] * (2 * window - 1) + rel[..., 1], persistent=False)
+        self.register_buffer("rel_index", _relative_index(window, window, window), persistent=False)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """x: (B*nW, N, C); mask: (nW, N, N) additive, or None."""
+    def forward(self, x: Tensor, mask: Tensor | None = None, size: tuple[int, int] | None = None) -> Tensor:
+        """x: (B*nW, N, C); mask: (nW, N, N) additive, or None; size: the (wh, ww) window, default square."""
         bw, n, c = x.shape
         q, k, v = self.qkv(x).reshape(bw, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        bias = self.rel_bias[self.rel_index.view(-1)].view(n, n, self.heads).permute(2, 0, 1)  # (heads, N, N)
+        index = self.rel_index if size is None or size == (self.window, self.window) else \
+            _relative_index(*size, self.window, x.device)
+        bias = self.rel_bias[index.view(-1)].view(n, n, self.heads).permute(2, 0, 1)  # (heads, N, N)
         bias = bias.unsqueeze(0).to(q.dtype)
         if mask is not None:
             nw = mask.shape[0]
@@ -47,18 +57,28 @@ class WindowAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 
 
-def _windows(x: Tensor, w: int) -> Tensor:
-    """(B, H, W, ...) -> (B*nW, w*w, ...) with windows ordered (B, row, col)."""
+def _windows(x: Tensor, wh: int, ww: int) -> Tensor:
+    """(B, H, W, ...) -> (B*nW, wh*ww, ...) with windows ordered (B, row, col)."""
     b, h, wd = x.shape[:3]
     rest = x.shape[3:]
-    x = x.reshape(b, h // w, w, wd // w, w, *rest).transpose(2, 3)
-    return x.reshape(b * (h // w) * (wd // w), w * w, *rest)
+    x = x.reshape(b, h // wh, wh, wd // ww, ww, *rest).transpose(2, 3)
+    return x.reshape(b * (h // wh) * (wd // ww), wh * ww, *rest)
 
 
-def _unwindows(x: Tensor, w: int, b: int, h: int, wd: int) -> Tensor:
+def _unwindows(x: Tensor, wh: int, ww: int, b: int, h: int, wd: int) -> Tensor:
     rest = x.shape[2:]
-    x = x.reshape(b, h // w, wd // w, w, w, *rest).transpose(2, 3)
+    x = x.reshape(b, h // wh, wd // ww, wh, ww, *rest).transpose(2, 3)
     return x.reshape(b, h, wd, *rest)
+
+
+def _shift_regions(n: int, win: int, shift: int, device: torch.device) -> Tensor:
+    """Swin's region labels along one rolled axis: the last window joins tokens rolled in from the start (2) with
+    the others (1); they must not attend to each other."""
+    lab = torch.zeros(n, device=device)
+    if shift:
+        lab[n - win:n - shift] = 1
+        lab[n - shift:] = 2
+    return lab
 
 
 class WindowBlock(nn.Module):
@@ -77,27 +97,22 @@ class WindowBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def _mask(self, hp: int, wp: int, h: int, w: int, shift: int, device: torch.device) -> Tensor | None:
+    def _mask(self, hp: int, wp: int, h: int, w: int, win: tuple[int, int], shift: tuple[int, int],
+              device: torch.device) -> Tensor | None:
         """Additive (nW, N, N) mask: shifted-window regions (Swin) and padded keys."""
-        ws = self.window
-        region = torch.zeros(hp, wp, device=device)
-        if shift:
-            label = 0
-            for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
-                for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
-                    region[hs, wsl] = label
-                    label += 1
+        (wh, ww), (sh, sw) = win, shift
         mask = None
-        if shift:
-            rw = _windows(region[None, ..., None], ws)[..., 0]  # (nW, N) region label per token
+        if sh or sw:
+            region = _shift_regions(hp, wh, sh, device)[:, None] * 3 + _shift_regions(wp, ww, sw, device)[None, :]
+            rw = _windows(region[None, ..., None], wh, ww)[..., 0]  # (nW, N) region label per token
             mask = (rw[:, :, None] != rw[:, None, :]).float() * MASK_VALUE
         if self.mask_padding and (hp != h or wp != w):
             pad = torch.ones(hp, wp, device=device)
             pad[:h, :w] = 0
-            if shift:
-                pad = torch.roll(pad, shifts=(-shift, -shift), dims=(0, 1))
-            pw = _windows(pad[None, ..., None], ws)[..., 0]  # (nW, N): 1 at padded tokens
-            key_mask = pw[:, None, :].expand(-1, ws * ws, -1) * MASK_VALUE
+            if sh or sw:
+                pad = torch.roll(pad, shifts=(-sh, -sw), dims=(0, 1))
+            pw = _windows(pad[None, ..., None], wh, ww)[..., 0]  # (nW, N): 1 at padded tokens
+            key_mask = pw[:, None, :].expand(-1, wh * ww, -1) * MASK_VALUE
             mask = key_mask if mask is None else mask + key_mask
         return mask
 
@@ -106,17 +121,19 @@ class WindowBlock(nn.Module):
         ws = self.window
         shortcut = x
         x = self.norm1(x)
-        ph, pw = (-h) % ws, (-w) % ws
+        # Swin's rule per axis: along a side no longer than the window, the window is the side and is not shifted
+        wh, ww = min(h, ws), min(w, ws)
+        sh, sw = (self.shift if h > ws else 0), (self.shift if w > ws else 0)
+        ph, pw = (-h) % wh, (-w) % ww
         if ph or pw:
             x = F.pad(x, (0, 0, 0, pw, 0, ph), value=self.pad_value)
         hp, wp = h + ph, w + pw
-        shift = self.shift if (hp > ws or wp > ws) else 0  # one window covers the map: shifting is a no-op
-        if shift:
-            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-        mask = self._mask(hp, wp, h, w, shift, x.device)
-        x = _unwindows(self.attn(_windows(x, ws), mask), ws, b, hp, wp)
-        if shift:
-            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+        if sh or sw:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        mask = self._mask(hp, wp, h, w, (wh, ww), (sh, sw), x.device)
+        x = _unwindows(self.attn(_windows(x, wh, ww), mask, size=(wh, ww)), wh, ww, b, hp, wp)
+        if sh or sw:
+            x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
         x = x[:, :h, :w]
         x = shortcut + self.drop_path(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
