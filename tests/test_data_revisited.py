@@ -16,6 +16,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from dalg.data.datamodules import RevisitedDataModule
 from dalg.data.images import ImageReadError
 from dalg.data.revisited import load_ground_truth
+from dalg.utils.safe_pickle import load_plain_pickle
 from tests.conftest import LANDMARKS_MINI, compose_train
 
 SIZES = [(64, 48), (48, 64), (64, 48), (60, 40), (64, 48), (48, 64), (64, 48), (60, 40), (64, 48)]
@@ -75,8 +76,7 @@ def test_missing_required_set_and_missing_images_are_clear_errors(tmp_path):
 
 def test_bad_bbx_is_rejected(tmp_path):
     _write_set(tmp_path)
-    with open(tmp_path / "gnd_toy.pkl", "rb") as f:
-        raw = pickle.load(f)
+    raw = load_plain_pickle(tmp_path / "gnd_toy.pkl")
     raw["gnd"][1]["bbx"] = [10, 10, 5, 20]
     with open(tmp_path / "gnd_toy.pkl", "wb") as f:
         pickle.dump(raw, f)

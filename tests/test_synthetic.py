@@ -1,5 +1,4 @@
 import hashlib
-import pickle
 
 import numpy as np
 import pytest
@@ -8,6 +7,7 @@ from PIL import Image
 from dalg.data.gldv2 import GLDv2Dataset
 from dalg.data.revisited import load_ground_truth
 from dalg.data.synthetic import HELDOUT_NAME, ensure_synthetic_landmarks
+from dalg.utils.safe_pickle import load_plain_pickle
 
 from .conftest import TINY_SYNTHETIC
 
@@ -71,5 +71,5 @@ def test_heldout_split_is_revisited_layout(tiny_synthetic):
         w, h = Image.open(gt.query_path(q)).size
         x0, y0, x1, y1 = g["bbx"]
         assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
-    with open(tiny_synthetic / "heldout" / f"gnd_{HELDOUT_NAME}.pkl", "rb") as f:
-        assert set(pickle.load(f)) == {"imlist", "qimlist", "gnd"}
+    gnd = load_plain_pickle(tiny_synthetic / "heldout" / f"gnd_{HELDOUT_NAME}.pkl")
+    assert set(gnd) == {"imlist", "qimlist", "gnd"}

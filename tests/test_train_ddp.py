@@ -29,7 +29,7 @@ def test_two_process_gloo_training_and_retrieval(tiny_synthetic, tmp_path):
     for key in ("mAP_E", "mAP_M", "mAP_H"):
         value = final["metrics"][f"val/synthetic_heldout/{key}"]
         assert 0.0 <= value <= 100.0
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
     # one set of run files, written by rank 0 only
     assert (run / "run_meta.json").is_file() and not list(run.glob("run_meta.resume*.json"))

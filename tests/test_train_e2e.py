@@ -54,7 +54,8 @@ def test_checkpoint_rebuilds_the_model(trained):
     from dalg.lit.module import RetrievalModule
 
     result, out = trained
-    module = RetrievalModule.load_from_checkpoint(out / "checkpoints" / "last.ckpt", map_location="cpu")
+    module = RetrievalModule.load_from_checkpoint(out / "checkpoints" / "last.ckpt", map_location="cpu",
+                                                   weights_only=True)
     x = torch.randn(2, 3, 64, 48)
     desc = module.net.extract(x)
     assert desc.shape == (2, module.net.embed_dim)

@@ -35,7 +35,7 @@ def test_nan_loss_stops_with_step_and_terms_and_keeps_last_checkpoint(tiny_synth
     assert "global step 3" in msg and "epoch 0" in msg
     assert "loss (margin softmax cross-entropy) = nan" in msg and "non-finite descriptors = 8" in msg
     assert "descriptor.weight" in msg and str(last) in msg
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     digest = hashlib.sha256(last.read_bytes()).hexdigest()

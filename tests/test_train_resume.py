@@ -44,7 +44,7 @@ def _run(cmd, kill_at=None):
 
 
 def _ckpt(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
 
+from dalg.lit.checkpoint_read import checkpoint_step
 from dalg.lit.csv_logger import ResumableCSVLogger
 from dalg.lit.module import RetrievalModule
 from dalg.lit.resumable_data import ResumableLoader
@@ -52,12 +53,6 @@ def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
     if cfg.get("resume", "auto") == "auto" and last.is_file():
         return str(last)
     return None
-
-
-def checkpoint_step(path: str) -> int:
-    import torch
-
-    return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0))
 
 
 def make_train_loader_resumable(datamodule: pl.LightningDataModule, trainer_ref: list[pl.Trainer], seed: int) -> None:
@@ -103,6 +98,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     console = Console()
     ckpt_path = resume_checkpoint(cfg, out_dir)
+    # read safely (weights_only) before any data is read: a bad or hostile file fails here, naming itself
+    resume_step = checkpoint_step(ckpt_path) if ckpt_path else None
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
 
@@ -116,7 +113,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
-    resume_step = checkpoint_step(ckpt_path) if ckpt_path else None
     for lg in loggers:
         if isinstance(lg, ResumableCSVLogger):
             lg.resume_step = resume_step
@@ -134,7 +130,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         before = {k: v.as_dict() for k, v in retrieval.results.items()}
 
     console.rule(f"[bold]training (resuming from {ckpt_path})" if ckpt_path else "[bold]training")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if ckpt_path and trainer.global_step == resume_step and retrieval is not None and not retrieval.results:
         # the checkpoint was already at the end of training: evaluate it, so a re-run still reports its metrics
         console.rule("[bold]nothing left to train: evaluating the checkpoint")

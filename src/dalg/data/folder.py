@@ -177,4 +177,4 @@ def load_query_csv(images: str | os.PathLike, queries_csv: str | os.PathLike, na
         if not entry["easy"] and not entry["hard"]:
             log.warning("%s, line %d: query %s has no positive; it is skipped by every setup", csv_path, line, query)
         gnd.append(entry)
-    return RevisitedGroundTruth(name, image_dir, database, queries, gnd, suffix="")
+    return RevisitedGroundTruth(name, image_dir, database, queries, gnd, suffix="", source=csv_path)

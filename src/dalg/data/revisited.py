@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +11,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from dalg.data.images import image_size, load_rgb
+from dalg.data.images import ImageReadError, image_size, load_rgb
+from dalg.utils.safe_pickle import load_plain_pickle
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,6 +25,7 @@ class RevisitedGroundTruth:
     qimlist: list[str]  # query names
     gnd: list[dict]  # per query: bbx, easy, hard, junk (0-based indices into imlist)
     suffix: str = ".jpg"  # appended to the names (the Revisited sets list names without extension)
+    source: Path | None = None  # the gnd pickle or queries CSV it came from, for messages
 
     @property
     def n_queries(self) -> int:
@@ -65,8 +69,9 @@ def load_ground_truth(data_dir: str | os.PathLike, name: str) -> RevisitedGround
         raise FileNotFoundError(f"ground truth {Path(data_dir) / f'gnd_{name}.pkl'} does not exist "
                                 f"(Revisited layout: <data_dir>/gnd_<name>.pkl + <data_dir>/jpg/)")
     data_dir = pkl.parent
-    with open(pkl, "rb") as f:
-        raw = pickle.load(f)
+    raw = load_plain_pickle(pkl, "ground-truth file")  # restricted: a downloaded gnd file runs no code
+    if not isinstance(raw, dict):
+        raise ValueError(f"{pkl}: expected a dict with imlist, qimlist and gnd, got {type(raw).__name__}")
     missing = {"imlist", "qimlist", "gnd"} - set(raw)
     if missing:
         raise ValueError(f"{pkl}: missing keys {sorted(missing)}")
@@ -74,14 +79,19 @@ def load_ground_truth(data_dir: str | os.PathLike, name: str) -> RevisitedGround
         raise ValueError(f"{pkl}: {len(raw['gnd'])} gnd entries for {len(raw['qimlist'])} queries")
     n = len(raw["imlist"])
     for qi, g in enumerate(raw["gnd"]):
+        if not isinstance(g, dict):
+            raise ValueError(f"{pkl}: gnd entry {qi} is a {type(g).__name__}, expected a dict with bbx/easy/hard/junk")
         for key in ("easy", "hard", "junk"):
             bad = [j for j in g.get(key, []) if not 0 <= j < n]
             if bad:
                 raise ValueError(f"{pkl}: query {qi} ({raw['qimlist'][qi]}) has {key} indices outside "
                                  f"0..{n - 1}: {bad[:5]} (is it the 1-based .mat version?)")
-    gnd = [{"bbx": _check_bbx(pkl, qi, raw["qimlist"][qi], g.get("bbx")), "easy": list(g.get("easy", [])), "hard": list(g.get("hard", [])),
-            "junk": list(g.get("junk", []))} for qi, g in enumerate(raw["gnd"])]
-    return RevisitedGroundTruth(name, data_dir / "jpg", list(raw["imlist"]), list(raw["qimlist"]), gnd)
+    # int()/str(): the official files may hold NumPy arrays and scalars
+    gnd = [{"bbx": _check_bbx(pkl, qi, raw["qimlist"][qi], g.get("bbx")),
+            **{key: [int(j) for j in g.get(key, [])] for key in ("easy", "hard", "junk")}}
+           for qi, g in enumerate(raw["gnd"])]
+    return RevisitedGroundTruth(name, data_dir / "jpg", [str(n) for n in raw["imlist"]],
+                                [str(n) for n in raw["qimlist"]], gnd, source=pkl)
 
 
 class RevisitedImages(Dataset):
@@ -98,6 +108,25 @@ class RevisitedImages(Dataset):
         self.paths: list[Path] = [gt.query_path(i) for i in range(gt.n_queries)]
         self.paths += [gt.database_path(i) for i in range(gt.n_database)]
         self.boxes: Sequence[Sequence[float] | None] = [g["bbx"] if crop_queries else None for g in gt.gnd]
+        if crop_queries:  # at setup, not mid-extraction: the query files exist and their boxes hit the image
+            self.boxes = [None if box is None else self._fit_box(i, box) for i, box in enumerate(self.boxes)]
+
+    def _fit_box(self, qi: int, box: Sequence[float]) -> list[float]:
+        """``box`` clipped to the query image (read from its header); a box without a pixel inside it is an error."""
+        where = f"{self.gt.source or self.gt.name}: query {qi} ({self.gt.qimlist[qi]}, {self.paths[qi]})"
+        try:
+            width, height = image_size(self.paths[qi])
+        except ImageReadError as e:
+            raise ImageReadError(e.path, f"{where} has a bbx but its image cannot be read: {e.reason}", e.kind) from e
+        x0, y0, x1, y1 = (float(v) for v in box)
+        clipped = [max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))]
+        if round(clipped[2]) <= round(clipped[0]) or round(clipped[3]) <= round(clipped[1]):
+            raise ValueError(f"{where}: bbx {[x0, y0, x1, y1]} lies outside the {width}x{height} image "
+                             f"(no pixel of it is inside); fix the box")
+        if clipped != [x0, y0, x1, y1]:
+            log.warning("%s: bbx %s extends past the %dx%d image; clipped to %s", where, [x0, y0, x1, y1], width,
+                        height, clipped)
+        return clipped
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dalg.inference import InferenceOptions, optimize_for_inference
+from dalg.lit.checkpoint_read import CheckpointError, read_checkpoint
 from dalg.lit.optim import build_optimizer, warmup_cosine
 
 
@@ -100,7 +101,7 @@ class RetrievalModule(pl.LightningModule):
         path = Path(os.path.expanduser(str(ckpt_path)))
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist (set ckpt_path=...)")
-        module = cls.load_from_checkpoint(str(path), map_location="cpu")
+        module = cls.from_checkpoint_dict(read_checkpoint(path), path)
         if scales is not None:
             scales = tuple(float(s) for s in scales)
             if not scales or min(scales) <= 0:
@@ -110,6 +111,27 @@ class RetrievalModule(pl.LightningModule):
             options = inference if isinstance(inference, InferenceOptions) else InferenceOptions.from_mapping(inference)
             module._extractor = optimize_for_inference(module.net, options, inplace=True)
         return module.eval()
+
+    @classmethod
+    def from_checkpoint_dict(cls, ckpt: Mapping[str, Any], path: str | os.PathLike) -> RetrievalModule:
+        """The module a checkpoint read by ``dalg.lit.checkpoint_read.read_checkpoint`` describes (what
+        Lightning's ``load_from_checkpoint`` does, from the one safe read); errors name ``path``."""
+        try:
+            module = cls(**ckpt["hyper_parameters"])
+        except Exception as e:  # noqa: BLE001 - any config the network cannot be built from
+            raise CheckpointError(f"checkpoint {path}: its hyper_parameters do not build a {cls.__name__}: "
+                                  f"{type(e).__name__}: {e}") from e
+        module.on_load_checkpoint(dict(ckpt))
+        try:
+            result = module.load_state_dict(ckpt["state_dict"], strict=False)
+        except RuntimeError as e:  # tensors of another shape
+            raise CheckpointError(f"checkpoint {path}: state_dict does not fit the model its hyper_parameters "
+                                  f"describe: {str(e).strip()[:500]}") from e
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(f"checkpoint {path}: state_dict does not match the model its hyper_parameters "
+                                  f"describe; missing {result.missing_keys[:5]}, unexpected "
+                                  f"{result.unexpected_keys[:5]}")
+        return module
 
     @property
     def inference_label(self) -> str:

@@ -23,6 +23,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from dalg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+from dalg.lit.checkpoint_read import read_checkpoint
 from dalg.models.dalg import DALG
 
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
@@ -39,13 +40,8 @@ def model_from_checkpoint(path: str | Path) -> DALG:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # hyper-parameters holding OmegaConf containers need the full unpickler (own files only)
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    hp: Any = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if "model_cfg" not in hp or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a DALG Lightning checkpoint: need hyper_parameters.model_cfg and state_dict")
+    ckpt = read_checkpoint(path)  # weights_only, never retried unsafely; errors name the file
+    hp: Any = ckpt["hyper_parameters"]
     model = hydra.utils.instantiate(_plain(hp["model_cfg"]), num_classes=int(hp.get("num_classes", 0)))
     sd = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     result = model.load_state_dict(sd, strict=False)
