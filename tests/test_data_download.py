@@ -17,6 +17,7 @@ from dalg.data.download import (
     download,
     download_gldv2,
     download_revisited,
+    download_revisitop1m,
     extract_tar,
     parse_parts,
 )
@@ -202,3 +203,62 @@ def test_parse_parts():
     assert parse_parts("0-2,7") == [0, 1, 2, 7]
     with pytest.raises(ValueError, match="outside"):
         parse_parts("498-500")
+
+
+# ------------------------------------------------------------------------------------ revisitop 1M distractors
+def _revisitop1m_server(server, parts: dict[int, dict[str, bytes]], listed: list[str]) -> None:
+    server.files["/revisitop1m.txt"] = "".join(f"{n}\n" for n in listed).encode()
+    for k, members in parts.items():
+        server.files[f"/jpg/revisitop1m.{k}.tar.gz"] = _tar(members)
+
+
+def test_revisitop1m_download_resumes_verifies_and_lists(server, tmp_path):
+    parts = {1: {"a/0/im0.jpg": _jpeg(0), "a/0/im1.jpg": _jpeg(1)}, 2: {"b/7/im2.jpg": _jpeg(2)}}
+    listed = ["a/0/im0.jpg", "a/0/im1.jpg", "b/7/im2.jpg"]
+    _revisitop1m_server(server, parts, listed)
+    (tmp_path / "revisitop1m").mkdir()  # the list from an earlier run is kept, so the first request is part 1
+    (tmp_path / "revisitop1m" / "revisitop1m.txt").write_bytes(server.files["/revisitop1m.txt"])
+    server.cut_after = 200  # the first archive's connection drops: resumed with a Range request
+    folder = download_revisitop1m(tmp_path, [1, 2], base_url=server.url, n_parts=2, progress=False)
+    assert sorted(p.relative_to(folder / "jpg").as_posix() for p in (folder / "jpg").rglob("*.jpg")) == listed
+    assert (folder / "revisitop1m.txt").read_text().split() == listed
+    assert ("/jpg/revisitop1m.1.tar.gz", "bytes=200-") in server.requests
+    assert not list((folder / "archives").glob("*.tar.gz"))  # removed once extracted
+    _no_partials(tmp_path)
+    n = len(server.requests)
+    download_revisitop1m(tmp_path, [1, 2], base_url=server.url, n_parts=2, progress=False)
+    assert len(server.requests) == n  # list in place, both parts marked done: nothing fetched again
+
+
+def test_revisitop1m_corrupt_archive_is_removed_not_extracted(server, tmp_path):
+    good = _tar({"x/im0.jpg": _jpeg(0)})
+    bad = bytearray(good)
+    bad[-6] ^= 0xFF  # in the gzip trailer's CRC-32: tarfile alone extracts it without noticing
+    server.files["/revisitop1m.txt"] = b"x/im0.jpg\n"
+    server.files["/jpg/revisitop1m.1.tar.gz"] = bytes(bad)
+    with pytest.raises(DownloadError, match="corrupt gzip"):
+        download_revisitop1m(tmp_path, [1], base_url=server.url, n_parts=1, progress=False)
+    folder = tmp_path / "revisitop1m"
+    assert not (folder / "archives" / "revisitop1m.1.tar.gz").exists() and not (folder / "jpg").exists()
+    server.files["/jpg/revisitop1m.1.tar.gz"] = good  # the next run downloads it again and succeeds
+    download_revisitop1m(tmp_path, [1], base_url=server.url, n_parts=1, progress=False)
+    assert (folder / "jpg" / "x" / "im0.jpg").is_file()
+
+
+def test_revisitop1m_complete_set_must_hold_every_listed_image(server, tmp_path):
+    _revisitop1m_server(server, {1: {"x/im0.jpg": _jpeg(0)}}, ["x/im0.jpg", "x/gone.jpg"])
+    download_revisitop1m(tmp_path, [1], base_url=server.url, n_parts=2, progress=False)  # partial: fine
+    with pytest.raises(DownloadError, match="1 of the 2 images listed.*x/gone.jpg"):
+        download_revisitop1m(tmp_path, [1], base_url=server.url, n_parts=1, progress=False)
+
+
+def test_revisitop1m_list_with_unsafe_paths_is_refused(server, tmp_path):
+    server.files["/revisitop1m.txt"] = b"ok/im0.jpg\n../../etc/passwd\n"
+    with pytest.raises(DownloadError, match="outside jpg/"):
+        download_revisitop1m(tmp_path, [1], base_url=server.url, n_parts=1, progress=False)
+
+
+def test_parse_parts_from_one():
+    assert parse_parts("1-3,100", 100, first=1) == [1, 2, 3, 100]
+    with pytest.raises(ValueError, match="outside 1-100"):
+        parse_parts("0-2", 100, first=1)

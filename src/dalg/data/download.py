@@ -3,9 +3,12 @@
     python -m dalg.data.download roxford5k --root data       # data/roxford5k/{gnd_roxford5k.pkl,jpg/}
     python -m dalg.data.download rparis6k  --root data
     python -m dalg.data.download gldv2     --root data --parts 0-499   # data/gldv2/{train_clean.csv,train/a/b/c/}
+    python -m dalg.data.download revisitop1m --root data --parts 1-100 # data/revisitop1m/{revisitop1m.txt,jpg/}
 
 Official sources: the Oxford/Paris buildings archives (VGG, Oxford) and the revisited ground truth
-(revisitop, CMP Prague), and the GLDv2 release (CVDF's S3 bucket, which publishes one md5 per image tar).
+(revisitop, CMP Prague), the GLDv2 release (CVDF's S3 bucket, which publishes one md5 per image tar), and the
+revisitop 1M distractors (100 ``revisitop1m.<k>.tar.gz`` + the image list ``revisitop1m.txt``, CMP Prague; no
+checksums are published, so each archive's gzip CRC-32 and length are checked before it is extracted).
 
 Every file is fetched into ``<name>.part`` beside its final name, continued with an HTTP Range request after an
 interruption, checked (length announced by the server, plus the published md5 where there is one), and only
@@ -16,6 +19,7 @@ leaves a half-written file under a final name and simply resumes when run again.
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import http.client
 import logging
@@ -27,6 +31,7 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +46,9 @@ REVISITED_ARCHIVES = {
 }
 GLDV2_BASE = "https://s3.amazonaws.com/google-landmark"
 GLDV2_PARTS = 500  # train/images_000.tar .. images_499.tar
+# the revisitop 1M distractors as revisitop's own download scripts fetch them (github.com/filipradenovic/revisitop)
+REVISITOP1M_BASE = "http://ptak.felk.cvut.cz/revisitop/revisitop1m"
+REVISITOP1M_PARTS = 100  # jpg/revisitop1m.1.tar.gz .. revisitop1m.100.tar.gz
 USER_AGENT = "dalg-dataset-download/0.1 (+python urllib)"
 _CHUNK = 1 << 20
 
@@ -273,8 +281,8 @@ def _check_revisited(folder: Path, name: str) -> None:
     print(f"{name}: {gt.n_queries} queries, {gt.n_database} database images in {folder}", file=sys.stderr)
 
 
-def parse_parts(spec: str, n: int = GLDV2_PARTS) -> list[int]:
-    """``"0-499"``, ``"0,3,7-9"`` -> part numbers."""
+def parse_parts(spec: str, n: int = GLDV2_PARTS, first: int = 0) -> list[int]:
+    """``"0-499"``, ``"0,3,7-9"`` -> part numbers, which run ``first`` .. ``first + n - 1``."""
     parts: set[int] = set()
     for item in spec.split(","):
         item = item.strip()
@@ -282,8 +290,8 @@ def parse_parts(spec: str, n: int = GLDV2_PARTS) -> list[int]:
             continue
         lo, _, hi = item.partition("-")
         a, b = int(lo), int(hi or lo)
-        if not 0 <= a <= b < n:
-            raise ValueError(f"part range {item!r} outside 0-{n - 1}")
+        if not first <= a <= b < first + n:
+            raise ValueError(f"part range {item!r} outside {first}-{first + n - 1}")
         parts.update(range(a, b + 1))
     return sorted(parts)
 
@@ -312,19 +320,83 @@ def download_gldv2(root: str | os.PathLike, parts: Sequence[int] = range(GLDV2_P
     return folder
 
 
+def check_gzip(path: str | os.PathLike) -> None:
+    """Decompress ``path`` to its end: gzip checks its CRC-32 and length trailer there. A corrupt or cut archive
+    (no published checksum says otherwise) is removed and raises :class:`DownloadError`."""
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(_CHUNK * 8):
+                pass
+    except (OSError, EOFError, zlib.error) as e:
+        Path(path).unlink(missing_ok=True)
+        raise DownloadError(f"{path}: corrupt gzip archive ({type(e).__name__}: {e}); removed, run again to "
+                            f"re-download") from e
+
+
+def read_image_list(path: str | os.PathLike) -> list[str]:
+    """The image paths of a list file (one per line, relative to ``jpg/``); an unsafe path is an error."""
+    names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    unsafe = [n for n in names if n.startswith(("/", "\\")) or ".." in Path(n).parts]
+    if unsafe:
+        raise DownloadError(f"{path}: {len(unsafe)} image path(s) outside jpg/, e.g. {unsafe[:3]}")
+    if not names:
+        raise DownloadError(f"{path}: lists no image")
+    return names
+
+
+def download_revisitop1m(root: str | os.PathLike, parts: Sequence[int] = range(1, REVISITOP1M_PARTS + 1), *,
+                         base_url: str = REVISITOP1M_BASE, n_parts: int = REVISITOP1M_PARTS,
+                         keep_archives: bool = False, progress: bool = True) -> Path:
+    """``<root>/revisitop1m/{revisitop1m.txt, jpg/<listed paths>}``: the 1M distractors of the revisited protocol.
+
+    Each archive is fetched resumably (size checked against the server's), its gzip CRC checked, extracted without
+    exposing half-written files, marked done and deleted; a rerun skips finished parts. Once all ``n_parts`` are
+    in, every image of ``revisitop1m.txt`` must be in ``jpg/`` (else :class:`DownloadError` names the missing).
+    Extract their descriptors with ``src/extract.py images=<root>/revisitop1m/revisitop1m.txt
+    image_root=<root>/revisitop1m/jpg`` (the official order) or ``images=<root>/revisitop1m/jpg``.
+    """
+    folder = Path(root) / "revisitop1m"
+    listing = download(f"{base_url}/revisitop1m.txt", folder / "revisitop1m.txt", progress=False)
+    names = read_image_list(listing)
+    for k in parts:
+        tar_name = f"revisitop1m.{k}.tar.gz"
+        if _done_marker(folder, tar_name).exists():
+            continue
+        archive = download(f"{base_url}/jpg/{tar_name}", folder / "archives" / tar_name, progress=progress)
+        check_gzip(archive)
+        n = extract_tar(archive, folder / "jpg")
+        log.info("revisitop1m: %d files from %s", n, tar_name)
+        _mark_done(folder, tar_name)
+        if not keep_archives:
+            archive.unlink()
+    jpg = folder / "jpg"
+    missing = [n for n in names if not (jpg / n).is_file()]
+    complete = all(_done_marker(folder, f"revisitop1m.{k}.tar.gz").exists() for k in range(1, n_parts + 1))
+    if complete and missing:
+        raise DownloadError(f"{folder}: all {n_parts} archives are in, but {len(missing):,} of the {len(names):,} "
+                            f"images listed in revisitop1m.txt are not in jpg/ (e.g. {missing[:3]})")
+    print(f"revisitop1m: {len(names) - len(missing):,} of {len(names):,} listed images in {jpg}"
+          + ("" if complete else f" (parts {len(parts)} of {n_parts} asked for)"), file=sys.stderr)
+    return folder
+
+
 def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], object] = print) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dataset", choices=["roxford5k", "rparis6k", "gldv2"])
+    parser.add_argument("dataset", choices=["roxford5k", "rparis6k", "gldv2", "revisitop1m"])
     parser.add_argument("--root", default="data", help="parent folder (default: data, the repo's paths.data_dir)")
-    parser.add_argument("--parts", default=f"0-{GLDV2_PARTS - 1}", help="gldv2 image tars, e.g. 0-9 or 0,5,7-9")
+    parser.add_argument("--parts", default=None, help=f"gldv2 image tars (default 0-{GLDV2_PARTS - 1}), e.g. 0-9 "
+                        f"or 0,5,7-9; revisitop1m archives (default 1-{REVISITOP1M_PARTS})")
     parser.add_argument("--csv", default="train_clean.csv", help="gldv2 lists to fetch, comma-separated "
                         "(train_clean.csv, train.csv)")
     parser.add_argument("--keep-archives", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.dataset == "gldv2":
-        out = download_gldv2(args.root, parse_parts(args.parts), csv_names=args.csv.split(","),
-                             keep_archives=args.keep_archives)
+        out = download_gldv2(args.root, parse_parts(args.parts or f"0-{GLDV2_PARTS - 1}"),
+                             csv_names=args.csv.split(","), keep_archives=args.keep_archives)
+    elif args.dataset == "revisitop1m":
+        parts = parse_parts(args.parts or f"1-{REVISITOP1M_PARTS}", REVISITOP1M_PARTS, first=1)
+        out = download_revisitop1m(args.root, parts, keep_archives=args.keep_archives)
     else:
         out = download_revisited(args.dataset, args.root, keep_archives=args.keep_archives)
     print_fn(f"wrote {out}")
