@@ -33,6 +33,11 @@ from dalg.retrieval.metrics import format_table
 from dalg.retrieval.torchmetric import assemble_by_index
 from dalg.utils.atomic import write_json_atomic
 from dalg.utils.tables import print_scores_table
+from dalg.utils.writable import check_writable_dir, check_writable_file
+
+# rows of a distractor store whose norm is checked at start (evenly spaced), and the tolerance (float16 rows)
+DISTRACTOR_NORM_SAMPLE = 4096
+DISTRACTOR_NORM_TOL = 1e-2
 
 
 class DescriptorCollector(pl.Callback):
@@ -52,6 +57,22 @@ class DescriptorCollector(pl.Callback):
         return assemble_by_index(*self.buffer.tensors(dataloader_idx), n)
 
 
+def check_distractors(features: np.ndarray, dim: int, path: object) -> None:
+    """A distractor store must match the model's descriptor size and hold L2-normalised rows (inner product =
+    cosine); checked on evenly spaced rows before any extraction."""
+    if features.ndim != 2 or features.shape[1] != dim:
+        got = f"{features.shape[1]}-d" if features.ndim == 2 else f"of shape {features.shape}"
+        raise ValueError(f"distractors={path}: descriptors are {got}, the model gives {dim}-d; "
+                         f"extract them with this checkpoint (src/extract.py)")
+    rows = np.unique(np.linspace(0, len(features) - 1, min(len(features), DISTRACTOR_NORM_SAMPLE)).astype(np.int64))
+    norms = np.linalg.norm(np.asarray(features[rows], dtype=np.float32), axis=1)
+    bad = ~(np.abs(norms - 1.0) <= DISTRACTOR_NORM_TOL)  # NaN counts as bad
+    if bad.any():
+        raise ValueError(f"distractors={path}: {int(bad.sum())} of {len(rows)} checked rows are not L2-normalised "
+                         f"(norms e.g. {[round(float(n), 4) for n in norms[bad][:3]]}, row {int(rows[bad][0])}); "
+                         f"the ranking needs unit vectors")
+
+
 def _effective_scales(module: RetrievalModule) -> list[float]:
     scales = module.eval_scales if module.eval_scales else getattr(module.net, "scales", None)
     return [float(s) for s in scales] if scales else [1.0]
@@ -64,6 +85,10 @@ def _nan_to_none(values: np.ndarray) -> list[float | None]:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation described by ``cfg`` (conf/eval.yaml); returns what is written to the JSON."""
     console = Console()
+    # every output location is checked before any extraction: a long evaluation never ends in a failed write
+    check_writable_file(cfg.output_json, "output_json")
+    if cfg.get("save_features"):
+        check_writable_dir(Path(cfg.output_json).parent / "features", "save_features")
     options = RankingOptions.from_mapping(OmegaConf.to_container(cfg.ranking, resolve=True))
     module = RetrievalModule.for_evaluation(cfg.ckpt_path, cfg.get("scales"), cfg.get("inference"))
     scales = _effective_scales(module)
@@ -85,6 +110,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("distractors"):
         store = load_features(os.path.expanduser(str(cfg.distractors)))
         distractors = store.features
+        check_distractors(distractors, int(module.net.embed_dim), cfg.distractors)  # before any extraction
         console.print(
             f"distractors: {len(store):,} x {distractors.shape[1]} ({distractors.dtype}) from {cfg.distractors}"
         )
