@@ -40,16 +40,15 @@ class Fusion(nn.Module):
         raise NotImplementedError
 
 
-def sincos_pos_2d(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Fixed 2-D sine-cosine position encoding on the token grid, (h*w, dim); dim must be a multiple of 4."""
-    if dim % 4:
-        raise ValueError(f"2-D sin-cos position encoding needs dim % 4 == 0, got {dim}")
-    q = dim // 4
-    omega = 1.0 / (10000 ** (torch.arange(q, device=device, dtype=torch.float32) / q))
-    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
-                            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+def fourier_pos_2d(h: int, w: int, n_freq: int, device: torch.device) -> Tensor:
+    """(h*w, 4*n_freq) float32 features sin/cos(pi 2^k u), k < n_freq, of the normalised token-centre coordinates
+    u = ((i + 0.5) / h, (j + 0.5) / w): a point of the image gets the same features at every grid size. The
+    highest frequency has a period of 2^(2 - n_freq) of the side (1/4 for 4), resolvable on an 8-token side."""
+    omega = math.pi * 2.0 ** torch.arange(n_freq, device=device, dtype=torch.float32)
+    ys, xs = torch.meshgrid((torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h,
+                            (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w, indexing="ij")
     ys, xs = ys.reshape(-1, 1) * omega, xs.reshape(-1, 1) * omega
-    return torch.cat([ys.sin(), ys.cos(), xs.sin(), xs.cos()], dim=1).to(dtype)
+    return torch.cat([ys.sin(), ys.cos(), xs.sin(), xs.cos()], dim=1)
 
 
 class CrossAttention(nn.Module):
@@ -62,15 +61,22 @@ class CrossAttention(nn.Module):
         self.heads = heads
         self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
 
-    def forward(self, q: Tensor, kv: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, kv: Tensor, q_pos: Tensor | None = None, k_pos: Tensor | None = None,
+                k_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """q_pos / k_pos ((n_q | n_k, dim)) are added to the projected queries / keys only, never to the values;
+        k_bias (n_k,) is added to every query's logits."""
         b, nq, c = q.shape
         d = c // self.heads
 
         def split(t: Tensor) -> Tensor:
             return t.reshape(b, t.shape[1], self.heads, d).transpose(1, 2)
 
-        qh, kh, vh = split(self.q(q)), split(self.k(kv)), split(self.v(kv))
-        attn = torch.softmax(qh @ kh.transpose(-2, -1) / math.sqrt(d), dim=-1)
+        qp, kp = self.q(q), self.k(kv)
+        qh = split(qp if q_pos is None else qp + q_pos.to(qp.dtype))
+        kh = split(kp if k_pos is None else kp + k_pos.to(kp.dtype))
+        vh = split(self.v(kv))
+        logits = qh @ kh.transpose(-2, -1) / math.sqrt(d)
+        attn = torch.softmax(logits if k_bias is None else logits + k_bias.to(logits.dtype), dim=-1)
         out = (attn @ vh).transpose(1, 2).reshape(b, nq, c)
         return self.proj(out), attn
 
@@ -79,21 +85,37 @@ class CrossAttentionFusion(Fusion):
     """DALG: a pre-norm Transformer decoder block between g and the local tokens; fused = [g ; z].
 
     direction="global_to_local" (default, dalg.md): one query (g projected to local_dim) attends over the h*w
-    local tokens (+ 2-D position encoding); z is the updated query.  attention: (B, heads, 1, h*w).
+    local tokens; z is the updated query.  attention: (B, heads, 1, h*w).
     direction="local_to_global": the h*w local tokens query [g ; deep-map tokens] (the global side as a token
     set, so that the softmax is not over a single key); z is the mean of the updated local tokens.
     attention: (B, heads, h*w, 1 + h2*w2).
+
+    Position (pos_encoding): a learnt linear map of `fourier_pos_2d` features of normalised coordinates, added
+    to the projected keys (and local queries) only. Position then steers where attention goes, but what is
+    gathered (values, residual) is content alone, and the encoding is a function of the place in the image, not
+    of the token index, so that a smooth map gives the same result at 16x16 and 32x32 tokens (tested). The old
+    fixed sin-cos code of integer indices (norm ~16 against ~0.7 for local tokens) added to keys and values
+    swamped the content (zeroing it moved the update by ~4%) and changed with the grid (cosine 0.94).
+    local_to_global: the g key's logit gets + log(h2*w2), so that g weighs against the deep tokens' mean, not
+    their sum, independently of their number.
     """
 
     def __init__(self, global_dim: int, local_dim: int, deep_dim: int | None = None, heads: int = 8,
-                 direction: str = "global_to_local", mlp_ratio: float = 4.0, pos_encoding: bool = True) -> None:
+                 direction: str = "global_to_local", mlp_ratio: float = 4.0, pos_encoding: bool = True,
+                 pos_frequencies: int = 4) -> None:
         super().__init__(global_dim, local_dim, deep_dim)
         if direction not in ("global_to_local", "local_to_global"):
             raise ValueError(f"CrossAttentionFusion: direction must be global_to_local or local_to_global, "
                              f"got {direction!r}")
         if direction == "local_to_global" and not deep_dim:
             raise ValueError("CrossAttentionFusion(direction=local_to_global) needs deep_dim (the deep map width)")
-        self.direction, self.pos_encoding = direction, pos_encoding
+        if pos_encoding and pos_frequencies < 1:
+            raise ValueError(f"CrossAttentionFusion: pos_frequencies must be >= 1, got {pos_frequencies}")
+        self.direction, self.pos_encoding, self.pos_frequencies = direction, pos_encoding, pos_frequencies
+        n_feat = 4 * pos_frequencies
+        self.key_pos = nn.Linear(n_feat, local_dim, bias=False) if pos_encoding else None
+        self.query_pos = nn.Linear(n_feat, local_dim, bias=False) \
+            if pos_encoding and direction == "local_to_global" else None
         self.g_proj = nn.Linear(global_dim, local_dim)
         self.deep_proj = nn.Linear(deep_dim, local_dim) if direction == "local_to_global" else None
         self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(local_dim), nn.LayerNorm(local_dim), \
@@ -102,25 +124,30 @@ class CrossAttentionFusion(Fusion):
         self.mlp = Mlp(local_dim, int(local_dim * mlp_ratio))
         self.out_dim = global_dim + local_dim
 
-    def _tokens(self, m: Tensor) -> Tensor:
-        b, c, h, w = m.shape
-        t = m.flatten(2).transpose(1, 2)
-        return t + sincos_pos_2d(h, w, c, m.device, m.dtype) if self.pos_encoding else t
+    def _pos(self, proj: nn.Linear | None, m: Tensor) -> Tensor | None:
+        """(h*w, Dl) learnt position term of the map m's token grid, or None without position encoding."""
+        if proj is None:
+            return None
+        feats = fourier_pos_2d(m.shape[2], m.shape[3], self.pos_frequencies, m.device)
+        return proj(feats.to(proj.weight.dtype))
 
     def forward(self, g: Tensor | None, local: Tensor | None, deep: Tensor | None = None) -> FusionOutput:
         assert g is not None and local is not None
         gq = self.g_proj(g).unsqueeze(1)  # (B, 1, Dl)
-        lt = self._tokens(local)  # (B, h*w, Dl)
+        lt = local.flatten(2).transpose(1, 2)  # (B, h*w, Dl)
         if self.direction == "global_to_local":
-            q, kv = gq, lt
+            q, kv, q_pos, k_pos, k_bias = gq, lt, None, self._pos(self.key_pos, local), None
         else:
             if deep is None:
                 raise ValueError("CrossAttentionFusion(direction=local_to_global) needs the deep map")
             dt = self.deep_proj(deep.flatten(2).transpose(1, 2))
-            if self.pos_encoding:
-                dt = dt + sincos_pos_2d(deep.shape[2], deep.shape[3], self.local_dim, deep.device, deep.dtype)
             q, kv = lt, torch.cat([gq, dt], dim=1)
-        upd, attn = self.attn(self.norm_q(q), self.norm_kv(kv))
+            q_pos, k_pos = self._pos(self.query_pos, local), self._pos(self.key_pos, deep)
+            if k_pos is not None:  # g has no place in the image
+                k_pos = torch.cat([k_pos.new_zeros(1, k_pos.shape[1]), k_pos])
+            k_bias = torch.zeros(kv.shape[1], device=kv.device)
+            k_bias[0] = math.log(dt.shape[1])
+        upd, attn = self.attn(self.norm_q(q), self.norm_kv(kv), q_pos, k_pos, k_bias)
         z = q + upd
         z = z + self.mlp(self.norm_mlp(z))
         return FusionOutput(torch.cat([g, z.mean(dim=1)], dim=1), attn)
