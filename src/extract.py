@@ -4,21 +4,27 @@
     python src/extract.py ckpt_path=<ckpt> images=/data/list.txt image_root=/data output=/feats/mine
 
 Writes ``<output>.npy`` (N x D, fp16/fp32), ``<output>.names.txt`` and ``<output>.json`` atomically. Finished
-work is kept in ``<output>.partial/`` shards: rerunning the same command after an interruption resumes
-where it stopped. Descriptors come from the model's own ``validation_step`` (as in training and src/eval.py).
+work is kept in ``<output>.partial/`` shards named by image-list rows: rerunning the same command after an
+interruption resumes where it stopped. The store records a fingerprint of everything that determines a
+descriptor (:func:`descriptor_fingerprint`); a rerun with other settings refuses to mix them and names the
+differences. ``<output>.lock`` keeps a second extraction off the same output while one runs. Unreadable images
+(at the header or while decoding) are skipped with ``skip_unreadable`` and listed. Descriptors come from the
+model's own ``validation_step`` (as in training and src/eval.py).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -27,9 +33,24 @@ from dalg.data.images import ImageReadError, image_size, load_rgb
 from dalg.data.sampling import SizeBucketBatchSampler
 from dalg.data.transforms import eval_transform, resized_shape
 from dalg.lit.module import RetrievalModule
-from dalg.retrieval.features import FeatureWriter, load_features, store_paths
+from dalg.retrieval.features import (
+    FeatureWriter,
+    fingerprint_differences,
+    load_features,
+    store_fingerprint,
+    store_paths,
+)
+from dalg.utils.atomic import write_text_atomic
+from dalg.utils.lock import exclusive_lock
+from dalg.utils.run_metadata import file_sha256
 
 log = logging.getLogger(__name__)
+
+# conf/extract.yaml keys that do not change a descriptor: where images come from and go, and how fast they are
+# processed. Every other key is part of the fingerprint (the image list and the checkpoint enter as hashes).
+RUN_ONLY_KEYS = ("task_name", "run_name", "ckpt_path", "images", "image_root", "extensions", "output",
+                 "overwrite", "batch_size", "num_workers", "accelerator", "shard_size", "skip_unreadable", "paths",
+                 "hydra")
 
 
 def list_images(
@@ -55,26 +76,43 @@ def list_images(
 
 
 class ImageFiles(Dataset):
-    """``(image tensor, index)`` for images ``root/name``; the same item shape as the evaluation sets."""
+    """``(image tensor, index)`` for images ``root/name``; the same item shape as the evaluation sets.
 
-    def __init__(self, root: Path, names: Sequence[str], test_size: int):
+    With ``skip_unreadable``, an image that fails while decoding (a truncated JPEG whose header read fine) gives a
+    zero image of its batch's shape (``sizes[index]``, what the size buckets were formed from) and the index as
+    ``-1 - index``: the batch still collates, and the writer records the image as skipped instead of storing a
+    descriptor for it.
+    """
+
+    def __init__(self, root: Path, names: Sequence[str], test_size: int,
+                 sizes: dict[int, tuple[int, int]] | None = None, skip_unreadable: bool = False):
         self.root = root
         self.names = list(names)
         self.transform = eval_transform(test_size)
+        self.sizes = sizes if sizes is not None else {}  # the caller's dict, filled after construction
+        self.skip_unreadable = skip_unreadable
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_rgb(self.root / self.names[index])), index
+        try:
+            img = load_rgb(self.root / self.names[index])
+        except (ImageReadError, OSError):
+            if not self.skip_unreadable or index not in self.sizes:
+                raise
+            return torch.zeros(3, *self.sizes[index]), -1 - index
+        return self.transform(img), index
 
 
 class StoreWriterCallback(pl.Callback):
-    """Streams each batch's descriptors into the resumable writer; a progress bar shows images/s."""
+    """Streams each batch's descriptors into the resumable writer; a progress bar shows images/s. Indices
+    ``-1 - i`` (images that failed to decode, see :class:`ImageFiles`) are collected in ``failed``."""
 
     def __init__(self, writer: FeatureWriter, names: Sequence[str], total: int, already: int):
         self.writer = writer
         self.names = list(names)
+        self.failed: list[str] = []
         self.bar = tqdm(
             total=total, initial=already, unit="img", desc="extract", dynamic_ncols=True, smoothing=0.1
         )
@@ -82,8 +120,11 @@ class StoreWriterCallback(pl.Callback):
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
     ):
-        index = outputs["index"].detach().cpu().tolist()
-        self.writer.add(outputs["descriptors"].detach().float().cpu().numpy(), [self.names[i] for i in index])
+        index = outputs["index"].detach().cpu().numpy()
+        ok = index >= 0
+        desc = outputs["descriptors"].detach().float().cpu().numpy()
+        self.writer.add(desc[ok], [self.names[i] for i in index[ok]])
+        self.failed += [self.names[-1 - i] for i in index[~ok]]
         self.bar.update(len(index))
 
     def close(self) -> None:
@@ -98,25 +139,79 @@ def _descriptor_dim(module: RetrievalModule, test_size: int) -> int:
         return int(module.net.extract(torch.zeros(1, 3, test_size, test_size), [1.0]).shape[1])
 
 
+def descriptor_fingerprint(cfg: DictConfig, ckpt: Path, module: RetrievalModule, transform: object) -> dict:
+    """Everything that determines a descriptor, for the store to record and a resume to compare: the checkpoint's
+    content (sha256 of the whole file, read in chunks: a size+mtime shortcut would miss a checkpoint rewritten in
+    place, and hashing costs about as much as loading it), the resolved test scales and inference options, the
+    preprocessing (the eval transform: test size, resize rule, no crop, input normalisation), and every config
+    key not in RUN_ONLY_KEYS. The writer adds the image list, descriptor dim and dtype."""
+    settings = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                for k, v in cfg.items() if k not in RUN_ONLY_KEYS}
+    return {
+        "checkpoint_sha256": file_sha256(ckpt),
+        "scales": [float(s) for s in module.eval_scales or getattr(module.net, "scales", None) or [1.0]],
+        "inference": module.inference_label,
+        "transform": re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform)),  # no object addresses
+        "config": settings,
+    }
+
+
+def _block_batches(rows: Sequence[int], sizes: dict[int, tuple[int, int]], batch_size: int,
+                   block: int) -> list[list[int]]:
+    """Batches of images of equal resized shape, formed block by block of ``block`` rows of the image list (the
+    shard size), so that each shard of the store holds one range of rows (``rows_000000-004095``)."""
+    batches: list[list[int]] = []
+    for _, group in itertools.groupby(rows, key=lambda r: r // block):
+        group = list(group)
+        local = SizeBucketBatchSampler([sizes[r] for r in group], batch_size).batches
+        batches += [[group[i] for i in b] for b in local]
+    return batches
+
+
+def _decode_failure(path: Path) -> str:
+    """Why ``path`` failed to decode in a loader worker (read again here, where the reason is needed)."""
+    try:
+        load_rgb(path)
+    except (ImageReadError, OSError) as e:
+        return getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
+    return "failed to decode during extraction (reads now: an intermittent storage error?)"
+
+
 def extract(cfg: DictConfig) -> Path:
-    """Run the extraction described by ``cfg`` (conf/extract.yaml); returns the store's .npy path."""
+    """Run the extraction described by ``cfg`` (conf/extract.yaml); returns the store's .npy path.
+
+    The output is locked for the whole run (``<output>.lock``): a second extraction on it is refused, naming the
+    pid of the one that runs."""
+    arr_path = store_paths(cfg.output)[0]
+    with exclusive_lock(arr_path.with_suffix(".lock"), f"feature store {arr_path}"):
+        return _extract(cfg)
+
+
+def _extract(cfg: DictConfig) -> Path:
     names, root = list_images(cfg.images, cfg.get("image_root"), cfg.extensions)
     arr_path, _, json_path = store_paths(cfg.output)
+    ckpt = Path(os.path.expanduser(str(cfg.ckpt_path)))
+    module = RetrievalModule.for_evaluation(ckpt, cfg.get("scales"), cfg.get("inference"))
+    scales = list(module.eval_scales or getattr(module.net, "scales", None) or [1.0])
+    dim = _descriptor_dim(module, int(cfg.test_size))
+    sizes: dict[int, tuple[int, int]] = {}  # row -> resized (h, w), filled by the header scan below
+    dataset = ImageFiles(root, names, int(cfg.test_size), sizes, bool(cfg.skip_unreadable))
+    fingerprint = descriptor_fingerprint(cfg, ckpt, module, dataset.transform)
+
     if json_path.exists() and not cfg.overwrite:
         store = load_features(arr_path)
-        if store.names == names:
+        diffs = fingerprint_differences(
+            store.meta.get("fingerprint", {}), store_fingerprint(fingerprint, names, dim, cfg.dtype)
+        )
+        if not diffs:
             print(
                 f"feature store {arr_path} is already complete ({len(store):,} images); overwrite=true to redo"
             )
             return arr_path
         raise FileExistsError(
-            f"{arr_path} exists with other images; choose another output or set overwrite=true"
+            f"{arr_path} exists with descriptors of other settings or images (old vs new): {'; '.join(diffs)}. "
+            f"Choose another output or set overwrite=true"
         )
-
-    ckpt = Path(os.path.expanduser(str(cfg.ckpt_path)))
-    module = RetrievalModule.for_evaluation(ckpt, cfg.get("scales"), cfg.get("inference"))
-    scales = list(module.eval_scales or getattr(module.net, "scales", None) or [1.0])
-    dim = _descriptor_dim(module, int(cfg.test_size))
 
     meta = {
         "checkpoint": str(ckpt),
@@ -125,39 +220,33 @@ def extract(cfg: DictConfig) -> Path:
         "inference": module.inference_label,
         "source": str(cfg.images),
     }
-    writer = FeatureWriter(arr_path, dim=dim, dtype=cfg.dtype, shard_size=int(cfg.shard_size), meta=meta)
-    todo = [n for n in names if not writer.is_done(n)]
+    writer = FeatureWriter(
+        arr_path, names, dim=dim, dtype=cfg.dtype, shard_size=int(cfg.shard_size), meta=meta,
+        fingerprint=fingerprint,
+    )
+    todo = [r for r, n in enumerate(names) if not writer.is_done(n)]
     if writer.n_done:
         print(f"resuming {writer.partial}: {writer.n_done:,} of {len(names):,} images already extracted")
 
-    unreadable: list[str] = []
-    sizes, keep = [], []
-    for n in todo:  # header reads only: batches group images of equal resized shape (no padding, no crop)
+    keep: list[int] = []
+    for r in todo:  # header reads only: batches group images of equal resized shape (no padding, no crop)
         try:
-            w, h = image_size(root / n)
+            w, h = image_size(root / names[r])
         except ImageReadError as e:
             if not cfg.skip_unreadable:
                 raise
-            unreadable.append(f"{n}\t{e.reason}")
+            writer.skip(names[r], e.reason)
             continue
-        sizes.append(resized_shape(w, h, int(cfg.test_size)))
-        keep.append(n)
-    if unreadable:
-        log.warning(
-            "%d unreadable images skipped (listed in %s)",
-            len(unreadable),
-            arr_path.with_suffix(".skipped.txt"),
-        )
-        arr_path.with_suffix(".skipped.txt").write_text("\n".join(unreadable) + "\n", encoding="utf-8")
+        sizes[r] = resized_shape(w, h, int(cfg.test_size))
+        keep.append(r)
 
     if keep:
-        dataset = ImageFiles(root, keep, int(cfg.test_size))
         loader = DataLoader(
             dataset,
-            batch_sampler=SizeBucketBatchSampler(sizes, int(cfg.batch_size)),
+            batch_sampler=_block_batches(keep, sizes, int(cfg.batch_size), writer.shard_size),
             num_workers=int(cfg.num_workers),
         )
-        sink = StoreWriterCallback(writer, keep, total=len(names) - len(unreadable), already=writer.n_done)
+        sink = StoreWriterCallback(writer, names, total=len(names) - len(writer.skipped), already=writer.n_done)
         trainer = pl.Trainer(
             accelerator=cfg.accelerator,
             devices=1,
@@ -178,9 +267,22 @@ def extract(cfg: DictConfig) -> Path:
                 f"interrupted: {writer.n_done:,} of {len(names):,} images kept in {writer.partial}; rerun to resume"
             )
             return arr_path
-    skipped = {u.split("\t", 1)[0] for u in unreadable}
-    out = writer.finalize(order=[n for n in names if n not in skipped])
-    print(f"feature store: {out} (+ .names.txt, .json): {len(names) - len(skipped):,} x {dim} {cfg.dtype}")
+        for n in sink.failed:  # decoded in a worker and failed there: the reason is read again here
+            writer.skip(n, _decode_failure(root / n))
+
+    skipped_txt = arr_path.with_suffix(".skipped.txt")
+    if writer.skipped:
+        write_text_atomic("".join(f"{n}\t{why}\n" for n, why in writer.skipped.items()), skipped_txt)
+    elif skipped_txt.exists():  # an earlier run's list; those images read fine this time
+        skipped_txt.unlink()
+    out = writer.finalize()
+    print(f"feature store: {out} (+ .names.txt, .json): {len(names) - len(writer.skipped):,} x {dim} {cfg.dtype}")
+    if writer.skipped:
+        examples = "; ".join(f"{n} ({why})" for n, why in list(writer.skipped.items())[:3])
+        print(
+            f"{len(writer.skipped):,} unreadable images skipped: left out of the store, listed in {skipped_txt} "
+            f"and in the json's meta.skipped; e.g. {examples}"
+        )
     return out
 
 

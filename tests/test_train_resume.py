@@ -64,9 +64,13 @@ def test_killed_run_resumes_mid_epoch_and_matches_uninterrupted(tiny_synthetic, 
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["consumed_batches"] == 2
     assert not list((run_dir / "checkpoints").glob("*.tmp")), "a temporary checkpoint file was left behind"
 
+    # the killed run's lock file is left with its pid, but the kernel released the lock: it does not block
+    assert (run_dir / "run.lock").read_text().startswith("pid ")
+
     resumed = _run(cmd)  # the same command again
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
+    assert not (run_dir / "run.lock").exists()  # released and removed at the end of the run
     final = json.loads((run_dir / "metrics.json").read_text())
     assert final["global_step"] == 12 and final["resumed_from"].endswith("last.ckpt")
     assert (run_dir / "run_meta.json").is_file() and list(run_dir.glob("run_meta.resume*.json"))

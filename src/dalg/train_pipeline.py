@@ -10,7 +10,9 @@ EMA and the data order; see ``dalg.lit.resumable_data``).
 from __future__ import annotations
 
 import logging
+import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,12 @@ from dalg.lit.checkpoint_read import checkpoint_step
 from dalg.lit.csv_logger import ResumableCSVLogger
 from dalg.lit.module import RetrievalModule
 from dalg.lit.resumable_data import ResumableLoader
+from dalg.lit.resume_check import check_resume_model
 from dalg.retrieval.callback import RetrievalEvalCallback
 from dalg.utils.atomic import write_json_atomic
 from dalg.utils.config import save_config
 from dalg.utils.config_checks import check_before_data, check_image_sizes
+from dalg.utils.lock import exclusive_lock
 from dalg.utils.run_metadata import run_metadata
 from dalg.utils.tables import print_comparison_table
 
@@ -90,8 +94,25 @@ def _finish_wandb(loggers: list) -> None:
             lg.experiment.finish()
 
 
+def _launching_process() -> bool:
+    """Global rank 0 of the job: the process that holds the run-folder lock. DDP ranks that Lightning starts (env
+    LOCAL_RANK), torchrun/SLURM start (RANK, SLURM_PROCID) and other nodes' launchers (NODE_RANK) run train() too."""
+    return (getattr(rank_zero_only, "rank", 0) or 0) == 0 and int(os.environ.get("NODE_RANK") or 0) == 0
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit (and evaluate) one configuration; returns ``{"metrics": {...}, "before": {...}, "output_dir": ...}``."""
+    """Fit (and evaluate) one configuration; returns ``{"metrics": {...}, "before": {...}, "output_dir": ...}``.
+
+    The run folder is locked while the run lasts (``<output_dir>/run.lock``, dalg.utils.lock): a second run with
+    the same ``run_name`` is refused at once, naming the pid of the one that runs; a killed run's lock does not
+    block."""
+    out_dir = Path(cfg.paths.output_dir)
+    lock = exclusive_lock(out_dir / "run.lock", f"run folder {out_dir}") if _launching_process() else nullcontext()
+    with lock:
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     check_before_data(cfg)  # config errors fail here, before any data is read
     pl.seed_everything(cfg.seed, workers=True)
@@ -111,6 +132,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = build_module(cfg, datamodule.num_classes)
     check_image_sizes(cfg, module.net.stride)
 
+    if ckpt_path:  # before anything is written: a checkpoint of another model must not rewrite config.yaml
+        check_resume_model(ckpt_path, module)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
     for lg in loggers:

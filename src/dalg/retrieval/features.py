@@ -10,22 +10,29 @@ Format (version 1). A store called ``<stem>`` (given as ``<stem>`` or ``<stem>.n
 
 Every file is written to a temporary file in the same folder and moved into place with ``os.replace``.
 
-Resuming: :class:`FeatureWriter` keeps finished work in ``<stem>.partial/`` as shards
-(``shard_000000.npy`` + ``shard_000000.names.txt``, each written atomically; a shard counts once both files
-are there with matching lengths). A new writer on the same path picks the shards up (``done`` = the names
-already extracted); :meth:`FeatureWriter.finalize` streams the shards into the final store and removes the
-partial folder.
+Resuming: :class:`FeatureWriter` writes the rows of a known image list (row ``i`` = ``names[i]``) and keeps
+finished work in ``<stem>.partial/`` as shards named by the rows they hold: ``rows_000000-004095.npy`` +
+``rows_000000-004095.names.txt`` (first and last row; each file written atomically; a shard counts once both
+files are there with matching lengths). A shard never reuses another's name, so a lost shard only loses its own
+rows, which the next run extracts again. ``info.json`` records the descriptor *fingerprint* (everything that
+determines a descriptor: checkpoint hash, preprocessing, inference options, image list, dim, dtype); a writer
+with another fingerprint refuses to resume and names the differences. :meth:`FeatureWriter.finalize` re-reads the
+shards from disk, checks that every row is there exactly once (or was skipped as unreadable), streams them into
+the final store and removes the partial folder. Skipped rows are left out of the store (its rows and names
+agree) and listed with their reasons in the json's ``meta["skipped"]``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -128,110 +135,249 @@ def load_features(path: str | os.PathLike, mmap: bool = True) -> FeatureStore:
     return FeatureStore(features=feats, names=names, meta=info.get("meta", {}))
 
 
+SHARD_PREFIX = "rows_"
+
+
+def shard_file(partial: Path, first: int, last: int) -> Path:
+    """``<partial>/rows_<first>-<last>.npy``: the first and last image-list row the shard holds."""
+    return partial / f"{SHARD_PREFIX}{first:06d}-{last:06d}.npy"
+
+
+def _shard_range(arr: Path) -> tuple[int, int] | None:
+    try:
+        first, last = arr.name[len(SHARD_PREFIX) : -len(".npy")].split("-")
+        return int(first), int(last)
+    except ValueError:
+        return None
+
+
+def row_ranges(rows: Iterable[int], names: Sequence[str] | None = None, limit: int = 5) -> str:
+    """``"12-15 (a.jpg .. d.jpg), 40 (x.jpg)"``: sorted rows as ranges, for error messages."""
+    rows = sorted(set(int(r) for r in rows))
+    spans: list[tuple[int, int]] = []
+    for r in rows:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1] = (spans[-1][0], r)
+        else:
+            spans.append((r, r))
+
+    def one(a: int, b: int) -> str:
+        text = f"{a}" if a == b else f"{a}-{b}"
+        if names is not None:
+            text += f" ({names[a]})" if a == b else f" ({names[a]} .. {names[b]})"
+        return text
+
+    more = f", ... ({len(spans) - limit} more ranges)" if len(spans) > limit else ""
+    return ", ".join(one(a, b) for a, b in spans[:limit]) + more
+
+
+def _jsonable(obj: Any) -> Any:
+    """What ``obj`` looks like after a JSON round trip (tuples become lists, keys strings), to compare records."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def fingerprint_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``["test_size: 512 vs 224", ...]`` (old vs new) for every key, nested ones dotted, that differs."""
+    a, b = _flat(_jsonable(old)), _flat(_jsonable(new))
+    missing = "(not recorded)"
+    return [f"{k}: {a.get(k, missing)!r} vs {b.get(k, missing)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, missing) != b.get(k, missing)]
+
+
+def store_fingerprint(settings: Mapping[str, Any], names: Sequence[str], dim: int, dtype: str) -> dict[str, Any]:
+    """The fingerprint a store records: ``settings`` (what determines a descriptor) + image list hash, dim, dtype."""
+    list_sha = hashlib.sha256("".join(f"{n}\n" for n in names).encode("utf-8")).hexdigest()
+    return _jsonable({**settings, "image_list_sha256": list_sha, "images": len(names), "dim": int(dim),
+                      "dtype": str(dtype)})
+
+
 class FeatureWriter:
-    """Accumulates descriptors in atomic shards under ``<stem>.partial/``; resumes from them when restarted."""
+    """Writes descriptors of the images ``names`` (row ``i`` = ``names[i]``) in atomic shards under
+    ``<stem>.partial/``; resumes from them when restarted with the same ``fingerprint``.
+
+    ``fingerprint``: a JSON-able mapping of everything that determines a descriptor (the writer adds the image
+    list, ``dim`` and ``dtype``). Rows of one shard lie in one block of ``shard_size`` rows of the list
+    (``add`` flushes when a row of another block arrives), so shards are named by contiguous row ranges when the
+    caller extracts block by block, as src/extract.py does.
+    """
 
     def __init__(
         self,
         path: str | os.PathLike,
+        names: Sequence[str],
         dim: int,
         dtype: str = "float16",
         shard_size: int = 4096,
         meta: dict | None = None,
+        fingerprint: Mapping[str, Any] | None = None,
     ):
         self.dtype = _check_dtype(dtype)
         self.dim = int(dim)
         self.shard_size = int(shard_size)
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.names = list(names)
+        self._row_of = {n: i for i, n in enumerate(self.names)}
+        if len(self._row_of) != len(self.names):
+            raise ValueError(f"{len(self.names) - len(self._row_of)} duplicate image names in the list to extract")
         self.meta = meta or {}
+        self.fingerprint = store_fingerprint(fingerprint or {}, self.names, self.dim, self.dtype.name)
         self.array_path, self.names_path, self.json_path = store_paths(path)
         self.partial = self.array_path.with_suffix(".partial")
         self.partial.mkdir(parents=True, exist_ok=True)
         info_p = self.partial / "info.json"
-        info = {"dim": self.dim, "dtype": self.dtype.name}
+        info = {"format": f"{FORMAT}-partial", "version": VERSION + 1, "fingerprint": self.fingerprint}
         if info_p.exists():
             old = json.loads(info_p.read_text(encoding="utf-8"))
-            if old != info:
+            diffs = fingerprint_differences(old.get("fingerprint", old), self.fingerprint)
+            if diffs:
                 raise ValueError(
-                    f"cannot resume {self.partial}: it holds {old['dim']}-d {old['dtype']} features, "
-                    f"this run writes {self.dim}-d {self.dtype.name}; delete the folder to start over"
+                    f"cannot resume {self.partial}: its descriptors were extracted with other settings "
+                    f"(old vs new): {'; '.join(diffs)}. Rerun with the old settings, or delete the folder "
+                    f"(or choose another output) to start over"
                 )
         else:
-            atomic_replace(lambda f: f.write(json.dumps(info)), info_p, mode="w")
-        self._shards: list[Path] = []
-        self.done: list[str] = []
-        for arr in sorted(self.partial.glob("shard_*.npy")):
+            atomic_replace(lambda f: f.write(json.dumps(info, indent=2) + "\n"), info_p, mode="w")
+        self._shards = self._scan(repair=True)
+        self._done_rows = {r for rows in self._shards.values() for r in rows.tolist()}
+        self._buf: list[np.ndarray] = []
+        self._buf_rows: list[int] = []
+        self.skipped: dict[str, str] = {}  # name -> reason, this run's unreadable images
+
+    def _rows_of(self, names: Sequence[str], where: str) -> np.ndarray:
+        try:
+            return np.array([self._row_of[n] for n in names], dtype=np.int64)
+        except KeyError as e:
+            raise ValueError(f"{where}: image {e.args[0]!r} is not in the list this store is written for") from None
+
+    def _scan(self, repair: bool) -> dict[Path, np.ndarray]:
+        """The complete shards on disk -> their rows. ``repair``: remove half-written ones (one file of the two),
+        so their rows count as not done; otherwise leave them (``finalize`` reports their rows as missing)."""
+        shards: dict[Path, np.ndarray] = {}
+        for arr in self.partial.glob(f"{SHARD_PREFIX}*.npy"):
             names_p = arr.with_suffix(".names.txt")
             if not names_p.exists():  # interrupted between the two files: redo that shard
-                arr.unlink()
+                if repair:
+                    arr.unlink()
                 continue
-            names = _read_names(names_p)
-            rows = np.load(arr, mmap_mode="r").shape[0]
-            if rows != len(names):
-                raise ValueError(f"corrupt shard {arr}: {rows} rows but {len(names)} names")
-            self._shards.append(arr)
-            self.done.extend(names)
-        self._done_set = set(self.done)
-        self._buf: list[np.ndarray] = []
-        self._buf_names: list[str] = []
+            span = _shard_range(arr)
+            rows = self._rows_of(_read_names(names_p), f"shard {names_p}")
+            n = np.load(arr, mmap_mode="r").shape
+            if span is None or len(n) != 2 or n[0] != len(rows) or n[1] != self.dim or not len(rows) \
+                    or (int(rows.min()), int(rows.max())) != span:
+                raise ValueError(
+                    f"corrupt shard {arr}: array {n}, {len(rows)} names of rows {row_ranges(rows)}; "
+                    f"delete it to extract its rows again"
+                )
+            shards[arr] = rows
+        if repair:  # names files whose array was lost: their rows are extracted again
+            for names_p in self.partial.glob(f"{SHARD_PREFIX}*.names.txt"):
+                if not names_p.with_name(names_p.name[: -len(".names.txt")] + ".npy").exists():
+                    names_p.unlink()
+        return shards
+
+    @property
+    def done(self) -> list[str]:
+        """Names already extracted (on disk or buffered), in list order."""
+        return [self.names[r] for r in sorted(self._done_rows)]
 
     @property
     def n_done(self) -> int:
-        return len(self.done) + len(self._buf_names)
+        return len(self._done_rows)
 
     def is_done(self, name: str) -> bool:
-        return name in self._done_set
+        return self._row_of.get(name, -1) in self._done_rows
 
     def add(self, features: np.ndarray, names: Iterable[str]) -> None:
         features = np.asarray(features)
         names = list(names)
         if features.ndim != 2 or features.shape[1] != self.dim or features.shape[0] != len(names):
             raise ValueError(f"expected ({len(names)}, {self.dim}) features, got {features.shape}")
-        self._buf.append(features.astype(self.dtype))
-        self._buf_names.extend(names)
-        self._done_set.update(names)
-        if len(self._buf_names) >= self.shard_size:
-            self.flush()
+        rows = self._rows_of(names, "add")
+        again = [r for r in rows.tolist() if r in self._done_rows]
+        if again or len(set(rows.tolist())) != len(rows):
+            raise ValueError(f"rows {row_ranges(again or rows, self.names)} were already extracted")
+        block = rows // self.shard_size
+        for b in dict.fromkeys(block.tolist()):  # in order of arrival
+            if self._buf_rows and self._buf_rows[0] // self.shard_size != b:
+                self.flush()  # a shard holds rows of one block only
+            sel = block == b
+            self._buf.append(features[sel].astype(self.dtype))
+            self._buf_rows.extend(rows[sel].tolist())
+            self._done_rows.update(rows[sel].tolist())
+            if len(self._buf_rows) >= self.shard_size:
+                self.flush()
+
+    def skip(self, name: str, reason: str) -> None:
+        """Record an unreadable image: it is left out of the final store and listed in its json."""
+        self._rows_of([name], "skip")
+        self.skipped[name] = reason
 
     def flush(self) -> None:
-        if not self._buf_names:
+        if not self._buf_rows:
             return
-        arr = self.partial / f"shard_{len(self._shards):06d}.npy"
+        rows = np.array(self._buf_rows, dtype=np.int64)
         feats = np.concatenate(self._buf)
+        order = np.argsort(rows, kind="stable")
+        rows, feats = rows[order], feats[order]
+        arr = shard_file(self.partial, int(rows[0]), int(rows[-1]))
+        if arr.exists() or arr.with_suffix(".names.txt").exists():  # only possible if another writer runs here
+            raise FileExistsError(f"shard {arr} already exists: is another extraction writing {self.partial}?")
         atomic_replace(lambda f: np.save(f, feats), arr)
-        _write_names(self._buf_names, arr.with_suffix(".names.txt"))  # written second: marks the shard done
-        self._shards.append(arr)
-        self.done.extend(self._buf_names)
-        self._buf, self._buf_names = [], []
+        # written second: marks the shard done
+        _write_names([self.names[r] for r in rows.tolist()], arr.with_suffix(".names.txt"))
+        self._shards[arr] = rows
+        self._buf, self._buf_rows = [], []
 
-    def finalize(self, order: Sequence[str] | None = None) -> Path:
-        """Stream the shards into the final store (rows in ``order`` if given) and delete the partial folder."""
+    def finalize(self) -> Path:
+        """Check that every row of the list is in exactly one shard on disk or was skipped, stream the shards into
+        the final store (list order, skipped rows left out) and delete the partial folder."""
         self.flush()
-        names = list(self.done)
-        dest = np.arange(len(names), dtype=np.int64)  # final row of each extracted row
-        if order is not None:
-            final_row = {nm: i for i, nm in enumerate(order)}
-            missing = [nm for nm in order if nm not in self._done_set]
-            if missing:
-                raise ValueError(f"{len(missing)} requested names were never extracted, e.g. {missing[:3]}")
-            dest = np.array([final_row.get(nm, -1) for nm in names], dtype=np.int64)
-            names = list(order)
-        n = len(names)
+        shards = self._scan(repair=False)  # what is really on disk now, not what this writer remembers
+        count = np.zeros(len(self.names), dtype=np.int64)
+        for rows in shards.values():
+            np.add.at(count, rows, 1)
+        skipped = np.zeros(len(self.names), dtype=bool)
+        skipped[self._rows_of(list(self.skipped), "skipped")] = True
+        missing = np.flatnonzero((count == 0) & ~skipped)
+        repeated = np.flatnonzero(count > 1)
+        if len(missing) or len(repeated):
+            problems = []
+            if len(missing):
+                problems.append(f"{len(missing)} rows are in no shard: {row_ranges(missing, self.names)} "
+                                f"(rerun the extraction to extract them again)")
+            if len(repeated):
+                files = sorted(p.name for p, rows in shards.items() if np.isin(rows, repeated).any())
+                problems.append(f"{len(repeated)} rows are in more than one shard: "
+                                f"{row_ranges(repeated, self.names)} (files {files[:6]})")
+            raise ValueError(f"cannot assemble {self.array_path} from {self.partial}: " + "; ".join(problems))
+        final_row = np.full(len(self.names), -1, dtype=np.int64)
+        keep = np.flatnonzero(~skipped)
+        final_row[keep] = np.arange(len(keep))
+        n = len(keep)
         if self.json_path.exists():
             self.json_path.unlink()
-        self.array_path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(
             prefix=f".{self.array_path.name}.", suffix=".tmp", dir=self.array_path.parent
         )
         os.close(fd)
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype, shape=(n, self.dim))
-            row = 0
-            for arr in self._shards:  # one shard in memory at a time
-                part = np.load(arr, mmap_mode="r")
-                d = dest[row : row + part.shape[0]]
-                keep = d >= 0  # rows not in `order` are dropped
-                out[d[keep]] = part[keep]
-                row += part.shape[0]
+            for arr, rows in sorted(shards.items(), key=lambda item: int(item[1][0])):
+                part = np.load(arr, mmap_mode="r")  # one shard in memory at a time
+                dest = final_row[rows]
+                kept = dest >= 0  # a row extracted before it became unreadable stays out
+                out[dest[kept]] = part[kept]
             out.flush()
             del out
             os.replace(tmp, self.array_path)
@@ -239,7 +385,10 @@ class FeatureWriter:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        _write_names(names, self.names_path)
-        _write_json(self.json_path, n, self.dim, self.dtype, self.meta)
+        _write_names([self.names[r] for r in keep.tolist()], self.names_path)
+        skipped_list = [{"name": k, "reason": v} for k, v in sorted(self.skipped.items(),
+                                                                     key=lambda kv: self._row_of[kv[0]])]
+        meta = {**self.meta, "fingerprint": self.fingerprint, "skipped": skipped_list}
+        _write_json(self.json_path, n, self.dim, self.dtype, meta)
         shutil.rmtree(self.partial)
         return self.array_path
