@@ -200,8 +200,13 @@ def _extract(cfg: DictConfig) -> Path:
 
     if json_path.exists() and not cfg.overwrite:
         store = load_features(arr_path)
+        if "fingerprint" not in store.meta:
+            raise FileExistsError(
+                f"{arr_path} exists without a record of the settings it was extracted with (an older version "
+                f"wrote it). Choose another output or set overwrite=true"
+            )
         diffs = fingerprint_differences(
-            store.meta.get("fingerprint", {}), store_fingerprint(fingerprint, names, dim, cfg.dtype)
+            store.meta["fingerprint"], store_fingerprint(fingerprint, names, dim, cfg.dtype)
         )
         if not diffs:
             print(

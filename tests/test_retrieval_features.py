@@ -91,6 +91,10 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path) -> None:
     with pytest.raises(ValueError, match="image_list_sha256"):
         FeatureWriter(tmp_path / "f", ["a", "c"], dim=8, fingerprint=fp)
     assert FeatureWriter(tmp_path / "f", ["a", "b"], dim=8, fingerprint=dict(fp)).done == ["a"]
+    (tmp_path / "old.partial").mkdir()  # started by the version that recorded only dim and dtype
+    (tmp_path / "old.partial" / "info.json").write_text('{"dim": 8, "dtype": "float16"}')
+    with pytest.raises(ValueError, match="older version"):
+        FeatureWriter(tmp_path / "old", ["a", "b"], dim=8, fingerprint=fp)
 
 
 def test_half_written_shard_is_redone(tmp_path) -> None:

@@ -239,7 +239,12 @@ class FeatureWriter:
         info = {"format": f"{FORMAT}-partial", "version": VERSION + 1, "fingerprint": self.fingerprint}
         if info_p.exists():
             old = json.loads(info_p.read_text(encoding="utf-8"))
-            diffs = fingerprint_differences(old.get("fingerprint", old), self.fingerprint)
+            if "fingerprint" not in old:
+                raise ValueError(
+                    f"cannot resume {self.partial}: an older version of this writer started it and did not "
+                    f"record what its descriptors were extracted with; delete the folder to start over"
+                )
+            diffs = fingerprint_differences(old["fingerprint"], self.fingerprint)
             if diffs:
                 raise ValueError(
                     f"cannot resume {self.partial}: its descriptors were extracted with other settings "
