@@ -91,13 +91,15 @@ class ImageFiles(Dataset):
         self.transform = eval_transform(test_size)
         self.sizes = sizes if sizes is not None else {}  # the caller's dict, filled after construction
         self.skip_unreadable = skip_unreadable
+        self.max_pixels: int | None = None  # cfg.max_pixels (dalg.data.images.load_rgb)
+        self.decode_side = test_size  # large JPEGs decode at reduced size
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         try:
-            img = load_rgb(self.root / self.names[index])
+            img = load_rgb(self.root / self.names[index], max_pixels=self.max_pixels, need_side=self.decode_side)
         except (ImageReadError, OSError):
             if not self.skip_unreadable or index not in self.sizes:
                 raise
@@ -196,6 +198,7 @@ def _extract(cfg: DictConfig) -> Path:
     dim = _descriptor_dim(module, int(cfg.test_size))
     sizes: dict[int, tuple[int, int]] = {}  # row -> resized (h, w), filled by the header scan below
     dataset = ImageFiles(root, names, int(cfg.test_size), sizes, bool(cfg.skip_unreadable))
+    dataset.max_pixels = cfg.get("max_pixels")
     fingerprint = descriptor_fingerprint(cfg, ckpt, module, dataset.transform)
 
     if json_path.exists() and not cfg.overwrite:

@@ -18,14 +18,16 @@ from omegaconf import open_dict
 from PIL import Image
 
 from dalg.data.datamodules import RetrievalDataModule
-from dalg.data.folder import load_query_csv
-from dalg.data.images import ImageReadError
+from dalg.data.folder import ImageFolderDataset, load_query_csv
+from dalg.data.images import ImageReadError, load_rgb
+from dalg.data.labelled import LabelledImages, UnreadableDataError
 from dalg.data.revisited import RevisitedImages, load_ground_truth
 from dalg.lit.checkpoint_io import atomic_torch_save
-from dalg.retrieval.features import save_features
+from dalg.retrieval.features import FeatureWriter, save_features
 from dalg.utils.atomic import write_json_atomic, write_text_atomic
+from dalg.utils.config_checks import ConfigError
 from dalg.utils.writable import OutputNotWritableError
-from tests.conftest import CONF, REPO, TINY_SYNTHETIC
+from tests.conftest import CONF, REPO, TINY_SYNTHETIC, compose_train, tiny_data_overrides
 from tests.test_retrieval_eval import tiny_ckpt  # noqa: F401  (fixture)
 
 
@@ -161,6 +163,13 @@ def test_bad_distractor_store_is_rejected_before_extraction(tiny_ckpt, tiny_synt
 
 
 # ------------------------------------------------------------------------------------- file permissions
+def _written_by_extraction(tmp_path: Path) -> Path:
+    """A store assembled from shards as extract.py writes it."""
+    writer = FeatureWriter(tmp_path / "extracted", ["a", "b"], dim=2, dtype="float32", shard_size=1)
+    writer.add(np.eye(2, dtype=np.float32), ["a", "b"])
+    return writer.finalize()
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_written_files_respect_the_umask(tmp_path, umask, mode):
     old = os.umask(umask)
@@ -168,8 +177,128 @@ def test_written_files_respect_the_umask(tmp_path, umask, mode):
         written = [write_json_atomic({"a": 1}, tmp_path / "run_meta.json"),
                    write_text_atomic("x: 1\n", tmp_path / "config.yaml"),
                    atomic_torch_save({"state_dict": {}}, tmp_path / "checkpoints" / "last.ckpt"),
-                   _store(tmp_path / "feats", np.eye(2, dtype=np.float32))]
+                   _store(tmp_path / "feats", np.eye(2, dtype=np.float32)), _written_by_extraction(tmp_path)]
     finally:
         os.umask(old)
     for path in written:
         assert stat.S_IMODE(path.stat().st_mode) == mode, path
+
+
+# ------------------------------------------------------------------------------ unreadable training images
+def _class_folder(root: Path, classes: int = 4, per_class: int = 6) -> Path:
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (16, 12), (10 * c, 20, 30)).save(root / f"c{c}" / f"{i}.jpg")
+    return root
+
+
+@pytest.mark.parametrize("mode", ["exists", "header"])
+def test_prescan_reports_each_bad_file_once_as_dropped(tmp_path, caplog, mode):
+    root = _class_folder(tmp_path)
+    (root / "c0" / "1.jpg").write_bytes(b"")
+    (root / "c2" / "3.jpg").unlink()
+    for i in range(6):
+        (root / "c3" / f"{i}.jpg").write_bytes(b"")  # a whole class
+    with caplog.at_level(logging.WARNING):
+        ds = ImageFolderDataset(root, verify=mode)
+    assert len(ds) == 4 * 6 - 1 - 1 - 6 and ds.num_classes == 3
+    assert len(caplog.records) == 1  # one summary, not also a warning per file and per class
+    assert caplog.text.count(str(root / "c0" / "1.jpg")) == 1 and "left out (no label): c3" in caplog.text
+    assert "dropped before training" in caplog.text and "are left out" in caplog.text
+    assert "replaced" not in caplog.text
+
+
+def test_training_stops_when_most_images_are_unreadable(tmp_path):
+    root = _class_folder(tmp_path, classes=4, per_class=10)
+    for c in range(4):
+        for i in range(1, 10):
+            (root / f"c{c}" / f"{i}.jpg").write_bytes(b"")  # 90 % unreadable: a half-finished download
+    dm = RetrievalDataModule(root=str(root), layout="folder", train_size=16, batch_size=4, num_workers=0,
+                             max_unreadable_fraction=0.05, unreadable_check_after=20)
+    dm.setup("fit")
+    with pytest.raises(UnreadableDataError, match=r"of the 2\d images this loader process tried are unreadable "
+                                                  r"\(\d+%\), above data.max_unreadable_fraction=0.05"):
+        for _ in dm.train_dataloader():
+            pass
+
+
+def test_a_few_unreadable_images_are_replaced_not_fatal(tmp_path):
+    root = _class_folder(tmp_path, classes=4, per_class=10)
+    (root / "c1" / "3.jpg").write_bytes(b"")
+    dm = RetrievalDataModule(root=str(root), layout="folder", train_size=16, batch_size=4, num_workers=0,
+                             max_unreadable_fraction=0.05, unreadable_check_after=20)
+    dm.setup("fit")
+    assert sum(len(labels) for _, labels in dm.train_dataloader()) == 40
+
+
+# ------------------------------------------------------------------------------------- oversized images
+def test_max_pixels_refuses_before_decoding_and_default_is_well_below_pils(tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (300, 200)).save(path)
+    with pytest.raises(ImageReadError, match=r"300x200 = 0.1 MP to decode, above the limit") as err:
+        load_rgb(path, max_pixels=50_000)
+    assert err.value.kind == "too_large"
+    assert load_rgb(path, max_pixels=60_000).size == (300, 200)
+    for data in ("synthetic", "gldv2", "roxford5k"):
+        cfg = compose_train([f"data={data}"], tmp_path)
+        assert 0 < cfg.data.max_pixels <= Image.MAX_IMAGE_PIXELS / 1.5, data
+
+
+def test_large_jpeg_decodes_at_reduced_size_when_the_target_is_much_smaller(tmp_path):
+    path = tmp_path / "wide.jpg"
+    Image.new("RGB", (2000, 1000), (120, 80, 40)).save(path)
+    assert load_rgb(path).size == (2000, 1000)
+    assert load_rgb(path, need_side=200).size == (500, 250)  # 1/4: still >= 2 x 200 on the longer side
+    assert load_rgb(path, need_side=600).size == (2000, 1000)  # 1/2 would leave less than 2 x 600
+    # too large at full size, fine once decoded at 1/4
+    assert load_rgb(path, max_pixels=200_000, need_side=200).size == (500, 250)
+    png = tmp_path / "wide.png"
+    Image.new("RGB", (2000, 1000)).save(png)
+    assert load_rgb(png, need_side=200).size == (2000, 1000)  # only JPEG has reduced-size decoding
+
+
+def test_eval_sets_decode_database_images_reduced_and_queries_whole(tmp_path):
+    root = _revisited(tmp_path, [[100, 100, 1900, 900]], sizes=[(2000, 1000)])
+    Image.new("RGB", (2000, 1000)).save(root / "jpg" / "d0.jpg")
+    dm = RetrievalDataModule(eval_sets={"toy": {"data_dir": str(root), "gnd_name": "toy", "test_size": 128,
+                                                "required": True}}, num_workers=0, max_pixels=10_000_000)
+    dm.setup("validate")
+    ds = dm.eval_sets[0].dataset
+    assert ds.load(0).size == (1800, 800)  # the query: cropped from the full-size image
+    assert ds.load(1).size == (500, 250)  # d0: decoded at 1/4 (>= 2 x 128), the transform resizes it to 128
+
+
+# ------------------------------------------------------------------------------- config values, checked first
+@pytest.mark.parametrize("override, message", [
+    ("optim.optimizer.lr=-0.001", r"optim\.optimizer\.lr=-0\.001 must be > 0"),
+    ("trainer.max_epochs=abc", r"trainer\.max_epochs='abc' is not a number"),
+    ("trainer.max_epochs=2.5", r"trainer\.max_epochs=2\.5 must be an integer"),
+    ("data.batch_size=0", r"data\.batch_size=0 must be >= 1"),
+    ("data.max_unreadable_fraction=1.5", r"data\.max_unreadable_fraction=1\.5 must be in \[0\.0, 1\.0\]"),
+])
+def test_bad_numbers_fail_before_any_data_is_read(tiny_synthetic, tmp_path, monkeypatch, override, message):
+    from dalg.train_pipeline import train
+
+    monkeypatch.setattr(RetrievalDataModule, "setup", _refuse("data was read before the config was checked"))
+    cfg = compose_train(tiny_data_overrides(tiny_synthetic) + [override], tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+
+
+def test_patch_size_is_checked_before_the_data_prescan(tmp_path, monkeypatch):
+    from dalg.train_pipeline import train
+
+    root = _class_folder(tmp_path / "photos")
+    monkeypatch.setattr(LabelledImages, "_prescan", _refuse("the pre-scan ran before the patch-size check"))
+    cfg = compose_train(["data=folder", f"data.root={root}", "data.verify=header", "data.train_size=100",
+                         "~data.eval_sets.landmarks_mini"], tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"data\.train_size=100 is not a multiple of the backbone's patch size 16"):
+        train(cfg)
+
+
+def _refuse(message: str):
+    def refuse(*args, **kwargs):
+        raise AssertionError(message)
+
+    return refuse

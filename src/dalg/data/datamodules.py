@@ -71,7 +71,10 @@ class RetrievalDataModule(pl.LightningDataModule):
     share of each class's images (never a class's only image) as ``val_set`` for a classification check.
     ``verify`` = ``exists`` | ``header`` pre-scans the listed files before training. Unreadable images found
     while training are replaced, counted over all DataLoader workers and reported once per epoch (and at
-    teardown) with example paths; a class without any readable image is reported by name.
+    teardown) with example paths; a class without any readable image is reported by name. Once a loading
+    process has tried ``unreadable_check_after`` images, more than ``max_unreadable_fraction`` of them
+    unreadable stops training (a wrong root). ``max_pixels`` caps the pixels any image decodes to; JPEGs much
+    larger than the training crop or the test size decode at reduced size (``dalg.data.images.load_rgb``).
 
     ``eval_sets`` maps a name to a spec. Revisited layout: ``{data_dir, gnd_name, test_size, crop_queries,
     required}``. Own photos: ``{images, queries_csv, test_size, crop_queries, required}`` (see ``folder.py``).
@@ -88,7 +91,8 @@ class RetrievalDataModule(pl.LightningDataModule):
                  generator: Callable[..., object] | None = None, pin_memory: bool = False,
                  monitor_set: str | None = None, layout: str = "gldv2", verify: str = "none",
                  val_fraction: float = 0.0, split_seed: int = 0,
-                 train_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5):
+                 train_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5, max_pixels: int | None = None,
+                 max_unreadable_fraction: float | None = None, unreadable_check_after: int = 1000):
         super().__init__()
         if layout not in TRAIN_LAYOUTS:
             raise ValueError(f"data.layout must be one of {TRAIN_LAYOUTS}, got {layout!r}")
@@ -100,6 +104,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.split_seed = split_seed
         self.train_size = train_size
         self.train_scale = tuple(train_scale)
+        self.max_pixels = max_pixels  # no image decodes to more pixels (large JPEGs decode at reduced size)
+        self.max_unreadable_fraction = max_unreadable_fraction  # loading stops above this unreadable share ...
+        self.unreadable_check_after = unreadable_check_after  # ... once this many images were tried
         self.train_ratio = tuple(train_ratio)
         self.hflip = hflip
         self.color_jitter = color_jitter
@@ -162,6 +169,11 @@ class RetrievalDataModule(pl.LightningDataModule):
         # one summary per epoch from the main process instead of per-file warnings from every worker
         full.report_each = False
         full.substitute_empty_classes = True
+        full.max_pixels = self.max_pixels
+        # the smallest random crop (train_scale[0] of the area) still gets train_size pixels from the decoded image
+        full.decode_side = self.train_size / max(self.train_scale[0], 1e-6) ** 0.5
+        full.max_unreadable_fraction = self.max_unreadable_fraction
+        full.unreadable_check_after = self.unreadable_check_after
         self.full_train_set = full
         if self.val_fraction > 0:
             self.train_set, self.val_set = full.split(self.val_fraction, self.split_seed)
@@ -190,7 +202,9 @@ class RetrievalDataModule(pl.LightningDataModule):
             if find_ground_truth(data_dir, gnd_name) is None and not required:
                 return self._skip(key, name, f"{data_dir / f'gnd_{gnd_name}.pkl'} not found")
             gt = load_ground_truth(data_dir, gnd_name)
-        return EvalSet(name, gt, RevisitedImages(gt, eval_transform(test_size), crop), test_size, crop)
+        images = RevisitedImages(gt, eval_transform(test_size), crop)
+        images.max_pixels, images.decode_side = self.max_pixels, test_size
+        return EvalSet(name, gt, images, test_size, crop)
 
     def _skip(self, key: str, name: str, reason: str) -> None:
         if name not in self.skipped_eval_sets:

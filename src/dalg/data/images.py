@@ -18,6 +18,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 ALPHA_BACKGROUND = (124, 116, 104)
 
 _KINDS = ("missing", "empty", "not_image", "truncated", "too_large", "undecodable")
+# a JPEG is decoded at reduced size only when at least this factor times the needed side is left (see _draft)
+DRAFT_MARGIN = 2
 
 
 class ImageReadError(RuntimeError):
@@ -93,10 +95,30 @@ def _upright(img: Image.Image) -> Image.Image:
         return img
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode ``path`` fully into an upright 8-bit RGB image; raise :class:`ImageReadError` if that is impossible."""
+def _draft(img: Image.Image, need_side: float) -> None:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 size (DCT scaling, PIL ``draft``) when the longer side still keeps
+    :data:`DRAFT_MARGIN` times ``need_side``: the transform's own resize then still shrinks the image, so the
+    result barely changes while a 13000 x 13000 photo costs 1/64 of the memory."""
+    long_side = max(img.size)
+    factor = next((f for f in (8, 4, 2) if long_side / f >= DRAFT_MARGIN * need_side), 1)
+    if factor > 1:
+        img.draft(None, (img.width // factor, img.height // factor))
+
+
+def load_rgb(path: str | os.PathLike, max_pixels: int | None = None, need_side: float | None = None) -> Image.Image:
+    """Decode ``path`` into an upright 8-bit RGB image; raise :class:`ImageReadError` if that is impossible.
+
+    ``need_side``: the longer side the caller's transform needs at most; a JPEG much larger than that is decoded at
+    reduced size (:func:`_draft`). ``max_pixels``: an image that would still decode to more pixels is refused
+    (kind ``too_large``) before its pixels are read, well below PIL's own guard (2 x ``Image.MAX_IMAGE_PIXELS``).
+    """
     try:
         with Image.open(path) as img:  # PIL's guard raises past 2 x Image.MAX_IMAGE_PIXELS (it only warns below)
+            if need_side and img.format == "JPEG":
+                _draft(img, need_side)
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise ImageReadError(path, f"{img.width}x{img.height} = {img.width * img.height / 1e6:.1f} MP to "
+                                     f"decode, above the limit of {max_pixels / 1e6:.1f} MP (max_pixels)", "too_large")
             img.load()
             return to_rgb(_upright(img))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 VERIFY_MODES = ("none", "exists", "header")
 
 
+class UnreadableDataError(RuntimeError):
+    """Too many training images are unreadable to go on (the share and the limit are in the message)."""
+
+
 def class_sort_key(name: str) -> tuple[int, int | str]:
     """Numeric ids sort numerically ("10" after "9", as GLDv2 landmark ids); anything else as text, after them."""
     return (0, int(name)) if name.isdigit() else (1, name)
@@ -125,6 +129,13 @@ class LabelledImages(Dataset):
         self.substitute_empty_classes = False  # DataModule: True, so a dead class never stops an epoch
         self._reported = (0, 0)
         self._dead_labels: set[int] = set()
+        # set by the DataModule from data.*: decoding limits (dalg.data.images.load_rgb) and the unreadable share
+        # above which loading stops (a wrong root would otherwise train a whole epoch on substitutes)
+        self.max_pixels: int | None = None
+        self.decode_side: float | None = None
+        self.max_unreadable_fraction: float | None = None
+        self.unreadable_check_after = 1000
+        self._tried = self._unreadable = 0  # load attempts and failures in this process
 
         groups = {str(k): list(v) for k, v in groups.items()}
         self.n_listed = sum(len(v) for v in groups.values())
@@ -169,6 +180,7 @@ class LabelledImages(Dataset):
         with ThreadPoolExecutor(max(1, threads)) as pool:  # stat/header reads wait on the disk, not the CPU
             reasons = list(pool.map(lambda nk: _check_file(self.path_of(nk[1]), mode), flat, chunksize=256))
         kept: dict[str, list[str]] = {name: [] for name in groups}
+        per_item, self.report_each = self.report_each, False  # one summary below, not also a warning per file
         for (name, key), reason in zip(flat, reasons):
             if reason is None:
                 kept[name].append(key)
@@ -177,9 +189,11 @@ class LabelledImages(Dataset):
         for name, keys in kept.items():
             if not keys:
                 self._record_class(name, f"all {len(groups[name])} listed image(s) unusable")
+        self.report_each = per_item
         summary = self.collect_failures()
         if summary:
-            log.warning("%s (pre-scan '%s' of %d files): %s", self.source, mode, len(flat), summary.message())
+            log.warning("%s (pre-scan '%s' of %d files): %s", self.source, mode, len(flat),
+                        summary.message(dropped=True))
         return {name: keys for name, keys in kept.items() if keys}
 
     # -------------------------------------------------------------------------------------- loading
@@ -204,11 +218,25 @@ class LabelledImages(Dataset):
             path = self.path(int(members[(start + k) % len(members)]))
             if str(path) in self.failures:
                 continue  # known broken in this process: do not pay for the failure twice
+            self._tried += 1
             try:
-                return load_rgb(path)
+                return load_rgb(path, max_pixels=self.max_pixels, need_side=self.decode_side)
             except ImageReadError as e:
+                self._unreadable += 1
                 self._record_image(e.path, e.reason)
+                self._check_unreadable_share()
         return None
+
+    def _check_unreadable_share(self) -> None:
+        limit = self.max_unreadable_fraction
+        if limit is None or self._tried < self.unreadable_check_after or self._unreadable <= limit * self._tried:
+            return
+        shown = "; ".join(f"{p} ({r})" for p, r in list(self.failures.items())[:3])
+        raise UnreadableDataError(
+            f"{self.source}: {self._unreadable} of the {self._tried} images this loader process tried are unreadable "
+            f"({self._unreadable / self._tried:.0%}), above data.max_unreadable_fraction={limit}; is data.root the "
+            f"right folder? (data.verify=exists drops missing files before training; raise the limit to go on). "
+            f"e.g. {shown}")
 
     def _substitute(self, label: int):
         """An image of the next class (in label order) that still has a readable one, with that class's label."""

@@ -108,6 +108,9 @@ class RevisitedImages(Dataset):
         self.paths: list[Path] = [gt.query_path(i) for i in range(gt.n_queries)]
         self.paths += [gt.database_path(i) for i in range(gt.n_database)]
         self.boxes: Sequence[Sequence[float] | None] = [g["bbx"] if crop_queries else None for g in gt.gnd]
+        # set by the DataModule: decoding limits (dalg.data.images.load_rgb: data.max_pixels, the test size)
+        self.max_pixels: int | None = None
+        self.decode_side: float | None = None
         if crop_queries:  # at setup, not mid-extraction: the query files exist and their boxes hit the image
             self.boxes = [None if box is None else self._fit_box(i, box) for i, box in enumerate(self.boxes)]
 
@@ -145,8 +148,9 @@ class RevisitedImages(Dataset):
 
     def load(self, index: int):
         """The PIL image as the model sees it before the transform (query crop applied)."""
-        img = load_rgb(self.paths[index])
         box = self.crop_box(index)
+        # reduced-size JPEG decoding only without a crop: the box is in the full image's pixels
+        img = load_rgb(self.paths[index], max_pixels=self.max_pixels, need_side=None if box else self.decode_side)
         return img.crop(box) if box else img
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from dalg.utils.atomic import atomic_replace
+from dalg.utils.atomic import atomic_replace, mkstemp_shared
 
 FORMAT = "dalg-features"
 VERSION = 1
@@ -372,7 +371,7 @@ class FeatureWriter:
         n = len(keep)
         if self.json_path.exists():
             self.json_path.unlink()
-        fd, tmp = tempfile.mkstemp(
+        fd, tmp = mkstemp_shared(  # 0666 & ~umask, as open() would give, not mkstemp's 0600
             prefix=f".{self.array_path.name}.", suffix=".tmp", dir=self.array_path.parent
         )
         os.close(fd)

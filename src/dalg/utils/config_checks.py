@@ -92,8 +92,88 @@ def check_run_options(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path={ckpt} does not exist")
 
 
+# numeric config values: (key, kind, low, high, null allowed). Kinds: int (rejects "abc", 2.5 and true alike),
+# float, positive (> 0), batches (Lightning's limit_*: a fraction in [0, 1] or a count)
+_NUMBERS = (
+    ("seed", "int", None, None, False),
+    ("optim.optimizer.lr", "positive", None, None, False),
+    ("optim.optimizer.momentum", "float", 0.0, 1.0, True),
+    ("optim.weight_decay", "float", 0.0, None, True),
+    ("optim.warmup_epochs", "float", 0.0, None, True),
+    ("optim.min_lr_ratio", "float", 0.0, 1.0, True),
+    ("optim.layer_decay", "float", 0.0, 1.0, True),
+    ("trainer.max_epochs", "int", -1, None, True),
+    ("trainer.min_epochs", "int", 0, None, True),
+    ("trainer.max_steps", "int", -1, None, True),
+    ("trainer.accumulate_grad_batches", "int", 1, None, True),
+    ("trainer.check_val_every_n_epoch", "int", 1, None, True),
+    ("trainer.log_every_n_steps", "int", 0, None, True),
+    ("trainer.gradient_clip_val", "float", 0.0, None, True),
+    ("trainer.limit_train_batches", "batches", 0, None, True),
+    ("trainer.limit_val_batches", "batches", 0, None, True),
+    ("data.batch_size", "int", 1, None, True),
+    ("data.eval_batch_size", "int", 1, None, True),
+    ("data.num_workers", "int", 0, None, True),
+    ("data.train_size", "int", 1, None, True),
+    ("data.min_images_per_class", "int", 1, None, True),
+    ("data.val_fraction", "float", 0.0, 1.0, True),
+    ("data.max_pixels", "int", 1, None, True),
+    ("data.max_unreadable_fraction", "float", 0.0, 1.0, True),
+    ("data.unreadable_check_after", "int", 1, None, True),
+)
+
+
+def _number_error(value: object, kind: str, low: float | None, high: float | None) -> str | None:
+    """What is wrong with ``value`` for a number of ``kind`` in [low, high], or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"is not a number ({type(value).__name__})"
+    if kind == "int" and not isinstance(value, int):
+        return "must be an integer"
+    if kind == "batches" and isinstance(value, float) and not 0.0 <= value <= 1.0:
+        return "must be a fraction in [0, 1] (float) or a number of batches (int)"
+    if kind == "positive" and not value > 0:
+        return "must be > 0"
+    if value != value or (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        return f"must be {bounds}"
+    return None
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Numeric values of the known keys have the right type and range (a negative lr, ``max_epochs=abc``), so they
+    fail here instead of after the data was read and the untrained model evaluated."""
+    from omegaconf import OmegaConf
+
+    for key, kind, low, high, nullable in _NUMBERS:
+        node = OmegaConf.select(cfg, key, default="<absent>")
+        if node == "<absent>" or (node is None and nullable):
+            continue
+        problem = _number_error(node, kind, low, high)
+        if problem:
+            raise ConfigError(f"{key}={node!r} {problem}")
+
+
+def backbone_stride(cfg: DictConfig) -> int | None:
+    """The backbone's patch size / stride from the config alone (timm ViT names carry ``patch<N>``; the ResNet
+    taps have stride 16), so sizes are checked before any data is read; None when the config does not tell."""
+    import re
+
+    backbone = (cfg.get("model") or {}).get("backbone") or {}
+    target = str(backbone.get("_target_", ""))
+    if target.endswith("ResNetBackbone"):
+        return 16
+    if backbone.get("patch_size"):
+        return int(backbone.get("patch_size"))
+    found = re.search(r"patch(\d+)", str(backbone.get("name", "")))
+    return int(found.group(1)) if found else None
+
+
 def check_before_data(cfg: DictConfig) -> None:
+    check_numbers(cfg)
     check_run_options(cfg)
     check_fusion(cfg)
     check_paths(cfg)
     check_wandb(cfg)
+    stride = backbone_stride(cfg)
+    if stride:  # checked again with the built model's own stride (train_pipeline)
+        check_image_sizes(cfg, stride)
