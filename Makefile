@@ -51,6 +51,14 @@ eval: install  ## make eval ARGS="ckpt_path=... data=landmarks_mini"
 models: install  ## parameters / GFLOPs / descriptor size of every model config
 	$(PY) src/model_table.py $(ARGS)
 
+.PHONY: scale gpu-check
+scale: install  ## GLDv2-clean's full size through the real data path -> experiments/scale/results.{md,json}
+	$(PY) benchmarks/scale_gldv2.py $(ARGS)
+
+# CUDA machines (`make install-gpu` first for FAISS-GPU): <= 8 min; exits 2 without CUDA, 1 if a check failed
+gpu-check: install  ## bf16 training, DDP/NCCL, torch.compile, FAISS-GPU, extraction -> experiments/gpu/results.{md,json}
+	$(PY) benchmarks/gpu_check.py $(ARGS)
+
 clean:
 	rm -rf logs outputs multirun wandb .pytest_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -prune -exec rm -rf {} +
@@ -66,3 +74,7 @@ data-rparis6k: install  ## Revisited Paris: $(DATA_ROOT)/rparis6k/{gnd_rparis6k.
 
 data-gldv2: install  ## GLDv2 train_clean.csv + 500 image tars (md5-checked); ARGS="--parts 0-9" for a slice
 	$(PY) -m dalg.data.download gldv2 --root $(DATA_ROOT) $(ARGS)
+
+.PHONY: data-revisitop1m
+data-revisitop1m: install  ## revisitop 1M distractors: $(DATA_ROOT)/revisitop1m/{revisitop1m.txt,jpg/}; ARGS="--parts 1-10"
+	$(PY) -m dalg.data.download revisitop1m --root $(DATA_ROOT) $(ARGS)
