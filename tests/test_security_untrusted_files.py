@@ -253,6 +253,21 @@ def test_revisited_loader_refuses_hostile_gnd(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("mmap", [True, False])
+def test_feature_store_with_pickled_objects_is_refused(tmp_path, mmap):
+    """A distractor store (eval.py distractors=) whose array holds pickled objects."""
+    from dalg.retrieval.features import load_features, save_features
+
+    marker = tmp_path / "ran"
+    arr = save_features(tmp_path / "store", np.eye(2, dtype=np.float32), ["a", "b"], dtype="float32")
+    hostile = np.empty((2, 2), dtype=object)
+    hostile[0, 0] = _Payload(marker)
+    np.save(arr, hostile, allow_pickle=True)  # writing: the reader must not unpickle it
+    with pytest.raises(ValueError, match=f"feature store {arr} cannot be read"):
+        load_features(arr, mmap=mmap)
+    assert not marker.exists()
+
+
 # ----------------------------------------------------------------------------- what must still load
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 @pytest.mark.parametrize("arrays", [False, True], ids=["lists", "numpy"])

@@ -119,12 +119,19 @@ def load_features(path: str | os.PathLike, mmap: bool = True) -> FeatureStore:
         partial = arr_p.with_suffix(".partial")
         hint = f" (an unfinished extraction is in {partial}; rerun it to resume)" if partial.exists() else ""
         raise FileNotFoundError(f"feature store {arr_p} is missing or incomplete: no {json_p.name}{hint}")
-    info = json.loads(json_p.read_text(encoding="utf-8"))
-    if info.get("format") != FORMAT or info.get("version") != VERSION:
-        raise ValueError(
-            f"{json_p} is not a {FORMAT} v{VERSION} store: {info.get('format')} v{info.get('version')}"
-        )
-    feats = np.load(arr_p, mmap_mode="r" if mmap else None)
+    try:
+        info = json.loads(json_p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"feature store {json_p} cannot be read: {e}") from e
+    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") != VERSION:
+        found = f"{info.get('format')} v{info.get('version')}" if isinstance(info, dict) else type(info).__name__
+        raise ValueError(f"{json_p} is not a {FORMAT} v{VERSION} store: {found}")
+    try:  # allow_pickle stays False: a store from elsewhere never unpickles objects
+        feats = np.load(arr_p, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"feature store {arr_p} cannot be read as a NumPy array: {e}") from e
+    if feats.dtype not in (np.float16, np.float32):
+        raise ValueError(f"feature store {arr_p} holds {feats.dtype}, not float16/float32 descriptors")
     names = _read_names(names_p)
     if feats.ndim != 2 or feats.shape != (info["count"], info["dim"]) or len(names) != info["count"]:
         raise ValueError(
