@@ -97,7 +97,7 @@ def build_model(name: str, num_classes: int) -> torch.nn.Module:
     import dalg.utils.config  # noqa: F401  (registers ${repo_root:})
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"model={name}"])
+        cfg = compose(config_name="train", overrides=[f"model={name}", "model.backbone.pretrained=false"])
     import hydra
 
     return hydra.utils.instantiate(cfg.model, num_classes=num_classes)

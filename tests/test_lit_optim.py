@@ -79,3 +79,29 @@ def test_warmup_then_cosine():
     assert warmup_cosine(total, warm, total, 0.01) == pytest.approx(0.01)
     mid = warm + (total - warm) // 2
     assert lrs[mid] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_decay_everything_as_dolgs_release(tiny_dalg):
+    """optim.no_decay_bias_norm=false (optim=sgd_cosine, DOLG's release): biases, norms and GeM's p decay too."""
+    exempt = {n for n, p in tiny_dalg.named_parameters() if p.ndim <= 1 or n.endswith((".bias", ".p"))}
+    assert any(n.endswith(".p") for n in exempt) and any(".norm" in n for n in exempt)  # GeM's p, norms
+    split = parameter_groups(tiny_dalg, 1e-4, None, no_decay_bias_norm=True)
+    assert {n for g in split if g["weight_decay"] == 0.0 for n in g["names"]} >= exempt
+    every = parameter_groups(tiny_dalg, 1e-4, None, no_decay_bias_norm=False)
+    assert {g["weight_decay"] for g in every} == {1e-4}
+    assert sum(len(g["names"]) for g in every) == sum(1 for p in tiny_dalg.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("optim, decays_all", [("sgd_cosine", True), ("adamw", False), ("adamw_cpu", False)])
+def test_optim_configs_reach_the_optimizer(optim, decays_all, tmp_path):
+    """The config value travels through RetrievalModule.configure_optimizers (not only build_optimizer)."""
+    from types import SimpleNamespace
+
+    from dalg.train_pipeline import build_module
+
+    from .conftest import compose_train
+
+    module = build_module(compose_train(["model=dalg_tiny", f"optim={optim}"], tmp_path), num_classes=7)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10, max_epochs=2)  # what configure_optimizers reads
+    opt = module.configure_optimizers()["optimizer"]
+    assert (min(g["weight_decay"] for g in opt.param_groups) > 0) == decays_all

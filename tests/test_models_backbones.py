@@ -116,9 +116,21 @@ def test_resnet_checkpoint_safetensors(tmp_path: Path) -> None:
     torch.testing.assert_close(bb.cnn.layer3[0].conv1.weight, full.layer3[0].conv1.weight, rtol=0, atol=0)
 
 
-def test_pretrained_and_checkpoint_are_exclusive() -> None:
-    with pytest.raises(ValueError, match="either"):
-        tiny_vit(pretrained=True, checkpoint="x.pth")
+def test_checkpoint_wins_over_pretrained_without_asking_the_hub(tmp_path: Path, monkeypatch) -> None:
+    """Real-size configs default to pretrained=true: model.backbone.checkpoint=<file> alone must be enough."""
+    import dalg.models.pretrained as pretrained
+
+    def no_hub(name):
+        raise AssertionError(f"asked for the pretrained weights of {name} although a checkpoint was given")
+
+    monkeypatch.setattr(pretrained, "locate_pretrained", no_hub)
+    src = tiny_vit()
+    path = tmp_path / "mine.pth"
+    save_backbone_state_dict(src, path)
+    bb = tiny_vit(pretrained=True, checkpoint=str(path))
+    torch.testing.assert_close(bb.vit.blocks[0].attn.qkv.weight, src.vit.blocks[0].attn.qkv.weight, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="x.pth"):  # and a missing one is named, not replaced by the hub's
+        tiny_vit(pretrained=True, checkpoint=str(tmp_path / "x.pth"))
 
 
 def test_layer_ids_for_layerwise_decay() -> None:

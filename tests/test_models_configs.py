@@ -18,8 +18,9 @@ EXPECTED = {"dalg_cross", "dalg_heuristic", "dalg_concat", "dalg_global", "dolg_
 
 
 def build(name: str, overrides: list[str] | None = None, num_classes: int = 5) -> DALG:
+    """Model config ``name`` with random weights (real-size backbone configs ask for pretrained ones)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name=f"model/{name}", overrides=overrides or [])
+        cfg = compose(config_name=f"model/{name}", overrides=["model.backbone.pretrained=false", *(overrides or [])])
     return hydra.utils.instantiate(cfg.model, num_classes=num_classes)
 
 

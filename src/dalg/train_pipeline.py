@@ -31,7 +31,7 @@ from dalg.lit.resume_check import check_resume_model
 from dalg.retrieval.callback import RetrievalEvalCallback
 from dalg.utils.atomic import write_json_atomic
 from dalg.utils.config import save_config
-from dalg.utils.config_checks import check_before_data, check_image_sizes
+from dalg.utils.config_checks import check_before_data, check_image_sizes, check_training_batches
 from dalg.utils.lock import exclusive_lock
 from dalg.utils.run_metadata import run_metadata
 from dalg.utils.tables import print_comparison_table
@@ -141,6 +141,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
             lg.resume_step = resume_step
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     trainer_ref.append(trainer)
+    if getattr(datamodule, "train_set", None) is not None:  # before any step and any run file: no silent empty job
+        check_training_batches(len(datamodule.train_set), int(cfg.data.batch_size), trainer.world_size)
     retrieval = next((c for c in callbacks if isinstance(c, RetrievalEvalCallback)), None)
 
     _save_run_files(cfg, out_dir, datamodule, loggers, ckpt_path)

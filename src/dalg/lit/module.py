@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from dalg.inference import InferenceOptions, optimize_for_inference
 from dalg.lit.checkpoint_read import CheckpointError, read_checkpoint
 from dalg.lit.optim import build_optimizer, warmup_cosine
+from dalg.models.pretrained import without_weight_source
 
 
 class RetrievalModule(pl.LightningModule):
@@ -26,7 +27,8 @@ class RetrievalModule(pl.LightningModule):
 
     def __init__(self, model_cfg: Mapping[str, Any], num_classes: int, optimizer: Mapping[str, Any],
                  weight_decay: float = 1e-4, warmup_epochs: float = 1.0, min_lr_ratio: float = 0.0,
-                 layer_decay: float | None = None, eval_scales: Sequence[float] | None = None):
+                 layer_decay: float | None = None, eval_scales: Sequence[float] | None = None,
+                 no_decay_bias_norm: bool = True):
         super().__init__()
         self.save_hyperparameters()
         self.net = hydra.utils.instantiate(dict(model_cfg), num_classes=num_classes)
@@ -116,8 +118,10 @@ class RetrievalModule(pl.LightningModule):
     def from_checkpoint_dict(cls, ckpt: Mapping[str, Any], path: str | os.PathLike) -> RetrievalModule:
         """The module a checkpoint read by ``dalg.lit.checkpoint_read.read_checkpoint`` describes (what
         Lightning's ``load_from_checkpoint`` does, from the one safe read); errors name ``path``."""
+        hp = dict(ckpt["hyper_parameters"])
+        hp["model_cfg"] = without_weight_source(dict(hp["model_cfg"]))  # its state dict holds every weight
         try:
-            module = cls(**ckpt["hyper_parameters"])
+            module = cls(**hp)
         except Exception as e:  # noqa: BLE001 - any config the network cannot be built from
             raise CheckpointError(f"checkpoint {path}: its hyper_parameters do not build a {cls.__name__}: "
                                   f"{type(e).__name__}: {e}") from e
@@ -169,7 +173,8 @@ class RetrievalModule(pl.LightningModule):
     # ----------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
         factory = hydra.utils.instantiate(dict(self.hparams.optimizer), _partial_=True)
-        optimizer = build_optimizer(factory, self, self.hparams.weight_decay, self.hparams.layer_decay)
+        optimizer = build_optimizer(factory, self, self.hparams.weight_decay, self.hparams.layer_decay,
+                                    self.hparams.get("no_decay_bias_norm", True))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(round(self.hparams.warmup_epochs * total / max(1, self.trainer.max_epochs or 1)))
         warmup = min(max(1, warmup), total)

@@ -23,16 +23,19 @@ def find_backbone(module: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
-def parameter_groups(module: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+def parameter_groups(module: nn.Module, weight_decay: float, layer_decay: float | None = None,
+                     no_decay_bias_norm: bool = True) -> list[dict]:
     """Groups keyed by (no-decay?, layer). With ``layer_decay``, the backbone's layer ``i`` of ``L`` (its own
     ``layer_id``: embeddings 0, ViT block k -> k + 1, ...) trains at ``lr * layer_decay ** (L - i)``; everything
-    outside the backbone (branches, fusion, descriptor, margin head) at ``lr`` (BEiT/MAE layer-wise decay)."""
+    outside the backbone (branches, fusion, descriptor, margin head) at ``lr`` (BEiT/MAE layer-wise decay).
+    ``no_decay_bias_norm=False`` decays every parameter (``no_weight_decay``'s exceptions included), as DOLG's
+    release does."""
     found = find_backbone(module) if layer_decay is not None else None
     groups: dict[tuple[bool, int], dict] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        skip = no_weight_decay(name, p)
+        skip = no_decay_bias_norm and no_weight_decay(name, p)
         layer, scale = 0, 1.0
         if found is not None:
             prefix, backbone = found
@@ -55,12 +58,12 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
 
 
 def build_optimizer(factory: Callable[..., torch.optim.Optimizer], module: nn.Module, weight_decay: float,
-                    layer_decay: float | None = None) -> torch.optim.Optimizer:
+                    layer_decay: float | None = None, no_decay_bias_norm: bool = True) -> torch.optim.Optimizer:
     """``factory(params=groups)``, then every group's lr multiplied by its ``lr_scale`` (kept in the group, so the
     schedule below multiplies ``initial_lr`` = the scaled lr)."""
     if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"optim.layer_decay must be in (0, 1] or null, got {layer_decay}")
-    groups = [g for g in parameter_groups(module, weight_decay, layer_decay) if g["params"]]
+    groups = [g for g in parameter_groups(module, weight_decay, layer_decay, no_decay_bias_norm) if g["params"]]
     optimizer = factory(params=groups)
     for g in optimizer.param_groups:
         g["lr"] = g["lr"] * g["lr_scale"]

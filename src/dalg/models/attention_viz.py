@@ -25,13 +25,15 @@ from PIL import Image
 from dalg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from dalg.lit.checkpoint_read import read_checkpoint
 from dalg.models.dalg import DALG
+from dalg.models.pretrained import without_weight_source
 
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 
 
 def model_from_config(name: str, overrides: list[str] | None = None) -> DALG:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name=f"model/{name}", overrides=overrides or [])
+        # random init, as the CLI says (a real-size backbone config asks for pretrained weights)
+        cfg = compose(config_name=f"model/{name}", overrides=["model.backbone.pretrained=false", *(overrides or [])])
     return hydra.utils.instantiate(cfg.model, num_classes=0)
 
 
@@ -42,7 +44,8 @@ def model_from_checkpoint(path: str | Path) -> DALG:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     ckpt = read_checkpoint(path)  # weights_only, never retried unsafely; errors name the file
     hp: Any = ckpt["hyper_parameters"]
-    model = hydra.utils.instantiate(_plain(hp["model_cfg"]), num_classes=int(hp.get("num_classes", 0)))
+    model_cfg = without_weight_source(_plain(hp["model_cfg"]))  # the state dict below holds every weight
+    model = hydra.utils.instantiate(model_cfg, num_classes=int(hp.get("num_classes", 0)))
     sd = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     result = model.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from dalg.models.checkpoint import load_backbone_checkpoint
+from dalg.models.pretrained import pretrained_kwargs
 
 
 @dataclass
@@ -38,11 +39,9 @@ class ViTBackbone(nn.Module):
         **model_kwargs,
     ) -> None:
         super().__init__()
-        if pretrained and checkpoint:
-            raise ValueError("ViTBackbone: give either pretrained=true or checkpoint=<path>, not both")
         self.vit = timm.create_model(
             name,
-            pretrained=pretrained,
+            **pretrained_kwargs(name, pretrained, checkpoint),  # a checkpoint wins over pretrained=true
             num_classes=0,
             drop_path_rate=drop_path_rate,
             dynamic_img_size=True,
@@ -110,9 +109,9 @@ class ResNetBackbone(nn.Module):
     def __init__(self, name: str = "resnet50", pretrained: bool = False, checkpoint: str | None = None,
                  **model_kwargs) -> None:
         super().__init__()
-        if pretrained and checkpoint:
-            raise ValueError("ResNetBackbone: give either pretrained=true or checkpoint=<path>, not both")
-        self.cnn = timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
+        # a checkpoint wins over pretrained=true
+        self.cnn = timm.create_model(name, **pretrained_kwargs(name, pretrained, checkpoint), num_classes=0,
+                                     **model_kwargs)
         for attr in ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             if not hasattr(self.cnn, attr):
                 raise ValueError(f"ResNetBackbone: timm model {name!r} is not a ResNet (no .{attr})")

@@ -61,8 +61,9 @@ def count_flops(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def build_model(name: str, overrides: list[str] | None = None, device: str = "meta", conf_dir: Path = CONF_DIR):
+    """The architecture of model config ``name`` with random weights (sizes and costs need no pretrained ones)."""
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        cfg = compose(config_name=f"model/{name}", overrides=overrides or [])
+        cfg = compose(config_name=f"model/{name}", overrides=["model.backbone.pretrained=false", *(overrides or [])])
     with torch.device(device):
         return hydra.utils.instantiate(cfg.model, num_classes=0)
 

@@ -92,6 +92,38 @@ def check_run_options(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path={ckpt} does not exist")
 
 
+def check_backbone_weights(cfg: DictConfig) -> None:
+    """The backbone's initial weights can be had now: its checkpoint file exists, or (pretrained=true) timm's
+    weights are cached or downloadable. Offline, this fails in seconds instead of at model build time."""
+    backbone = (cfg.get("model") or {}).get("backbone")
+    if backbone is None:
+        return
+    ckpt = backbone.get("checkpoint")
+    if ckpt:
+        if not Path(os.path.expanduser(str(ckpt))).is_file():
+            raise ConfigError(f"model.backbone.checkpoint={ckpt} does not exist; give a state dict, .safetensors or "
+                              f".ckpt file, or model.backbone.checkpoint=null")
+        return
+    if backbone.get("pretrained"):
+        from dalg.models.pretrained import PretrainedWeightsUnavailable, locate_pretrained
+
+        try:
+            locate_pretrained(str(backbone.name))
+        except PretrainedWeightsUnavailable as e:
+            raise ConfigError(str(e)) from None
+
+
+def check_training_batches(num_images: int, batch_size: int, world_size: int = 1) -> None:
+    """The training loader drops the last incomplete batch on each process, so a job whose processes each get
+    fewer images than ``data.batch_size`` would train nothing and still exit 0 (an empty sweep cell)."""
+    per_process = -(-num_images // max(1, world_size))  # each process's share, padded as the sampler pads it
+    if per_process < batch_size:
+        over = f" over {world_size} processes ({per_process} each)" if world_size > 1 else ""
+        raise ConfigError(f"data.batch_size={batch_size} is larger than the {num_images} training images{over}: "
+                          f"not one training batch (incomplete batches are dropped). Allowed: data.batch_size <= "
+                          f"{per_process}, or more training images")
+
+
 # numeric config values: (key, kind, low, high, null allowed). Kinds: int (rejects "abc", 2.5 and true alike),
 # float, positive (> 0), batches (Lightning's limit_*: a fraction in [0, 1] or a count)
 _NUMBERS = (
@@ -177,3 +209,4 @@ def check_before_data(cfg: DictConfig) -> None:
     stride = backbone_stride(cfg)
     if stride:  # checked again with the built model's own stride (train_pipeline)
         check_image_sizes(cfg, stride)
+    check_backbone_weights(cfg)
