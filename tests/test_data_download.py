@@ -246,7 +246,7 @@ def test_revisitop1m_corrupt_archive_is_removed_not_extracted(server, tmp_path):
 
 
 def test_revisitop1m_complete_set_must_hold_every_listed_image(server, tmp_path):
-    _revisitop1m_server(server, {1: {"x/im0.jpg": _jpeg(0)}}, ["x/im0.jpg", "x/gone.jpg"])
+    _revisitop1m_server(server, {1: {"x/im0.jpg": _jpeg(0)}}, ["x/im0", "x/gone.jpg"])  # no suffix: .jpg
     download_revisitop1m(tmp_path, [1], base_url=server.url, n_parts=2, progress=False)  # partial: fine
     with pytest.raises(DownloadError, match="1 of the 2 images listed.*x/gone.jpg"):
         download_revisitop1m(tmp_path, [1], base_url=server.url, n_parts=1, progress=False)

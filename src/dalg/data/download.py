@@ -352,8 +352,7 @@ def download_revisitop1m(root: str | os.PathLike, parts: Sequence[int] = range(1
     Each archive is fetched resumably (size checked against the server's), its gzip CRC checked, extracted without
     exposing half-written files, marked done and deleted; a rerun skips finished parts. Once all ``n_parts`` are
     in, every image of ``revisitop1m.txt`` must be in ``jpg/`` (else :class:`DownloadError` names the missing).
-    Extract their descriptors with ``src/extract.py images=<root>/revisitop1m/revisitop1m.txt
-    image_root=<root>/revisitop1m/jpg`` (the official order) or ``images=<root>/revisitop1m/jpg``.
+    Extract their descriptors with ``src/extract.py images=<root>/revisitop1m/jpg`` (every image below it).
     """
     folder = Path(root) / "revisitop1m"
     listing = download(f"{base_url}/revisitop1m.txt", folder / "revisitop1m.txt", progress=False)
@@ -370,7 +369,8 @@ def download_revisitop1m(root: str | os.PathLike, parts: Sequence[int] = range(1
         if not keep_archives:
             archive.unlink()
     jpg = folder / "jpg"
-    missing = [n for n in names if not (jpg / n).is_file()]
+    # a listed name without an extension means <name>.jpg (revisitop's own MATLAB reader does the same)
+    missing = [n for n in names if not (jpg / (n if Path(n).suffix else f"{n}.jpg")).is_file()]
     complete = all(_done_marker(folder, f"revisitop1m.{k}.tar.gz").exists() for k in range(1, n_parts + 1))
     if complete and missing:
         raise DownloadError(f"{folder}: all {n_parts} archives are in, but {len(missing):,} of the {len(names):,} "
