@@ -9,7 +9,7 @@ is computed against a figure taken under the same load.  FLOPs come from FlopCou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dalg.models.summary  # noqa: F401  (registers the CPU SDPA FLOP formula)
 from dalg.data.transforms import eval_transform
 from dalg.inference import InferenceModel, InferenceOptions, extract_images, optimize_for_inference
+from dalg.models.input_config import InputConfig
 from dalg.models.summary import build_model
 
 DOLG_SCALES = (0.3535, 0.5, 0.7071, 1.0, 1.4142)
@@ -52,13 +53,14 @@ class Variant:
 
 
 def load_images(
-    image_dir: Path | None, n: int, size: int, seed: int = 0
+    image_dir: Path | None, n: int, size: int, seed: int = 0, input_config: InputConfig | None = None
 ) -> tuple[list[torch.Tensor], list[str]]:
-    """``n`` photos spread evenly over the sorted folder, resized (longer side ``size``), normalised.
+    """``n`` photos spread evenly over the sorted folder, resized (longer side ``size``, sides rounded to the
+    model's size multiple) and normalised with ``input_config`` (a model's; None: ImageNet, no rounding).
 
     Without a folder, views of the synthetic generator's scenes (mixed aspect ratios) are used instead.
     """
-    tf = eval_transform(size)
+    tf = eval_transform(size, input_config)
     if image_dir is not None:
         from dalg.data.images import load_rgb
 
@@ -101,20 +103,26 @@ def _extractor(
 
 def run(
     variants: list[Variant],
-    images: list[torch.Tensor],
+    images: Sequence[torch.Tensor] | Callable[[nn.Module], Sequence[torch.Tensor]],
     rounds: int,
     device: torch.device,
     matmul_n: int = 2048,
     peak_seconds: float = 1.0,
     log=print,
 ) -> dict[str, Any]:
-    """Interleaved timing of all variants; returns per-variant figures and the matmul peaks of the run."""
+    """Interleaved timing of all variants; returns per-variant figures and the matmul peaks of the run.
+
+    ``images``: the same tensors for every model, or a function giving a model its own (each model's input
+    normalisation and size multiple, e.g. ``lambda m: load_images(..., input_config=m.input_config)[0]``).
+    """
     plain_models: dict[str, nn.Module] = {}
     meta_models: dict[str, nn.Module] = {}
+    model_images: dict[str, list[torch.Tensor]] = {}
     for name in dict.fromkeys(v.model for v in variants):
         torch.manual_seed(0)
         plain_models[name] = build_model(name, device=str(device)).eval()
         meta_models[name] = build_model(name, device="meta").eval()
+        model_images[name] = list(images(plain_models[name]) if callable(images) else images)
     cache: dict[tuple, InferenceModel] = {}
     extractors = {}
     for v in variants:
@@ -127,24 +135,25 @@ def run(
 
     flops: dict[tuple, int] = {}
     for v in variants:
-        for img in images:
+        for img in model_images[v.model]:
             key = (v.model, tuple(img.shape), v.scales)
             if key not in flops:
                 flops[key] = count_extract_flops(meta_models[v.model], img.shape, v.scales)
-    images_dev = [im.to(device) for im in images]
+    images_dev = {name: [im.to(device) for im in ims] for name, ims in model_images.items()}
 
     per_image: dict[str, list[float]] = {v.name: [] for v in variants}
     descriptors: dict[str, torch.Tensor] = {}
 
     def make_fn(v: Variant):
         ext = extractors[v.name]
+        ims = images_dev[v.model]
 
         def fn() -> None:
             if v.max_batch > 1:
-                descriptors[v.name] = extract_images(ext, images_dev, v.scales, max_batch=v.max_batch)
+                descriptors[v.name] = extract_images(ext, ims, v.scales, max_batch=v.max_batch)
                 return
             outs = []
-            for im in images_dev:
+            for im in ims:
                 box: list[torch.Tensor] = []
                 per_image[v.name].append(
                     timed(lambda im=im, box=box: box.append(ext.extract(im[None], v.scales)), device)
@@ -187,7 +196,8 @@ def run(
     # every variant of a model must give the same descriptors as the plain one (bf16: close)
     results = []
     for v in variants:
-        total_flops = sum(flops[(v.model, tuple(im.shape), v.scales)] for im in images)
+        ims = model_images[v.model]
+        total_flops = sum(flops[(v.model, tuple(im.shape), v.scales)] for im in ims)
         t = median(times[v.name])
         dtype = "bfloat16" if (v.options is not None and v.options.bf16) else "float32"
         ref_name = next(
@@ -207,12 +217,12 @@ def run(
                 "options": v.options.label() if v.options is not None else "plain",
                 "max_batch": v.max_batch,
                 "dtype": dtype,
-                "n_images": len(images),
+                "n_images": len(ims),
                 "round_seconds": [round(x, 4) for x in times[v.name]],
                 "warmup_seconds": round(warm[v.name], 3),
-                "images_per_s": len(images) / t,
+                "images_per_s": len(ims) / t,
                 "latency_ms_median": median(per_image[v.name]) * 1e3 if per_image[v.name] else None,
-                "gflops_per_image": total_flops / len(images) / 1e9,
+                "gflops_per_image": total_flops / len(ims) / 1e9,
                 "achieved_gflops_per_s": achieved,
                 "matmul_peak_gflops_per_s": peak.get(dtype),
                 "fraction_of_matmul_peak": achieved / peak[dtype] if dtype in peak else None,
@@ -220,7 +230,7 @@ def run(
             }
         )
         log(
-            f"  {v.name}: {len(images) / t:.3f} img/s, {achieved:.1f} GFLOP/s"
+            f"  {v.name}: {len(ims) / t:.3f} img/s, {achieved:.1f} GFLOP/s"
             + (f", cos>= {cos_min:.4f}" if cos_min is not None else "")
         )
     return {
@@ -231,6 +241,8 @@ def run(
         "matmul_seconds_per_figure": peak_seconds,
         "vit_s_gemm_shape": list(VIT_S_GEMM),
         "vit_s_gemm_gflops_per_s": {k: median(v) for k, v in vit_gemm.items() if v},
+        "image_shapes": {name: [list(i.shape[1:]) for i in ims] for name, ims in model_images.items()},
+        "input_configs": {name: getattr(m, "input_config", InputConfig()).to_dict() for name, m in plain_models.items()},
     }
 
 

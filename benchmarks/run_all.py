@@ -83,15 +83,16 @@ def run_extraction(args, device: torch.device) -> dict[str, Any]:
     if image_dir is not None and not image_dir.is_dir():
         print(f"  {image_dir} not found: using synthetic views instead", flush=True)
         image_dir = None
-    images, names = bench_extraction.load_images(image_dir, args.images, args.size)
-    print(
-        f"  {len(images)} images at longer side {args.size}: {sorted({tuple(i.shape[1:]) for i in images})}",
-        flush=True,
-    )
+    _, names = bench_extraction.load_images(image_dir, args.images, args.size)
+    print(f"  {len(names)} images at longer side {args.size}", flush=True)
+
+    def images_for(model):  # each model gets its own normalisation and size multiple (input_config.py)
+        return bench_extraction.load_images(image_dir, args.images, args.size, input_config=model.input_config)[0]
+
     variants = extraction_variants(args.quick, args.compile, args.max_batch)
     res = bench_extraction.run(
         variants,
-        images,
+        images_for,
         args.rounds,
         device,
         matmul_n=args.matmul_n,
@@ -99,10 +100,9 @@ def run_extraction(args, device: torch.device) -> dict[str, Any]:
         log=lambda s: print(s, flush=True),
     )
     res.update(
-        n_images=len(images),
+        n_images=len(names),
         images=names,
         image_source=str(image_dir) if image_dir else "synthetic generator views",
-        image_shapes=[list(i.shape[1:]) for i in images],
         test_size=args.size,
         rounds=args.rounds,
     )

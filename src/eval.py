@@ -2,7 +2,8 @@
 
     python src/eval.py ckpt_path=<run>/checkpoints/last.ckpt [data=roxford5k|rparis6k|landmarks_mini]
         [crop_queries=false] [scales=[0.7071,1.0,1.4142]] [distractors=<feature store>] [ranking.top_k=10000]
-        [inference.bf16=true] [inference.compile=true]
+        [inference.bf16=true] [inference.compile=true] [test_size=original|512]
+        [scale_resize={mode:bilinear,antialias:false}]
 
 Descriptors come from the model's own ``validation_step`` (``trainer.validate``, the same path as the training
 callback), through ``dalg.inference`` with the ``inference`` options (conf/inference, float32 by default); ranking
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
 import dalg.utils.config  # noqa: F401  (registers ${repo_root:})
+from dalg.data.transforms import describe_test_size, parse_test_size
 from dalg.lit.module import RetrievalModule
 from dalg.retrieval.callback import DescriptorBuffer
 from dalg.retrieval.evaluation import RankingOptions, rank_and_score
@@ -73,6 +75,12 @@ def check_distractors(features: np.ndarray, dim: int, path: object) -> None:
                          f"the ranking needs unit vectors")
 
 
+def resize_record(module: RetrievalModule) -> dict[str, Any]:
+    """How images reached the network, for the protocol record: the input config (mean/std, interpolation, sides
+    rounded to multiples of size_multiple) and the per-scale resize rule."""
+    return {"input": module.input_config.to_dict(), "scale_resize": module.net.scale_resize.to_dict()}
+
+
 def _effective_scales(module: RetrievalModule) -> list[float]:
     scales = module.eval_scales if module.eval_scales else getattr(module.net, "scales", None)
     return [float(s) for s in scales] if scales else [1.0]
@@ -90,7 +98,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("save_features"):
         check_writable_dir(Path(cfg.output_json).parent / "features", "save_features")
     options = RankingOptions.from_mapping(OmegaConf.to_container(cfg.ranking, resolve=True))
-    module = RetrievalModule.for_evaluation(cfg.ckpt_path, cfg.get("scales"), cfg.get("inference"))
+    module = RetrievalModule.for_evaluation(cfg.ckpt_path, cfg.get("scales"), cfg.get("inference"),
+                                            cfg.get("scale_resize"))
     scales = _effective_scales(module)
 
     with open_dict(cfg):  # the evaluation options apply to every set of the data config
@@ -99,9 +108,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         for spec in cfg.data.eval_sets.values():
             spec.crop_queries = bool(cfg.crop_queries)
             spec.required = True  # asked for explicitly: a missing set is an error, not a skip
-            if cfg.get("test_size"):
-                spec.test_size = int(cfg.test_size)
+            if cfg.get("test_size") is not None:  # "original" -> null: each image's own size
+                spec.test_size = parse_test_size(cfg.test_size, "test_size")
     datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.set_input_config(module.input_config)  # the checkpoint's normalisation, interpolation, multiple
     datamodule.setup("validate")  # evaluation sets only: no training set is read
     if not datamodule.eval_sets:
         raise ValueError(f"data config {cfg.data.get('_target_')} defines no evaluation set (data.eval_sets)")
@@ -145,11 +155,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         scores, _, protocol = rank_and_score(
             feats[:nq], feats[nq:], eval_set.gt.gnd, distractors, options, cfg.kappas
         )
-        protocol.update(crop_queries=eval_set.crop_queries, test_size=eval_set.test_size, scales=scales,
-                        inference=module.inference_label)
+        protocol.update(crop_queries=eval_set.crop_queries, test_size=describe_test_size(eval_set.test_size),
+                        scales=scales, inference=module.inference_label, **resize_record(module))
         results[eval_set.name] = scores
         protocol_text[eval_set.name] = (
-            f"crop={'on' if eval_set.crop_queries else 'OFF'}, size={eval_set.test_size}, scales={scales}, "
+            f"crop={'on' if eval_set.crop_queries else 'OFF'}, size={protocol['test_size']}, scales={scales}, "
             f"{protocol['inference']}, "
             f"{protocol['ranking']} of {protocol['database']:,}"
             + (f"+{protocol['distractors']:,} distractors" if protocol["distractors"] else "")

@@ -29,10 +29,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import dalg.utils.config  # noqa: F401  (registers ${repo_root:})
-from dalg.data.images import ImageReadError, image_size, load_rgb
+from dalg.data.images import ImageReadError, fill_for, image_size, load_rgb
 from dalg.data.sampling import SizeBucketBatchSampler
-from dalg.data.transforms import eval_transform, resized_shape
+from dalg.data.transforms import describe_test_size, eval_transform, parse_test_size, resized_shape
 from dalg.lit.module import RetrievalModule
+from dalg.models.input_config import InputConfig
 from dalg.retrieval.features import (
     FeatureWriter,
     fingerprint_differences,
@@ -84,22 +85,24 @@ class ImageFiles(Dataset):
     descriptor for it.
     """
 
-    def __init__(self, root: Path, names: Sequence[str], test_size: int,
-                 sizes: dict[int, tuple[int, int]] | None = None, skip_unreadable: bool = False):
+    def __init__(self, root: Path, names: Sequence[str], test_size: int | None,
+                 sizes: dict[int, tuple[int, int]] | None = None, skip_unreadable: bool = False,
+                 input_config: InputConfig | None = None):
         self.root = root
         self.names = list(names)
-        self.transform = eval_transform(test_size)
+        self.transform = eval_transform(test_size, input_config)  # the checkpoint's normalisation and multiple
         self.sizes = sizes if sizes is not None else {}  # the caller's dict, filled after construction
         self.skip_unreadable = skip_unreadable
         self.max_pixels: int | None = None  # cfg.max_pixels (dalg.data.images.load_rgb)
-        self.decode_side = test_size  # large JPEGs decode at reduced size
+        self.decode_side = test_size  # large JPEGs decode at reduced size (None: each image's own size)
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         try:
-            img = load_rgb(self.root / self.names[index], max_pixels=self.max_pixels, need_side=self.decode_side)
+            img = load_rgb(self.root / self.names[index], fill_for(self.transform), max_pixels=self.max_pixels,
+                           need_side=self.decode_side)
         except (ImageReadError, OSError):
             if not self.skip_unreadable or index not in self.sizes:
                 raise
@@ -133,12 +136,13 @@ class StoreWriterCallback(pl.Callback):
         self.bar.close()
 
 
-def _descriptor_dim(module: RetrievalModule, test_size: int) -> int:
+def _descriptor_dim(module: RetrievalModule, test_size: int | None) -> int:
     dim = (module.hparams.get("model_cfg") or {}).get("embed_dim")
     if dim:
         return int(dim)
     with torch.no_grad():  # not in the config: ask the model
-        return int(module.net.extract(torch.zeros(1, 3, test_size, test_size), [1.0]).shape[1])
+        side = test_size or 224  # any size gives the descriptor's length
+        return int(module.net.extract(torch.zeros(1, 3, side, side), [1.0]).shape[1])
 
 
 def descriptor_fingerprint(cfg: DictConfig, ckpt: Path, module: RetrievalModule, transform: object) -> dict:
@@ -193,11 +197,13 @@ def _extract(cfg: DictConfig) -> Path:
     names, root = list_images(cfg.images, cfg.get("image_root"), cfg.extensions)
     arr_path, _, json_path = store_paths(cfg.output)
     ckpt = Path(os.path.expanduser(str(cfg.ckpt_path)))
-    module = RetrievalModule.for_evaluation(ckpt, cfg.get("scales"), cfg.get("inference"))
+    test_size = parse_test_size(cfg.get("test_size"), "test_size")  # None: each image's own size
+    module = RetrievalModule.for_evaluation(ckpt, cfg.get("scales"), cfg.get("inference"), cfg.get("scale_resize"))
     scales = list(module.eval_scales or getattr(module.net, "scales", None) or [1.0])
-    dim = _descriptor_dim(module, int(cfg.test_size))
+    dim = _descriptor_dim(module, test_size)
+    config = module.input_config  # the checkpoint's normalisation and size multiple
     sizes: dict[int, tuple[int, int]] = {}  # row -> resized (h, w), filled by the header scan below
-    dataset = ImageFiles(root, names, int(cfg.test_size), sizes, bool(cfg.skip_unreadable))
+    dataset = ImageFiles(root, names, test_size, sizes, bool(cfg.skip_unreadable), input_config=config)
     dataset.max_pixels = cfg.get("max_pixels")
     fingerprint = descriptor_fingerprint(cfg, ckpt, module, dataset.transform)
 
@@ -223,7 +229,9 @@ def _extract(cfg: DictConfig) -> Path:
 
     meta = {
         "checkpoint": str(ckpt),
-        "test_size": int(cfg.test_size),
+        "test_size": describe_test_size(test_size),
+        "input": config.to_dict(),
+        "scale_resize": module.net.scale_resize.to_dict(),
         "scales": scales,
         "inference": module.inference_label,
         "source": str(cfg.images),
@@ -245,7 +253,7 @@ def _extract(cfg: DictConfig) -> Path:
                 raise
             writer.skip(names[r], e.reason)
             continue
-        sizes[r] = resized_shape(w, h, int(cfg.test_size))
+        sizes[r] = resized_shape(w, h, test_size, config.size_multiple)
         keep.append(r)
 
     if keep:

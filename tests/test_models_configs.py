@@ -56,8 +56,9 @@ def test_multiscale_extract_is_mean_of_normalised_scales() -> None:
     scales = [0.5, 1.0, 1.4142]
     with torch.no_grad():
         got = model.extract(x, scales)
-        per_scale = [model(torch.nn.functional.interpolate(x, scale_factor=s, mode="bilinear", antialias=True))
-                     for s in scales]
+        # each side round(side * s) to the nearest patch multiple (16): 0.5 -> 48 x 32, 1.4142 -> 128 x 112
+        per_scale = [model(x if size == (96, 80) else torch.nn.functional.interpolate(
+            x, size=size, mode="bilinear", antialias=True)) for size in ((48, 32), (96, 80), (128, 112))]
     ref = torch.nn.functional.normalize(torch.stack(per_scale).mean(0), dim=-1)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     model.scales = (0.7071, 1.0)

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dalg.models.multiscale import ScaleResize, multiscale_descriptor
+
 
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU has native bf16 matmuls (AMX tiles or AVX512-BF16), so bf16 can beat float32."""
@@ -165,21 +167,13 @@ class InferenceModel:
     __call__ = forward
 
     def extract(self, x: Tensor, scales: Sequence[float] | None = None) -> Tensor:
-        """Descriptor averaged over scales and L2-normalised, exactly as ``DALG.extract`` (float32 out)."""
-        scales = self.scales if scales is None else tuple(float(s) for s in scales)
-        if not scales or min(scales) <= 0:
-            raise ValueError(f"InferenceModel.extract: scales must be positive factors, got {list(scales)}")
+        """Descriptor averaged over scales and L2-normalised, exactly as ``DALG.extract`` (float32 out): the same
+        loop (dalg.models.multiscale) with the model's ``scale_resize`` and input size multiple."""
+        resize = getattr(self.model, "scale_resize", None) or ScaleResize()
+        config = getattr(self.model, "input_config", None)
         with torch.inference_mode():
-            x = x.to(self.device)
-            acc = None
-            for s in scales:
-                xs = x if s == 1.0 else nn.functional.interpolate(
-                    x, scale_factor=s, mode="bilinear", align_corners=False, antialias=True,
-                    recompute_scale_factor=False)
-                d = self.forward(xs)
-                acc = d if acc is None else acc + d
-            assert acc is not None
-            return nn.functional.normalize(acc, p=2, dim=-1)
+            return multiscale_descriptor(self.forward, x.to(self.device), self.scales if scales is None else scales,
+                                         resize, config.size_multiple if config is not None else 1)
 
 
 def optimize_for_inference(model: nn.Module, options: InferenceOptions | None = None,

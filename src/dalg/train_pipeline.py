@@ -131,6 +131,10 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     make_train_loader_resumable(datamodule, trainer_ref, cfg.seed)
     module = build_module(cfg, datamodule.num_classes)
     check_image_sizes(cfg, module.net.stride)
+    # the data was listed before the model existed (it needs num_classes): now every transform gets the
+    # model's normalisation, interpolation and size multiple, before any loader is made
+    datamodule.set_input_config(module.input_config)
+    log.info("input: %s (%s)", module.input_config.describe(), module.input_config.source)
 
     if ckpt_path:  # before anything is written: a checkpoint of another model must not rewrite config.yaml
         check_resume_model(ckpt_path, module)

@@ -19,7 +19,14 @@ from dalg.data.images import ImageReadError
 from dalg.data.labelled import LabelledImages
 from dalg.data.revisited import RevisitedGroundTruth, RevisitedImages, find_ground_truth, load_ground_truth
 from dalg.data.sampling import SizeBucketBatchSampler
-from dalg.data.transforms import eval_transform, holdout_transform, resized_shape, train_transform
+from dalg.data.transforms import (
+    eval_transform,
+    holdout_transform,
+    parse_test_size,
+    resized_shape,
+    train_transform,
+)
+from dalg.models.input_config import InputConfig
 from dalg.utils.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -34,7 +41,7 @@ class EvalSet:
     name: str
     gt: RevisitedGroundTruth
     dataset: RevisitedImages  # queries first, then the database
-    test_size: int
+    test_size: int | None  # longer side; None = each image's own size
     crop_queries: bool
 
 
@@ -80,8 +87,13 @@ class RetrievalDataModule(pl.LightningDataModule):
     required}``. Own photos: ``{images, queries_csv, test_size, crop_queries, required}`` (see ``folder.py``).
     A spec may set ``name`` (the name in metric keys; default: its key). An optional set whose files are absent
     (e.g. ``../shared`` missing in a user's clone) is skipped with one warning.
+    A ``test_size`` of null (or ``original``) keeps each image's own size (the revisited protocol).
     ``generator`` (optional) is called as ``generator(root=root)`` in ``prepare_data`` to create the data first.
     ``monitor_set`` names the set whose ``mAP_M`` selects checkpoints (the config's ``optimized_metric``).
+    ``input_config`` (dalg.models.input_config.InputConfig or its dict) is the model's input normalisation,
+    interpolation and size multiple; every transform uses it. The training pipeline builds the data before the
+    model (the model needs the number of classes), so it hands the model's config over with
+    ``set_input_config`` before any loader is made; without one the ImageNet defaults apply.
     """
 
     def __init__(self, root: str | None = None, csv_name: str = "train_clean.csv", train_size: int = 512,
@@ -91,7 +103,8 @@ class RetrievalDataModule(pl.LightningDataModule):
                  generator: Callable[..., object] | None = None, pin_memory: bool = False,
                  monitor_set: str | None = None, layout: str = "gldv2", verify: str = "none",
                  val_fraction: float = 0.0, split_seed: int = 0,
-                 train_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5, max_pixels: int | None = None,
+                 train_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5,
+                 input_config: InputConfig | Mapping | None = None, max_pixels: int | None = None,
                  max_unreadable_fraction: float | None = None, unreadable_check_after: int = 1000):
         super().__init__()
         if layout not in TRAIN_LAYOUTS:
@@ -123,8 +136,27 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.full_train_set: LabelledImages | None = None
         self.eval_sets: list[EvalSet] = []
         self.skipped_eval_sets: dict[str, str] = {}
-        self._eval_sizes: dict[int, tuple[int, list[tuple[int, int]]]] = {}
+        self._eval_sizes: dict[int, tuple[tuple, list[tuple[int, int]]]] = {}
         self._last_train_epoch: int | None = None
+        self.input_config: InputConfig | None = None
+        if input_config is not None:
+            self.set_input_config(input_config)
+
+    def set_input_config(self, input_config: InputConfig | Mapping) -> None:
+        """Use the model's input config (normalisation, interpolation, size multiple) in every transform,
+        also those of sets already set up; call it before any dataloader is made."""
+        self.input_config = InputConfig.from_mapping(input_config, where="data input_config")
+        self._eval_sizes.clear()
+        if self.train_set is not None:
+            self.train_set.transform = self._train_transform()
+        if self.val_set is not None:
+            self.val_set.transform = holdout_transform(self.train_size, self.input_config)
+        for eval_set in self.eval_sets:
+            eval_set.dataset.transform = eval_transform(eval_set.test_size, self.input_config)
+
+    def _train_transform(self):
+        return train_transform(self.train_size, self.train_scale, self.train_ratio, self.hflip, self.color_jitter,
+                               self.input_config)
 
     @staticmethod
     def _normalise_spec(spec: Mapping) -> dict:
@@ -161,7 +193,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             self.eval_sets = [s for s in (self._load_eval_set(n, spec) for n, spec in self.eval_specs.items()) if s]
 
     def _setup_train(self) -> None:
-        tf = train_transform(self.train_size, self.train_scale, self.train_ratio, self.hflip, self.color_jitter)
+        tf = self._train_transform()
         if self.layout == "gldv2":
             full = GLDv2Dataset(self.root, self.csv_name, tf, self.min_images_per_class, verify=self.verify)
         else:
@@ -177,7 +209,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.full_train_set = full
         if self.val_fraction > 0:
             self.train_set, self.val_set = full.split(self.val_fraction, self.split_seed)
-            self.val_set.transform = holdout_transform(self.train_size)  # no random crops when measuring
+            # no random crops when measuring
+            self.val_set.transform = holdout_transform(self.train_size, self.input_config)
             log.info("%s: %d training and %d held-out images over %d classes", full.source, len(self.train_set),
                      len(self.val_set), full.num_classes)
         else:
@@ -185,7 +218,7 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def _load_eval_set(self, key: str, spec: Mapping) -> EvalSet | None:
         name = str(spec.get("name") or key)
-        test_size = int(spec.get("test_size", 512))
+        test_size = parse_test_size(spec.get("test_size", 512), f"data.eval_sets.{key}.test_size")
         crop = bool(spec.get("crop_queries", True))
         required = bool(spec.get("required", False))
         if spec.get("queries_csv"):
@@ -202,8 +235,8 @@ class RetrievalDataModule(pl.LightningDataModule):
             if find_ground_truth(data_dir, gnd_name) is None and not required:
                 return self._skip(key, name, f"{data_dir / f'gnd_{gnd_name}.pkl'} not found")
             gt = load_ground_truth(data_dir, gnd_name)
-        images = RevisitedImages(gt, eval_transform(test_size), crop)
-        images.max_pixels, images.decode_side = self.max_pixels, test_size
+        images = RevisitedImages(gt, eval_transform(test_size, self.input_config), crop)
+        images.max_pixels, images.decode_side = self.max_pixels, test_size  # test_size None: no reduced decoding
         return EvalSet(name, gt, images, test_size, crop)
 
     def _skip(self, key: str, name: str, reason: str) -> None:
@@ -263,22 +296,24 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def eval_sizes(self, eval_set: EvalSet) -> list[tuple[int, int]]:
         """Resized (height, width) of every image, from headers; every unreadable file named in one error."""
+        multiple = self.input_config.size_multiple if self.input_config is not None else 1
+        key = (eval_set.test_size, multiple)
         cached = self._eval_sizes.get(id(eval_set.dataset))
-        if cached is not None and cached[0] == eval_set.test_size:
+        if cached is not None and cached[0] == key:
             return cached[1]  # headers are read once per set, not at every val_dataloader() call
         ds = eval_set.dataset
         sizes: list[tuple[int, int]] = []
         errors: list[ImageReadError] = []
         for i in range(len(ds)):
             try:
-                sizes.append(resized_shape(*ds.source_size(i), eval_set.test_size))
+                sizes.append(resized_shape(*ds.source_size(i), eval_set.test_size, multiple))
             except ImageReadError as e:
                 errors.append(e)
         if errors:
             shown = "; ".join(f"{e.path} ({e.reason})" for e in errors[:5])
             raise ImageReadError(eval_set.gt.image_dir, f"evaluation set {eval_set.name}: {len(errors)} of {len(ds)} "
                                  f"images unreadable; the protocol needs every one of them. e.g. {shown}")
-        self._eval_sizes[id(eval_set.dataset)] = (eval_set.test_size, sizes)
+        self._eval_sizes[id(eval_set.dataset)] = (key, sizes)
         return sizes
 
     def eval_dataloader(self, eval_set: EvalSet) -> DataLoader:
@@ -313,7 +348,7 @@ class RevisitedDataModule(RetrievalDataModule):
     (queries cropped to their bbx unless false) from here, and is reported under ``set_name`` (default ``name``).
     """
 
-    def __init__(self, root: str, name: str, set_name: str | None = None, test_size: int = 512,
+    def __init__(self, root: str, name: str, set_name: str | None = None, test_size: int | str | None = 512,
                  crop_queries: bool = True, eval_sets: Mapping[str, Mapping] | None = None,
                  monitor_set: str | None = None, **kwargs):
         specs = {}

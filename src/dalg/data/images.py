@@ -1,8 +1,9 @@
 """Reading images from disk: one function, one error type, so every dataset fails and reports the same way.
 
 ``load_rgb`` turns everything PIL can open into an upright 8-bit RGB image: EXIF orientation is applied, grayscale
-and CMYK are converted, palette and alpha images are composited over a neutral grey (the ImageNet mean, so that
-transparent areas normalise to ~0 instead of to a white or black block), and 16-bit images are scaled to 8 bits
+and CMYK are converted, palette and alpha images are composited over a neutral grey (the model's input mean when
+the dataset's transform carries one, see ``fill_for``, so that transparent areas normalise to ~0 instead of to a
+white or black block; the ImageNet mean otherwise), and 16-bit images are scaled to 8 bits
 instead of clipped. Everything it cannot turn into pixels (missing, empty, truncated, not an image, too many
 pixels for PIL's decompression-bomb guard) raises :class:`ImageReadError` with a short ``kind`` for reports.
 """
@@ -14,10 +15,12 @@ import os
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# the ImageNet mean (transforms.IMAGENET_MEAN) in 8 bits: transparent pixels become ~0 after normalisation
+# the ImageNet mean (input_config.IMAGENET_MEAN) in 8 bits: the fill when no model input config is known
 ALPHA_BACKGROUND = (124, 116, 104)
 
 _KINDS = ("missing", "empty", "not_image", "truncated", "too_large", "undecodable")
+# img.info key: (width, height) of the upright full-size image when load_rgb decoded it at reduced size
+SOURCE_SIZE = "dalg_source_size"
 # a JPEG is decoded at reduced size only when at least this factor times the needed side is left (see _draft)
 DRAFT_MARGIN = 2
 
@@ -70,8 +73,14 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(out.astype(np.uint8), "L")
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB (alpha composited over :data:`ALPHA_BACKGROUND`)."""
+def fill_for(transform: object) -> tuple[int, int, int]:
+    """The colour transparent pixels get before ``transform``: its ``fill_rgb`` (the model's input mean, set by
+    dalg.data.transforms), else :data:`ALPHA_BACKGROUND`."""
+    return tuple(getattr(transform, "fill_rgb", None) or ALPHA_BACKGROUND)  # type: ignore[return-value]
+
+
+def to_rgb(img: Image.Image, fill: tuple[int, int, int] = ALPHA_BACKGROUND) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (alpha composited over ``fill``)."""
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I") or img.mode == "F":
@@ -81,7 +90,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("LA", "La", "PA", "RGBa"):
         img = img.convert("RGBA")
     if img.mode == "RGBA":
-        background = Image.new("RGB", img.size, ALPHA_BACKGROUND)
+        background = Image.new("RGB", img.size, tuple(fill))
         background.paste(img, mask=img.getchannel("A"))
         return background
     return img.convert("RGB")  # L, 1, CMYK (PIL reads Adobe inverted CMYK correctly), YCbCr, ...
@@ -105,8 +114,10 @@ def _draft(img: Image.Image, need_side: float) -> None:
         img.draft(None, (img.width // factor, img.height // factor))
 
 
-def load_rgb(path: str | os.PathLike, max_pixels: int | None = None, need_side: float | None = None) -> Image.Image:
-    """Decode ``path`` into an upright 8-bit RGB image; raise :class:`ImageReadError` if that is impossible.
+def load_rgb(path: str | os.PathLike, fill: tuple[int, int, int] = ALPHA_BACKGROUND, max_pixels: int | None = None,
+             need_side: float | None = None) -> Image.Image:
+    """Decode ``path`` into an upright 8-bit RGB image (transparent pixels over ``fill``); raise
+    :class:`ImageReadError` if that is impossible.
 
     ``need_side``: the longer side the caller's transform needs at most; a JPEG much larger than that is decoded at
     reduced size (:func:`_draft`). ``max_pixels``: an image that would still decode to more pixels is refused
@@ -114,15 +125,26 @@ def load_rgb(path: str | os.PathLike, max_pixels: int | None = None, need_side: 
     """
     try:
         with Image.open(path) as img:  # PIL's guard raises past 2 x Image.MAX_IMAGE_PIXELS (it only warns below)
+            full = img.size
             if need_side and img.format == "JPEG":
                 _draft(img, need_side)
             if max_pixels is not None and img.width * img.height > max_pixels:
                 raise ImageReadError(path, f"{img.width}x{img.height} = {img.width * img.height / 1e6:.1f} MP to "
                                      f"decode, above the limit of {max_pixels / 1e6:.1f} MP (max_pixels)", "too_large")
             img.load()
-            return to_rgb(_upright(img))
+            out = to_rgb(_upright(img), fill)
+            if img.size != full:  # reduced: the test transform sizes by the full image, as the header scan does
+                out.info[SOURCE_SIZE] = full[::-1] if _orientation(img) in (5, 6, 7, 8) else full
+            return out
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise _classify(path, e) from e
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - broken EXIF: the image keeps its stored orientation (see _upright)
+        return 1
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from dalg.data.failures import FailureLog, FailureSummary
-from dalg.data.images import ImageReadError, image_size, load_rgb
+from dalg.data.images import ImageReadError, fill_for, image_size, load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +219,8 @@ class LabelledImages(Dataset):
             if str(path) in self.failures:
                 continue  # known broken in this process: do not pay for the failure twice
             self._tried += 1
-            try:
-                return load_rgb(path, max_pixels=self.max_pixels, need_side=self.decode_side)
+            try:  # transparent areas: the model's mean
+                return load_rgb(path, fill_for(self.transform), max_pixels=self.max_pixels, need_side=self.decode_side)
             except ImageReadError as e:
                 self._unreadable += 1
                 self._record_image(e.path, e.reason)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from dalg.data.images import ImageReadError, image_size, load_rgb
+from dalg.data.images import ImageReadError, fill_for, image_size, load_rgb
 from dalg.utils.safe_pickle import load_plain_pickle
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,8 @@ class RevisitedImages(Dataset):
         """The PIL image as the model sees it before the transform (query crop applied)."""
         box = self.crop_box(index)
         # reduced-size JPEG decoding only without a crop: the box is in the full image's pixels
-        img = load_rgb(self.paths[index], max_pixels=self.max_pixels, need_side=None if box else self.decode_side)
+        img = load_rgb(self.paths[index], fill_for(self.transform), max_pixels=self.max_pixels,
+                       need_side=None if box else self.decode_side)
         return img.crop(box) if box else img
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

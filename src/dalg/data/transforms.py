@@ -1,4 +1,11 @@
-"""Train and test transforms. Test images keep their aspect ratio: the longer side becomes ``test_size``."""
+"""Train and test transforms, normalised with the model's input config (dalg.models.input_config).
+
+Test images keep their aspect ratio: the longer side becomes ``test_size``, or, with ``test_size`` null
+("original"), the image keeps its own size (the revisited protocol and DOLG's release scale the original image).
+Each side is then rounded to the nearest multiple of the config's ``size_multiple`` (a ViT's patch size), so
+the model never pads: a padded border would enter pooling and attention (the aspect ratio moves by at most half
+a patch per side).
+"""
 
 from __future__ import annotations
 
@@ -8,51 +15,108 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dalg.data.images import SOURCE_SIZE
+from dalg.models.input_config import IMAGENET_MEAN, IMAGENET_STD, InputConfig  # noqa: F401  (re-exported)
+
+ORIGINAL = "original"  # test_size value (also null): keep the image's own size
+_DEFAULT = InputConfig(source="ImageNet defaults (no model input config given)")
+_PIL_RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+                   "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+                   "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
+
+
+def _interpolation(config: InputConfig) -> T.InterpolationMode:
+    return T.InterpolationMode(config.interpolation)
+
+
+class ModelTransform(T.Compose):
+    """A torchvision ``Compose`` that also carries the model's input config: datasets composite transparent
+    pixels over ``fill_rgb`` (the mean), so that they normalise to ~0 whatever the model's mean is."""
+
+    def __init__(self, transforms: list, input_config: InputConfig):
+        super().__init__(transforms)
+        self.input_config = input_config
+        self.fill_rgb = input_config.fill_rgb
+
+
+def _normalise(config: InputConfig) -> list:
+    return [T.ToTensor(), T.Normalize(config.mean, config.std)]
 
 
 def train_transform(size: int, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
-                    hflip: float = 0.5, color_jitter: float = 0.2) -> T.Compose:
+                    hflip: float = 0.5, color_jitter: float = 0.2,
+                    input_config: InputConfig | None = None) -> ModelTransform:
     """Random resized crop (DOLG's loader: area 0.08-1) + flip + light colour jitter, at ``size`` x ``size``."""
-    ops: list = [T.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True)]
+    config = input_config or _DEFAULT
+    ops: list = [T.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True,
+                                     interpolation=_interpolation(config))]
     if hflip > 0:
         ops.append(T.RandomHorizontalFlip(hflip))
     if color_jitter > 0:
         ops.append(T.ColorJitter(color_jitter, color_jitter, color_jitter, 0.0))
-    ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return T.Compose(ops)
+    return ModelTransform(ops + _normalise(config), config)
 
 
-def holdout_transform(size: int) -> T.Compose:
+def holdout_transform(size: int, input_config: InputConfig | None = None) -> ModelTransform:
     """Deterministic view of a training-class image for the classification hold-out: the shorter side resized
     to ``size``, centre crop ``size`` x ``size`` (the training crops' shape, without their randomness)."""
-    return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    config = input_config or _DEFAULT
+    return ModelTransform([T.Resize(size, antialias=True, interpolation=_interpolation(config)),
+                           T.CenterCrop(size)] + _normalise(config), config)
 
 
-def resized_shape(width: int, height: int, test_size: int) -> tuple[int, int]:
-    """(height, width) after scaling the longer side to ``test_size``, aspect ratio kept."""
-    s = test_size / max(width, height)
-    return max(1, round(height * s)), max(1, round(width * s))
+def parse_test_size(value: object, where: str = "test_size") -> int | None:
+    """A positive number of pixels (the longer side), or None for the image's own size (null / "original")."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in (ORIGINAL, "null", "none")):
+        return None
+    try:
+        size = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        size = 0
+    if isinstance(value, bool) or size <= 0 or size != value and str(size) != str(value).strip():
+        raise ValueError(f"{where}={value!r}: expected a positive number of pixels (the longer image side), "
+                         f"or null / {ORIGINAL!r} to keep each image's own size")
+    return size
+
+
+def describe_test_size(test_size: int | None) -> int | str:
+    """For records (JSON, tables): the longer side in pixels, or "original"."""
+    return ORIGINAL if test_size is None else int(test_size)
+
+
+def _to_multiple(side: float, multiple: int) -> int:
+    return max(multiple, round(side / multiple) * multiple)
+
+
+def resized_shape(width: int, height: int, test_size: int | None, size_multiple: int = 1) -> tuple[int, int]:
+    """(height, width) after scaling the longer side to ``test_size`` (None: no scaling), aspect ratio kept,
+    then each side to the nearest multiple of ``size_multiple``. The test transform's output shape."""
+    s = 1.0 if test_size is None else test_size / max(width, height)
+    return _to_multiple(height * s, size_multiple), _to_multiple(width * s, size_multiple)
 
 
 class EvalTransform:
-    """Resize so that the longer side is ``test_size`` (aspect kept, no crop), then normalise."""
+    """Resize so that the longer side is ``test_size`` (None: the image's own size; aspect kept, no crop), each
+    side to a multiple of the input config's ``size_multiple``, then normalise with its mean/std."""
 
-    def __init__(self, test_size: int):
-        if test_size <= 0:
-            raise ValueError(f"test_size must be positive, got {test_size}")
-        self.test_size = test_size
-        self._to_tensor = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    def __init__(self, test_size: int | None, input_config: InputConfig | None = None):
+        self.test_size = parse_test_size(test_size)
+        self.input_config = input_config or _DEFAULT
+        self.fill_rgb = self.input_config.fill_rgb
+        self._resample = _PIL_RESAMPLING[self.input_config.interpolation]
+        self._to_tensor = T.Compose(_normalise(self.input_config))
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        h, w = resized_shape(img.width, img.height, self.test_size)
-        return self._to_tensor(img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None))
+        # a JPEG decoded at reduced size is sized by its full size, as the batches' header scan sizes it
+        h, w = resized_shape(*img.info.get(SOURCE_SIZE, img.size), self.test_size, self.input_config.size_multiple)
+        if (w, h) != img.size:
+            img = img.resize((w, h), self._resample, reducing_gap=None)
+        return self._to_tensor(img)
 
     def __repr__(self) -> str:
-        return f"EvalTransform(test_size={self.test_size})"
+        return (f"EvalTransform(test_size={describe_test_size(self.test_size)}, "
+                f"{self.input_config.describe()})")
 
 
-def eval_transform(test_size: int) -> EvalTransform:
-    return EvalTransform(test_size)
+def eval_transform(test_size: int | None, input_config: InputConfig | None = None) -> EvalTransform:
+    return EvalTransform(test_size, input_config)

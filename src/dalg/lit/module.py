@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from dalg.inference import InferenceOptions, optimize_for_inference
 from dalg.lit.checkpoint_read import CheckpointError, read_checkpoint
 from dalg.lit.optim import build_optimizer, warmup_cosine
+from dalg.models.input_config import InputConfig, checkpoint_input_config
+from dalg.models.multiscale import ScaleResize
 from dalg.models.pretrained import without_weight_source
 
 
@@ -28,11 +30,20 @@ class RetrievalModule(pl.LightningModule):
     def __init__(self, model_cfg: Mapping[str, Any], num_classes: int, optimizer: Mapping[str, Any],
                  weight_decay: float = 1e-4, warmup_epochs: float = 1.0, min_lr_ratio: float = 0.0,
                  layer_decay: float | None = None, eval_scales: Sequence[float] | None = None,
-                 no_decay_bias_norm: bool = True):
+                 input_config: Mapping[str, Any] | None = None, no_decay_bias_norm: bool = True):
         super().__init__()
         self.save_hyperparameters()
         self.net = hydra.utils.instantiate(dict(model_cfg), num_classes=num_classes)
         self.eval_scales = tuple(eval_scales) if eval_scales else None
+        if input_config is not None:  # rebuilt from a checkpoint: the values the network was trained with
+            self.net.input_config = InputConfig.from_mapping(input_config, where="input_config")
+        # stored in every checkpoint, so that evaluation normalises and resizes as training did
+        self.hparams["input_config"] = self.net.input_config.to_dict()
+
+    @property
+    def input_config(self) -> InputConfig:
+        """Mean/std, interpolation and size multiple of the network's inputs (dalg.models.input_config)."""
+        return self.net.input_config
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -93,9 +104,11 @@ class RetrievalModule(pl.LightningModule):
 
     @classmethod
     def for_evaluation(cls, ckpt_path: str | os.PathLike, scales: Sequence[float] | None = None,
-                       inference: Mapping[str, Any] | InferenceOptions | None = None) -> RetrievalModule:
+                       inference: Mapping[str, Any] | InferenceOptions | None = None,
+                       scale_resize: Mapping[str, Any] | None = None) -> RetrievalModule:
         """A checkpoint ready for src/eval.py and src/extract.py: eval mode, optional test ``scales`` and
-        ``inference`` options (dalg.inference.InferenceOptions fields: bf16, channels_last, compile).
+        ``inference`` options (dalg.inference.InferenceOptions fields: bf16, channels_last, compile), and
+        optionally another per-scale resize rule than the model's (``scale_resize``: mode, antialias).
 
         With ``inference`` the network is optimised in place (one copy of the weights): the module is for
         extraction only from then on.
@@ -109,6 +122,8 @@ class RetrievalModule(pl.LightningModule):
             if not scales or min(scales) <= 0:
                 raise ValueError(f"scales must be positive factors, got {list(scales)}")
             module.eval_scales = scales
+        if scale_resize is not None:
+            module.net.scale_resize = ScaleResize.from_mapping(scale_resize)
         if inference is not None:
             options = inference if isinstance(inference, InferenceOptions) else InferenceOptions.from_mapping(inference)
             module._extractor = optimize_for_inference(module.net, options, inplace=True)
@@ -154,6 +169,18 @@ class RetrievalModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("torch_rng_state")
+        stored = checkpoint_input_config(checkpoint.get("hyper_parameters") or {}, self.net.input_config,
+                                         "checkpoint")
+        if stored == self.net.input_config:
+            return
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            # resuming: the data loaders already normalise with this run's config; mixing both is never right
+            raise ValueError(f"the checkpoint to resume was trained with inputs {stored.describe()} "
+                             f"({stored.source}), this run's model expects {self.net.input_config.describe()}: "
+                             f"set model.backbone.mean={list(stored.mean)} model.backbone.std={list(stored.std)} "
+                             f"model.backbone.interpolation={stored.interpolation} to continue it")
+        self.net.input_config = stored  # an older checkpoint without one: the ImageNet values it was trained with
+        self.hparams["input_config"] = stored.to_dict()
 
     def on_train_start(self) -> None:
         # Lightning 2.6 builds the training loader early when configure_optimizers reads estimated_stepping_batches

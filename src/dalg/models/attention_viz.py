@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from dalg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+from dalg.data.transforms import EvalTransform
 from dalg.lit.checkpoint_read import read_checkpoint
 from dalg.models.dalg import DALG
+from dalg.models.input_config import checkpoint_input_config
 from dalg.models.pretrained import without_weight_source
 
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
@@ -46,6 +47,7 @@ def model_from_checkpoint(path: str | Path) -> DALG:
     hp: Any = ckpt["hyper_parameters"]
     model_cfg = without_weight_source(_plain(hp["model_cfg"]))  # the state dict below holds every weight
     model = hydra.utils.instantiate(model_cfg, num_classes=int(hp.get("num_classes", 0)))
+    model.input_config = checkpoint_input_config(hp, model.input_config, str(path))  # as it was trained
     sd = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     result = model.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -78,10 +80,11 @@ def _to_image_grid(att: torch.Tensor, stride: int, height: int, width: int) -> n
 def attention_maps(model: DALG, image: Image.Image, size: int = 224) -> dict[str, np.ndarray]:
     """Resized RGB image (uint8) and the attention maps in [0, 1] at its resolution."""
     model.eval()
-    x = EvalTransform(size)(image.convert("RGB"))[None]
+    config = model.input_config  # the model's own normalisation, undone for display
+    x = EvalTransform(size, config)(image.convert("RGB"))[None]
     out = model.forward_features(x)
     height, width = x.shape[-2:]
-    rgb = (x[0].permute(1, 2, 0) * torch.tensor(IMAGENET_STD) + torch.tensor(IMAGENET_MEAN)).clamp(0, 1)
+    rgb = (x[0].permute(1, 2, 0) * torch.tensor(config.std) + torch.tensor(config.mean)).clamp(0, 1)
     maps: dict[str, np.ndarray] = {"image": (rgb.numpy() * 255).astype(np.uint8)}
     if out["spatial_attention"] is not None:
         maps["spatial attention"] = _to_image_grid(out["spatial_attention"][0, 0], model.stride, height, width)

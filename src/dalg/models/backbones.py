@@ -8,6 +8,7 @@ Both adapters return the same `BackboneOutput`, so the DALG composer never needs
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from dalg.models.checkpoint import load_backbone_checkpoint
+from dalg.models.input_config import resolve_input_config
 from dalg.models.pretrained import pretrained_kwargs
 
 
@@ -36,6 +38,9 @@ class ViTBackbone(nn.Module):
         pretrained: bool = False,
         checkpoint: str | None = None,
         drop_path_rate: float = 0.0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        interpolation: str | None = None,
         **model_kwargs,
     ) -> None:
         super().__init__()
@@ -63,6 +68,8 @@ class ViTBackbone(nn.Module):
         self.stride = int(patch[0])
         self.num_prefix_tokens = int(self.vit.num_prefix_tokens)
         self.has_cls = getattr(self.vit, "cls_token", None) is not None
+        # inputs resized to patch multiples at test time: timm's zero padding never happens (input_config.py)
+        self.input_config = resolve_input_config(self.vit, self.stride, mean, std, interpolation)
         if checkpoint:
             load_backbone_checkpoint(self.vit, checkpoint)
 
@@ -107,7 +114,8 @@ class ResNetBackbone(nn.Module):
     """timm ResNet-50/101 (DOLG): stage 3 -> local (stride 16), stage 4 -> deep (stride 32)."""
 
     def __init__(self, name: str = "resnet50", pretrained: bool = False, checkpoint: str | None = None,
-                 **model_kwargs) -> None:
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 interpolation: str | None = None, **model_kwargs) -> None:
         super().__init__()
         # a checkpoint wins over pretrained=true
         self.cnn = timm.create_model(name, **pretrained_kwargs(name, pretrained, checkpoint), num_classes=0,
@@ -118,6 +126,8 @@ class ResNetBackbone(nn.Module):
         chs = {info["module"]: info["num_chs"] for info in self.cnn.feature_info}
         self.local_dim, self.deep_dim = int(chs["layer3"]), int(chs["layer4"])
         self.stride = 16  # of the local map; the deep map has stride 32
+        # size multiple 1: convolutions take any size, and DOLG's release feeds images at their own size
+        self.input_config = resolve_input_config(self.cnn, 1, mean, std, interpolation)
         if checkpoint:
             load_backbone_checkpoint(self.cnn, checkpoint)
 

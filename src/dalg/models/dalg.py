@@ -5,7 +5,8 @@ DOLG is the same composer with a ResNetBackbone, a multi-atrous LocalBranch and 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,8 @@ from torch import Tensor, nn
 
 from dalg.models.fusion import Fusion
 from dalg.models.heads import MarginHead
+from dalg.models.input_config import InputConfig
+from dalg.models.multiscale import ScaleResize, check_scales, multiscale_descriptor
 
 
 def _fusion_class(factory: Callable[..., Fusion]) -> type:
@@ -27,15 +30,18 @@ class DALG(nn.Module):
     def __init__(self, backbone: nn.Module, global_branch: Callable[..., nn.Module] | None,
                  local_branch: Callable[..., nn.Module] | None, fusion: Callable[..., Fusion],
                  head: Callable[..., MarginHead] | None = None, num_classes: int = 0, embed_dim: int = 512,
-                 scales: Sequence[float] = (1.0,)) -> None:
+                 scales: Sequence[float] = (1.0,),
+                 scale_resize: Mapping[str, Any] | ScaleResize | None = None) -> None:
         super().__init__()
         fusion_cls = _fusion_class(fusion)
         self.backbone = backbone
         self.stride = int(backbone.stride)
         self.embed_dim = int(embed_dim)
-        self.scales = tuple(float(s) for s in scales)
-        if not self.scales or min(self.scales) <= 0:
-            raise ValueError(f"DALG: scales must be a non-empty list of positive factors, got {list(scales)}")
+        self.scales = check_scales(scales, "DALG")
+        self.scale_resize = ScaleResize.from_mapping(scale_resize)  # how extract() resizes for each scale
+        # mean/std/interpolation/size multiple its inputs need; RetrievalModule replaces it by a checkpoint's own
+        self.input_config: InputConfig = getattr(backbone, "input_config", None) or InputConfig(
+            size_multiple=self.stride, source="backbone without an input config: ImageNet defaults")
         if fusion_cls.uses_global and global_branch is None:
             raise ValueError(f"DALG: {fusion_cls.__name__} needs a global_branch")
         if fusion_cls.uses_local and local_branch is None:
@@ -63,14 +69,7 @@ class DALG(nn.Module):
 
     @torch.no_grad()
     def extract(self, x: Tensor, scales: Sequence[float] | None = None) -> Tensor:
-        """Descriptor averaged over image scales (DOLG's protocol) and L2-normalised; one scale = forward."""
-        scales = self.scales if scales is None else tuple(float(s) for s in scales)
-        if not scales or min(scales) <= 0:
-            raise ValueError(f"DALG.extract: scales must be positive factors, got {list(scales)}")
-        acc = None
-        for s in scales:
-            xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False,
-                                                 antialias=True, recompute_scale_factor=False)
-            d = self.forward(xs)
-            acc = d if acc is None else acc + d
-        return F.normalize(acc, p=2, dim=-1)
+        """Descriptor averaged over image scales (DOLG's protocol) and L2-normalised; one scale = forward.
+        Each scale is resized by ``self.scale_resize`` to sides that are multiples of the input size multiple."""
+        return multiscale_descriptor(self.forward, x, self.scales if scales is None else scales, self.scale_resize,
+                                     self.input_config.size_multiple)

@@ -20,6 +20,8 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
+from dalg.models.multiscale import scaled_side
+
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 
 
@@ -48,6 +50,8 @@ class ModelStats:
     gflops_all_scales: float  # one image, summed over the config's test scales
     scales: tuple[float, ...]
     descriptor_dim: int
+    input_mean: tuple[float, float, float]  # the normalisation its inputs get (dalg.models.input_config)
+    input_std: tuple[float, float, float]
 
 
 def count_flops(model: nn.Module, x: torch.Tensor) -> int:
@@ -74,26 +78,32 @@ def model_stats(name: str, size: int = 512, overrides: list[str] | None = None, 
     bb = sum(p.numel() for p in model.backbone.parameters())
     flops = {}
     for s in sorted(set(model.scales) | {1.0}):
-        side = max(1, round(size * s))
+        side = scaled_side(size, s, model.input_config.size_multiple)  # the size extract() gives it
         flops[s] = count_flops(model, torch.zeros(1, 3, side, side, device=device))
     return ModelStats(name, params / 1e6, bb / 1e6, flops[1.0] / 1e9, sum(flops[s] for s in model.scales) / 1e9,
-                      tuple(model.scales), model.embed_dim)
+                      tuple(model.scales), model.embed_dim, model.input_config.mean, model.input_config.std)
 
 
 def all_model_names(conf_dir: Path = CONF_DIR) -> list[str]:
     return sorted(p.stem for p in (conf_dir / "model").glob("*.yaml"))
 
 
+def _triple(values: tuple[float, ...]) -> str:
+    return ", ".join(f"{v:g}" for v in values)
+
+
 def markdown_table(rows: list[ModelStats], size: int) -> str:
     head = (f"| model | params (M) | backbone params (M) | GFLOPs @{size}x{size}, 1 scale | "
-            f"GFLOPs @{size}, its test scales | test scales | descriptor dim |\n"
-            "|---|---:|---:|---:|---:|---|---:|\n")
+            f"GFLOPs @{size}, its test scales | test scales | descriptor dim | input mean | input std |\n"
+            "|---|---:|---:|---:|---:|---|---:|---|---|\n")
     body = "".join(
         f"| {r.name} | {r.params_m:.2f} | {r.backbone_params_m:.2f} | {r.gflops:.2f} | {r.gflops_all_scales:.2f} | "
-        f"{', '.join(f'{s:g}' for s in r.scales)} | {r.descriptor_dim} |\n" for r in rows)
+        f"{', '.join(f'{s:g}' for s in r.scales)} | {r.descriptor_dim} | {_triple(r.input_mean)} | "
+        f"{_triple(r.input_std)} |\n" for r in rows)
     note = ("\nGFLOPs = 2 x multiply-adds (torch.utils.flop_counter.FlopCounterMode: matmuls, convolutions, "
             "attention), per image, inference; parameters exclude the margin head (it depends on the number "
-            "of training classes).\n")
+            "of training classes). Input mean/std: the normalisation each model's images get, from its backbone's "
+            "timm data config unless model.backbone.mean/std override it.\n")
     return head + body + note
 
 

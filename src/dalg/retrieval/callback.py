@@ -28,6 +28,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
+from dalg.data.transforms import describe_test_size
 from dalg.retrieval.evaluation import RankingOptions, rank_and_score
 from dalg.retrieval.metrics import RevisitedScores
 from dalg.retrieval.torchmetric import assemble_by_index
@@ -168,7 +169,7 @@ class RetrievalEvalCallback(pl.Callback):
             if self.keep_features:
                 self.features[eval_set.name] = feats
             scores, ranks, protocol = self._rank_and_score_once(trainer, feats, eval_set)
-            protocol.update(crop_queries=eval_set.crop_queries, test_size=eval_set.test_size)
+            protocol.update(crop_queries=eval_set.crop_queries, test_size=describe_test_size(eval_set.test_size))
             self.results[eval_set.name] = scores
             self.protocols[eval_set.name] = protocol
             for key, value in scores.as_dict().items():

@@ -54,11 +54,20 @@ def check_paths(cfg: DictConfig) -> None:
 
 
 def check_image_sizes(cfg: DictConfig, stride: int) -> None:
-    """Train and test sizes must be multiples of the backbone's patch size / stride ``stride``."""
+    """Train and test sizes must be multiples of the backbone's patch size / stride ``stride``; a test size may
+    also be null / "original" (each image's own size, its sides rounded to multiples of the patch size)."""
+    from dalg.data.transforms import parse_test_size
+
     data = cfg.data
     sizes = {"data.train_size": data.get("train_size")}
-    sizes.update({f"data.eval_sets.{n}.test_size": s.get("test_size") for n, s in (data.get("eval_sets") or {}).items()
-                  if s is not None})
+    for n, s in (data.get("eval_sets") or {}).items():
+        if s is None:
+            continue
+        key = f"data.eval_sets.{n}.test_size"
+        try:
+            sizes[key] = parse_test_size(s.get("test_size"), key)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     for key, size in sizes.items():
         if size is not None and int(size) % stride:
             lo, hi = int(size) // stride * stride, (int(size) // stride + 1) * stride
