@@ -121,15 +121,21 @@ def run_product_path(
     diff = max(abs(ref[k] - got[k]) for k in ref)
     if not diff <= 1e-6:  # float32 products in another order: equal scores up to rounding of exact ties
         raise AssertionError(f"rank_and_score disagrees with the per-query reference (max |diff| {diff})")
-    fns = {"reference": lambda: reference_scores(q @ db.T, gnd), "product": lambda: rank_and_score(q, db, gnd)}
+    fns = {
+        "reference": lambda: reference_scores(q @ db.T, gnd),
+        "product": lambda: rank_and_score(q, db, gnd),
+    }
     times = interleaved(fns, rounds, min_seconds=min_sample_s)
     ms = {k: median(v) * 1e3 for k, v in times.items()}
     log(
         f"  product path (rank_and_score, descriptors -> scores, full ranking): {ms['product']:.1f} ms vs "
         f"reference {ms['reference']:.1f} ms -> {ms['reference'] / ms['product']:.1f}x"
     )
-    return {"product_median_ms": ms, "speedup_product_path": ms["reference"] / ms["product"],
-            "product_max_abs_diff": diff}
+    return {
+        "product_median_ms": ms,
+        "speedup_product_path": ms["reference"] / ms["product"],
+        "product_max_abs_diff": diff,
+    }
 
 
 def run(

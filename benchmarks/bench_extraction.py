@@ -242,7 +242,9 @@ def run(
         "vit_s_gemm_shape": list(VIT_S_GEMM),
         "vit_s_gemm_gflops_per_s": {k: median(v) for k, v in vit_gemm.items() if v},
         "image_shapes": {name: [list(i.shape[1:]) for i in ims] for name, ims in model_images.items()},
-        "input_configs": {name: getattr(m, "input_config", InputConfig()).to_dict() for name, m in plain_models.items()},
+        "input_configs": {
+            name: getattr(m, "input_config", InputConfig()).to_dict() for name, m in plain_models.items()
+        },
     }
 
 

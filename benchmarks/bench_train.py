@@ -30,8 +30,10 @@ from dalg.models.summary import CONF_DIR
 def train_config(model: str, overrides: list[str] | None = None):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         # random weights: a step costs the same, and the bench needs no network
-        return compose(config_name="train", overrides=[f"model={model}", "model.backbone.pretrained=false",
-                                                       *(overrides or [])])
+        return compose(
+            config_name="train",
+            overrides=[f"model={model}", "model.backbone.pretrained=false", *(overrides or [])],
+        )
 
 
 def run(

@@ -87,7 +87,9 @@ def run_extraction(args, device: torch.device) -> dict[str, Any]:
     print(f"  {len(names)} images at longer side {args.size}", flush=True)
 
     def images_for(model):  # each model gets its own normalisation and size multiple (input_config.py)
-        return bench_extraction.load_images(image_dir, args.images, args.size, input_config=model.input_config)[0]
+        return bench_extraction.load_images(
+            image_dir, args.images, args.size, input_config=model.input_config
+        )[0]
 
     variants = extraction_variants(args.quick, args.compile, args.max_batch)
     res = bench_extraction.run(

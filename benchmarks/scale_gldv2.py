@@ -89,8 +89,12 @@ def write_train_clean(root: Path, n_images: int, n_classes: int, seed: int = 0) 
         for lid, end in zip(landmarks.tolist(), ends):
             f.write(f"{lid},{' '.join(ids[start:end])}\n")
             start = end
-    return {"csv_bytes": (root / "train_clean.csv").stat().st_size, "largest_class": int(sizes.max()),
-            "median_class": float(np.median(sizes)), "smallest_class": int(sizes.min())}
+    return {
+        "csv_bytes": (root / "train_clean.csv").stat().st_size,
+        "largest_class": int(sizes.max()),
+        "median_class": float(np.median(sizes)),
+        "smallest_class": int(sizes.min()),
+    }
 
 
 def make_pool(folder: Path, n: int = 16, seed: int = 0) -> list[Path]:
@@ -222,14 +226,31 @@ def compose_recipe(root: Path, model: str, overrides: list[str]):
     """``experiment=dalg_gldv2`` (data=gldv2 and the paper recipe) with ``model`` and random weights; the
     ROxf/RPar evaluation sets are left out (the training path is measured)."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=[
-            "experiment=dalg_gldv2", f"model={model}", f"data.root={root}", "model.backbone.pretrained=false",
-            "~data.eval_sets.roxford5k", "~data.eval_sets.rparis6k", *overrides])
+        return compose(
+            config_name="train",
+            overrides=[
+                "experiment=dalg_gldv2",
+                f"model={model}",
+                f"data.root={root}",
+                "model.backbone.pretrained=false",
+                "~data.eval_sets.roxford5k",
+                "~data.eval_sets.rparis6k",
+                *overrides,
+            ],
+        )
 
 
-def run(n_images: int = GLDV2_CLEAN_IMAGES, n_classes: int = GLDV2_CLEAN_CLASSES, pool: list[Path] | None = None,
-        work_dir: Path | None = None, model: str = "dalg_tiny", overrides: list[str] | None = None, steps: int = 2,
-        seed: int = 0, log=print) -> dict[str, Any]:
+def run(
+    n_images: int = GLDV2_CLEAN_IMAGES,
+    n_classes: int = GLDV2_CLEAN_CLASSES,
+    pool: list[Path] | None = None,
+    work_dir: Path | None = None,
+    model: str = "dalg_tiny",
+    overrides: list[str] | None = None,
+    steps: int = 2,
+    seed: int = 0,
+    log=print,
+) -> dict[str, Any]:
     """Generate the list, run the data path and ``steps`` optimiser steps; returns the figures."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -242,14 +263,25 @@ def run(n_images: int = GLDV2_CLEAN_IMAGES, n_classes: int = GLDV2_CLEAN_CLASSES
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(work: Path, n_images: int, n_classes: int, pool: list[Path] | None, model: str, overrides: list[str],
-         steps: int, seed: int, log) -> dict[str, Any]:
+def _run(
+    work: Path,
+    n_images: int,
+    n_classes: int,
+    pool: list[Path] | None,
+    model: str,
+    overrides: list[str],
+    steps: int,
+    seed: int,
+    log,
+) -> dict[str, Any]:
     root = work / "gldv2"
     t0 = time.perf_counter()
     csv_facts = write_train_clean(root, n_images, n_classes, seed)
     generate_s = time.perf_counter() - t0
-    log(f"generated train_clean.csv: {n_images:,} ids, {n_classes:,} landmarks, {csv_facts['csv_bytes'] / 1e6:.1f} MB "
-        f"in {generate_s:.1f} s")
+    log(
+        f"generated train_clean.csv: {n_images:,} ids, {n_classes:,} landmarks, {csv_facts['csv_bytes'] / 1e6:.1f} MB "
+        f"in {generate_s:.1f} s"
+    )
     pool = pool or make_pool(work / "pool")
     cfg = compose_recipe(root, model, overrides)
     load_before = os.getloadavg()
@@ -275,8 +307,10 @@ def _run(work: Path, n_images: int, n_classes: int, pool: list[Path] | None, mod
         # no Lightning loop: training_step's logging has nowhere to go, and configure_optimizers reads the run
         # length (one process: batches per epoch x epochs) from a stand-in for the trainer
         module.log = lambda *a, **k: None
-        module.trainer = SimpleNamespace(estimated_stepping_batches=len(loader) * int(cfg.trainer.max_epochs),
-                                         max_epochs=int(cfg.trainer.max_epochs))
+        module.trainer = SimpleNamespace(
+            estimated_stepping_batches=len(loader) * int(cfg.trainer.max_epochs),
+            max_epochs=int(cfg.trainer.max_epochs),
+        )
         optim = module.configure_optimizers()
         optimizer, schedule = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
 
@@ -306,7 +340,9 @@ def _run(work: Path, n_images: int, n_classes: int, pool: list[Path] | None, mod
         failures = dm.full_train_set.collect_failures()
 
     if failures.total_images or failures.total_classes:
-        raise RuntimeError(f"{failures.total_images} image(s) could not be read (not linked?): {failures.message()}")
+        raise RuntimeError(
+            f"{failures.total_images} image(s) could not be read (not linked?): {failures.message()}"
+        )
     head = module.net.head
     result = {
         "n_images": len(dm.train_set),
@@ -338,10 +374,14 @@ def _run(work: Path, n_images: int, n_classes: int, pool: list[Path] | None, mod
         "unreadable_images": failures.total_images,
         "first_batch_paths": [str(p.relative_to(root)) for p in linked[0]],
         "csv": csv_facts,
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version(),
-                    "load_average_before": [round(x, 2) for x in load_before],
-                    "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        },
         "goals": GOALS,
     }
     result["goals_met"] = {k: result[k] <= v for k, v in GOALS.items()}
@@ -354,22 +394,45 @@ def markdown(r: dict[str, Any], command: str) -> str:
     m = r["machine"]
     rows = [
         ("images / classes", f"{r['n_images']:,} / {r['n_classes']:,}", ""),
-        ("DataModule setup", f"{r['setup_seconds']:.1f} s", f"<= {GOALS['setup_seconds']:.0f} s: "
-         f"{ok[r['goals_met']['setup_seconds']]}"),
-        ("peak memory, main RSS + workers' USS", f"{r['peak_rss_gib']:.2f} GiB",
-         f"<= {GOALS['peak_rss_gib']:.0f} GiB: {ok[r['goals_met']['peak_rss_gib']]}"),
+        (
+            "DataModule setup",
+            f"{r['setup_seconds']:.1f} s",
+            f"<= {GOALS['setup_seconds']:.0f} s: {ok[r['goals_met']['setup_seconds']]}",
+        ),
+        (
+            "peak memory, main RSS + workers' USS",
+            f"{r['peak_rss_gib']:.2f} GiB",
+            f"<= {GOALS['peak_rss_gib']:.0f} GiB: {ok[r['goals_met']['peak_rss_gib']]}",
+        ),
         ("  naive sum of RSS (shared pages counted per process)", f"{r['peak_rss_sum_gib']:.2f} GiB", ""),
         ("  main process peak RSS", f"{r['main_peak_rss_gib']:.2f} GiB", ""),
-        ("  workers' private memory (USS), together", f"{r['workers_peak_uss_gib']:.2f} GiB",
-         f"{r['workers_seen']} workers"),
-        ("first batch", f"{r['first_batch_seconds']:.2f} s", f"batch {r['batch_shape']}, {r['workers']} workers"),
-        ("workers filling the prefetch queue (not timed)", f"{r['workers_settle_seconds']:.1f} s",
-         "steps are timed once the workers idle"),
-        ("optimiser step 1", f"{r['step_seconds']:.2f} s", f"{r['model']}, head {r['head_weight_shape']}, "
-         f"{r['optimizer'].rsplit('.', 1)[-1]}, loss {r['losses'][0]:.2f}"),
+        (
+            "  workers' private memory (USS), together",
+            f"{r['workers_peak_uss_gib']:.2f} GiB",
+            f"{r['workers_seen']} workers",
+        ),
+        (
+            "first batch",
+            f"{r['first_batch_seconds']:.2f} s",
+            f"batch {r['batch_shape']}, {r['workers']} workers",
+        ),
+        (
+            "workers filling the prefetch queue (not timed)",
+            f"{r['workers_settle_seconds']:.1f} s",
+            "steps are timed once the workers idle",
+        ),
+        (
+            "optimiser step 1",
+            f"{r['step_seconds']:.2f} s",
+            f"{r['model']}, head {r['head_weight_shape']}, "
+            f"{r['optimizer'].rsplit('.', 1)[-1]}, loss {r['losses'][0]:.2f}",
+        ),
         *[(f"optimiser step {k + 2}", f"{s:.2f} s", "") for k, s in enumerate(r["later_step_seconds"])],
-        ("generating the list (not timed above)", f"{r['generate_seconds']:.1f} s",
-         f"{r['csv']['csv_bytes'] / 1e6:.0f} MB"),
+        (
+            "generating the list (not timed above)",
+            f"{r['generate_seconds']:.1f} s",
+            f"{r['csv']['csv_bytes'] / 1e6:.0f} MB",
+        ),
     ]
     lines = [
         "# GLDv2-clean at full size: the training data path (`make scale`)",
@@ -393,18 +456,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-images", type=int, default=GLDV2_CLEAN_IMAGES)
     ap.add_argument("--n-classes", type=int, default=GLDV2_CLEAN_CLASSES)
-    ap.add_argument("--pool", type=Path, default=DEFAULT_POOL,
-                    help="folder of JPEGs the linked files point to (default: landmarks-mini; generated if absent)")
+    ap.add_argument(
+        "--pool",
+        type=Path,
+        default=DEFAULT_POOL,
+        help="folder of JPEGs the linked files point to (default: landmarks-mini; generated if absent)",
+    )
     ap.add_argument("--model", default="dalg_tiny")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "experiments" / "scale")
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides of the train config, e.g. data.num_workers=4")
+    ap.add_argument(
+        "overrides", nargs="*", help="Hydra overrides of the train config, e.g. data.num_workers=4"
+    )
     args = ap.parse_args(argv)
     pool = sorted(args.pool.glob("*.jpg")) if args.pool.is_dir() else None
-    result = run(args.n_images, args.n_classes, pool, model=args.model, overrides=args.overrides, steps=args.steps,
-                 seed=args.seed, log=lambda s: print(s, flush=True))
-    command = " ".join(["python benchmarks/scale_gldv2.py", *(argv if argv is not None else sys.argv[1:])]).strip()
+    result = run(
+        args.n_images,
+        args.n_classes,
+        pool,
+        model=args.model,
+        overrides=args.overrides,
+        steps=args.steps,
+        seed=args.seed,
+        log=lambda s: print(s, flush=True),
+    )
+    command = " ".join(
+        ["python benchmarks/scale_gldv2.py", *(argv if argv is not None else sys.argv[1:])]
+    ).strip()
     result["command"] = command
     write_json_atomic(result, args.out / "results.json")
     write_text_atomic(markdown(result, command), args.out / "results.md")

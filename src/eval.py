@@ -64,15 +64,21 @@ def check_distractors(features: np.ndarray, dim: int, path: object) -> None:
     cosine); checked on evenly spaced rows before any extraction."""
     if features.ndim != 2 or features.shape[1] != dim:
         got = f"{features.shape[1]}-d" if features.ndim == 2 else f"of shape {features.shape}"
-        raise ValueError(f"distractors={path}: descriptors are {got}, the model gives {dim}-d; "
-                         f"extract them with this checkpoint (src/extract.py)")
-    rows = np.unique(np.linspace(0, len(features) - 1, min(len(features), DISTRACTOR_NORM_SAMPLE)).astype(np.int64))
+        raise ValueError(
+            f"distractors={path}: descriptors are {got}, the model gives {dim}-d; "
+            f"extract them with this checkpoint (src/extract.py)"
+        )
+    rows = np.unique(
+        np.linspace(0, len(features) - 1, min(len(features), DISTRACTOR_NORM_SAMPLE)).astype(np.int64)
+    )
     norms = np.linalg.norm(np.asarray(features[rows], dtype=np.float32), axis=1)
     bad = ~(np.abs(norms - 1.0) <= DISTRACTOR_NORM_TOL)  # NaN counts as bad
     if bad.any():
-        raise ValueError(f"distractors={path}: {int(bad.sum())} of {len(rows)} checked rows are not L2-normalised "
-                         f"(norms e.g. {[round(float(n), 4) for n in norms[bad][:3]]}, row {int(rows[bad][0])}); "
-                         f"the ranking needs unit vectors")
+        raise ValueError(
+            f"distractors={path}: {int(bad.sum())} of {len(rows)} checked rows are not L2-normalised "
+            f"(norms e.g. {[round(float(n), 4) for n in norms[bad][:3]]}, row {int(rows[bad][0])}); "
+            f"the ranking needs unit vectors"
+        )
 
 
 def resize_record(module: RetrievalModule) -> dict[str, Any]:
@@ -98,8 +104,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("save_features"):
         check_writable_dir(Path(cfg.output_json).parent / "features", "save_features")
     options = RankingOptions.from_mapping(OmegaConf.to_container(cfg.ranking, resolve=True))
-    module = RetrievalModule.for_evaluation(cfg.ckpt_path, cfg.get("scales"), cfg.get("inference"),
-                                            cfg.get("scale_resize"))
+    module = RetrievalModule.for_evaluation(
+        cfg.ckpt_path, cfg.get("scales"), cfg.get("inference"), cfg.get("scale_resize")
+    )
     scales = _effective_scales(module)
 
     with open_dict(cfg):  # the evaluation options apply to every set of the data config
@@ -111,7 +118,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             if cfg.get("test_size") is not None:  # "original" -> null: each image's own size
                 spec.test_size = parse_test_size(cfg.test_size, "test_size")
     datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.set_input_config(module.input_config)  # the checkpoint's normalisation, interpolation, multiple
+    datamodule.set_input_config(
+        module.input_config
+    )  # the checkpoint's normalisation, interpolation, multiple
     datamodule.setup("validate")  # evaluation sets only: no training set is read
     if not datamodule.eval_sets:
         raise ValueError(f"data config {cfg.data.get('_target_')} defines no evaluation set (data.eval_sets)")
@@ -142,9 +151,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     out_dir = Path(cfg.output_json).parent
     # decoding and resizing included (the DataLoader's workers), ranking not: what a researcher waits for per set
-    extraction = {"images": n_images, "seconds": round(seconds, 3), "images_per_s": n_images / seconds,
-                  "inference": module.inference_label, "device": str(module.device)}
-    results, protocol_text, report = {}, {}, {"checkpoint": str(cfg.ckpt_path), "extraction": extraction, "sets": {}}
+    extraction = {
+        "images": n_images,
+        "seconds": round(seconds, 3),
+        "images_per_s": n_images / seconds,
+        "inference": module.inference_label,
+        "device": str(module.device),
+    }
+    results, protocol_text, report = (
+        {},
+        {},
+        {"checkpoint": str(cfg.ckpt_path), "extraction": extraction, "sets": {}},
+    )
     for i, eval_set in enumerate(datamodule.eval_sets):
         feats = collector.features(i, len(eval_set.dataset))
         nq = eval_set.gt.n_queries
@@ -155,8 +173,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         scores, _, protocol = rank_and_score(
             feats[:nq], feats[nq:], eval_set.gt.gnd, distractors, options, cfg.kappas
         )
-        protocol.update(crop_queries=eval_set.crop_queries, test_size=describe_test_size(eval_set.test_size),
-                        scales=scales, inference=module.inference_label, **resize_record(module))
+        protocol.update(
+            crop_queries=eval_set.crop_queries,
+            test_size=describe_test_size(eval_set.test_size),
+            scales=scales,
+            inference=module.inference_label,
+            **resize_record(module),
+        )
         results[eval_set.name] = scores
         protocol_text[eval_set.name] = (
             f"crop={'on' if eval_set.crop_queries else 'OFF'}, size={protocol['test_size']}, scales={scales}, "
@@ -197,8 +220,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         console.print(
             "[yellow]truncated top-k ranking: positives outside the top-k count as misses (protocol.md)"
         )
-    console.print(f"extraction: {n_images:,} images in {seconds:.1f} s = {n_images / seconds:.1f} images/s "
-                  f"({extraction['inference']}, {extraction['device']}, decoding included)")
+    console.print(
+        f"extraction: {n_images:,} images in {seconds:.1f} s = {n_images / seconds:.1f} images/s "
+        f"({extraction['inference']}, {extraction['device']}, decoding included)"
+    )
     out = Path(cfg.output_json)
     write_json_atomic(report, out)
     console.print(f"results JSON: {out}")

@@ -49,9 +49,23 @@ log = logging.getLogger(__name__)
 
 # conf/extract.yaml keys that do not change a descriptor: where images come from and go, and how fast they are
 # processed. Every other key is part of the fingerprint (the image list and the checkpoint enter as hashes).
-RUN_ONLY_KEYS = ("task_name", "run_name", "ckpt_path", "images", "image_root", "extensions", "output",
-                 "overwrite", "batch_size", "num_workers", "accelerator", "shard_size", "skip_unreadable", "paths",
-                 "hydra")
+RUN_ONLY_KEYS = (
+    "task_name",
+    "run_name",
+    "ckpt_path",
+    "images",
+    "image_root",
+    "extensions",
+    "output",
+    "overwrite",
+    "batch_size",
+    "num_workers",
+    "accelerator",
+    "shard_size",
+    "skip_unreadable",
+    "paths",
+    "hydra",
+)
 
 
 def list_images(
@@ -85,12 +99,20 @@ class ImageFiles(Dataset):
     descriptor for it.
     """
 
-    def __init__(self, root: Path, names: Sequence[str], test_size: int | None,
-                 sizes: dict[int, tuple[int, int]] | None = None, skip_unreadable: bool = False,
-                 input_config: InputConfig | None = None):
+    def __init__(
+        self,
+        root: Path,
+        names: Sequence[str],
+        test_size: int | None,
+        sizes: dict[int, tuple[int, int]] | None = None,
+        skip_unreadable: bool = False,
+        input_config: InputConfig | None = None,
+    ):
         self.root = root
         self.names = list(names)
-        self.transform = eval_transform(test_size, input_config)  # the checkpoint's normalisation and multiple
+        self.transform = eval_transform(
+            test_size, input_config
+        )  # the checkpoint's normalisation and multiple
         self.sizes = sizes if sizes is not None else {}  # the caller's dict, filled after construction
         self.skip_unreadable = skip_unreadable
         self.max_pixels: int | None = None  # cfg.max_pixels (dalg.data.images.load_rgb)
@@ -101,8 +123,12 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         try:
-            img = load_rgb(self.root / self.names[index], fill_for(self.transform), max_pixels=self.max_pixels,
-                           need_side=self.decode_side)
+            img = load_rgb(
+                self.root / self.names[index],
+                fill_for(self.transform),
+                max_pixels=self.max_pixels,
+                need_side=self.decode_side,
+            )
         except (ImageReadError, OSError):
             if not self.skip_unreadable or index not in self.sizes:
                 raise
@@ -151,8 +177,11 @@ def descriptor_fingerprint(cfg: DictConfig, ckpt: Path, module: RetrievalModule,
     place, and hashing costs about as much as loading it), the resolved test scales and inference options, the
     preprocessing (the eval transform: test size, resize rule, no crop, input normalisation), and every config
     key not in RUN_ONLY_KEYS. The writer adds the image list, descriptor dim and dtype."""
-    settings = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-                for k, v in cfg.items() if k not in RUN_ONLY_KEYS}
+    settings = {
+        k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+        for k, v in cfg.items()
+        if k not in RUN_ONLY_KEYS
+    }
     return {
         "checkpoint_sha256": file_sha256(ckpt),
         "scales": [float(s) for s in module.eval_scales or getattr(module.net, "scales", None) or [1.0]],
@@ -162,8 +191,9 @@ def descriptor_fingerprint(cfg: DictConfig, ckpt: Path, module: RetrievalModule,
     }
 
 
-def _block_batches(rows: Sequence[int], sizes: dict[int, tuple[int, int]], batch_size: int,
-                   block: int) -> list[list[int]]:
+def _block_batches(
+    rows: Sequence[int], sizes: dict[int, tuple[int, int]], batch_size: int, block: int
+) -> list[list[int]]:
     """Batches of images of equal resized shape, formed block by block of ``block`` rows of the image list (the
     shard size), so that each shard of the store holds one range of rows (``rows_000000-004095``)."""
     batches: list[list[int]] = []
@@ -198,7 +228,9 @@ def _extract(cfg: DictConfig) -> Path:
     arr_path, _, json_path = store_paths(cfg.output)
     ckpt = Path(os.path.expanduser(str(cfg.ckpt_path)))
     test_size = parse_test_size(cfg.get("test_size"), "test_size")  # None: each image's own size
-    module = RetrievalModule.for_evaluation(ckpt, cfg.get("scales"), cfg.get("inference"), cfg.get("scale_resize"))
+    module = RetrievalModule.for_evaluation(
+        ckpt, cfg.get("scales"), cfg.get("inference"), cfg.get("scale_resize")
+    )
     scales = list(module.eval_scales or getattr(module.net, "scales", None) or [1.0])
     dim = _descriptor_dim(module, test_size)
     config = module.input_config  # the checkpoint's normalisation and size multiple
@@ -237,7 +269,12 @@ def _extract(cfg: DictConfig) -> Path:
         "source": str(cfg.images),
     }
     writer = FeatureWriter(
-        arr_path, names, dim=dim, dtype=cfg.dtype, shard_size=int(cfg.shard_size), meta=meta,
+        arr_path,
+        names,
+        dim=dim,
+        dtype=cfg.dtype,
+        shard_size=int(cfg.shard_size),
+        meta=meta,
         fingerprint=fingerprint,
     )
     todo = [r for r, n in enumerate(names) if not writer.is_done(n)]
@@ -262,7 +299,9 @@ def _extract(cfg: DictConfig) -> Path:
             batch_sampler=_block_batches(keep, sizes, int(cfg.batch_size), writer.shard_size),
             num_workers=int(cfg.num_workers),
         )
-        sink = StoreWriterCallback(writer, names, total=len(names) - len(writer.skipped), already=writer.n_done)
+        sink = StoreWriterCallback(
+            writer, names, total=len(names) - len(writer.skipped), already=writer.n_done
+        )
         trainer = pl.Trainer(
             accelerator=cfg.accelerator,
             devices=1,
@@ -292,7 +331,9 @@ def _extract(cfg: DictConfig) -> Path:
     elif skipped_txt.exists():  # an earlier run's list; those images read fine this time
         skipped_txt.unlink()
     out = writer.finalize()
-    print(f"feature store: {out} (+ .names.txt, .json): {len(names) - len(writer.skipped):,} x {dim} {cfg.dtype}")
+    print(
+        f"feature store: {out} (+ .names.txt, .json): {len(names) - len(writer.skipped):,} x {dim} {cfg.dtype}"
+    )
     if writer.skipped:
         examples = "; ".join(f"{n} ({why})" for n, why in list(writer.skipped.items())[:3])
         print(

@@ -1,6 +1,6 @@
 """Print parameters / GFLOPs @512 / descriptor size for every model config (see dalg.models.summary).
 
-    python src/model_table.py [--size 512] [--models dalg_cross dolg_r50] [--out experiments/model_table.md]
+python src/model_table.py [--size 512] [--models dalg_cross dolg_r50] [--out experiments/model_table.md]
 """
 
 from dalg.models.summary import main

@@ -1,6 +1,6 @@
 """Render spatial attention and cross-attention weights over an image (see dalg.models.attention_viz).
 
-    python src/visualize_attention.py --image photo.jpg [--ckpt run.ckpt | --model dalg_tiny] [--size 224]
+python src/visualize_attention.py --image photo.jpg [--ckpt run.ckpt | --model dalg_tiny] [--size 224]
 """
 
 from dalg.models.attention_viz import main

@@ -16,8 +16,15 @@ CONF = REPO / "conf"
 LANDMARKS_MINI = REPO.parent / "shared" / "data" / "landmarks-mini"
 
 # a synthetic set small enough for seconds-long tests, same generator as the default run
-TINY_SYNTHETIC = dict(seed=0, train_classes=12, images_per_class=4, heldout_classes=5, heldout_db_per_class=4,
-                      heldout_distractors=4, image_size=64)
+TINY_SYNTHETIC = dict(
+    seed=0,
+    train_classes=12,
+    images_per_class=4,
+    heldout_classes=5,
+    heldout_db_per_class=4,
+    heldout_distractors=4,
+    image_size=64,
+)
 
 
 def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
@@ -37,7 +44,13 @@ def tiny_synthetic(tmp_path_factory) -> Path:
 
 def tiny_data_overrides(root: Path) -> list[str]:
     """Overrides that point the default data config at the tiny set and make every loop short."""
-    over = [f"data.root={root}", "data.num_workers=0", "data.batch_size=8", "data.train_size=64",
-            "data.eval_sets.synthetic_heldout.test_size=64", "data.eval_sets.landmarks_mini.test_size=64"]
+    over = [
+        f"data.root={root}",
+        "data.num_workers=0",
+        "data.batch_size=8",
+        "data.train_size=64",
+        "data.eval_sets.synthetic_heldout.test_size=64",
+        "data.eval_sets.landmarks_mini.test_size=64",
+    ]
     over += [f"data.generator.{k}={v}" for k, v in TINY_SYNTHETIC.items()]
     return over

@@ -10,7 +10,9 @@ from .conftest import REPO
 
 
 def _collect_module():
-    spec = importlib.util.spec_from_file_location("ablation_collect", REPO / "experiments" / "ablation" / "collect.py")
+    spec = importlib.util.spec_from_file_location(
+        "ablation_collect", REPO / "experiments" / "ablation" / "collect.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -19,13 +21,23 @@ def _collect_module():
 def _job(root, num, fusion_cls, bb_name, depth, width, m, seed=42, steps=24):
     job = root / str(num)
     job.mkdir(parents=True)
-    cfg = {"seed": seed, "trainer": {"max_epochs": 1},
-           "model": {"fusion": {"_target_": f"dalg.models.fusion.{fusion_cls}"},
-                     "backbone": {"name": bb_name, "depth": depth, "embed_dim": width}}}
+    cfg = {
+        "seed": seed,
+        "trainer": {"max_epochs": 1},
+        "model": {
+            "fusion": {"_target_": f"dalg.models.fusion.{fusion_cls}"},
+            "backbone": {"name": bb_name, "depth": depth, "embed_dim": width},
+        },
+    }
     (job / "config.yaml").write_text(yaml.safe_dump(cfg))
-    metrics = {f"val/{s}/mAP_{k}": m + (1 if k == "M" else 0) + (10 if s == "synthetic_heldout" else 0)
-               for s in ("synthetic_heldout", "landmarks_mini") for k in ("M", "H")}
-    (job / "metrics.json").write_text(json.dumps({"metrics": metrics, "global_step": steps, "elapsed_s": 60.0}))
+    metrics = {
+        f"val/{s}/mAP_{k}": m + (1 if k == "M" else 0) + (10 if s == "synthetic_heldout" else 0)
+        for s in ("synthetic_heldout", "landmarks_mini")
+        for k in ("M", "H")
+    }
+    (job / "metrics.json").write_text(
+        json.dumps({"metrics": metrics, "global_step": steps, "elapsed_s": 60.0})
+    )
 
 
 def test_collect_writes_table_json_and_png(tmp_path):
@@ -41,8 +53,11 @@ def test_collect_writes_table_json_and_png(tmp_path):
     assert "| orthogonal | 31.00 | 30.00 | 21.00 | 20.00 | - | - | - | - |" in md
     assert "python src/train.py -m ..." in md and "10.0 min" in md
     rows = json.loads(made["json"].read_text())
-    assert {(r["fusion"], r["backbone"]) for r in rows} == {("cross_attention", "vit6x128"),
-                                                            ("orthogonal", "vit6x128"), ("cross_attention", "deit4x160")}
+    assert {(r["fusion"], r["backbone"]) for r in rows} == {
+        ("cross_attention", "vit6x128"),
+        ("orthogonal", "vit6x128"),
+        ("cross_attention", "deit4x160"),
+    }
     png = made["plot"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 

@@ -24,9 +24,22 @@ from dalg.retrieval.metrics import evaluate_revisited  # noqa: E402
 @pytest.mark.slow  # ~20-40 s on 2 idle cores: builds the tiny DALG and DOLG and extracts at five scales
 def test_quick_run_writes_json_and_table(tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick", "--skip-1m", "--skip-loader",
-                           "--synthetic-images", "--out", str(out)], capture_output=True, text=True, cwd=REPO,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "run_all.py"),
+            "--quick",
+            "--skip-1m",
+            "--skip-loader",
+            "--synthetic-images",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("extraction", "train", "eval", "environment"):
         assert (out / f"{name}.json").is_file(), name
@@ -57,18 +70,28 @@ def test_quick_run_writes_json_and_table(tmp_path):
 def test_extraction_run_counts_flops_per_scale_and_checks_descriptors():
     images = [torch.randn(3, 40, 32), torch.randn(3, 32, 40)]
     V, Opt = bench_extraction.Variant, bench_extraction.InferenceOptions
-    variants = [V("dalg_tiny", (1.0,), None, tag="one"), V("dalg_tiny", (1.0,), Opt(bf16=False), max_batch=2, tag="one"),
-                V("dalg_tiny", (0.5, 1.0), None, tag="two")]
-    res = bench_extraction.run(variants, images, rounds=1, device=torch.device("cpu"), matmul_n=64, log=lambda s: None)
+    variants = [
+        V("dalg_tiny", (1.0,), None, tag="one"),
+        V("dalg_tiny", (1.0,), Opt(bf16=False), max_batch=2, tag="one"),
+        V("dalg_tiny", (0.5, 1.0), None, tag="two"),
+    ]
+    res = bench_extraction.run(
+        variants, images, rounds=1, device=torch.device("cpu"), matmul_n=64, log=lambda s: None
+    )
     rows = {(r["tag"], r["options"]): r for r in res["variants"]}
     plain, opt, two = rows[("one", "plain")], rows[("one", "fp32")], rows[("two", "plain")]
     assert opt["min_cosine_to_plain"] == pytest.approx(1.0, abs=1e-5)
-    assert plain["latency_ms_median"] > 0 and opt["latency_ms_median"] is None  # batched: no per-image latency
+    assert (
+        plain["latency_ms_median"] > 0 and opt["latency_ms_median"] is None
+    )  # batched: no per-image latency
     assert plain["gflops_per_image"] == pytest.approx(opt["gflops_per_image"])
-    assert plain["gflops_per_image"] < two["gflops_per_image"] < 2 * plain["gflops_per_image"]  # + half-size pass
+    assert (
+        plain["gflops_per_image"] < two["gflops_per_image"] < 2 * plain["gflops_per_image"]
+    )  # + half-size pass
     assert res["matmul_peak_gflops_per_s"]["float32"] > 0
     assert plain["fraction_of_matmul_peak"] == pytest.approx(
-        plain["achieved_gflops_per_s"] / res["matmul_peak_gflops_per_s"]["float32"])
+        plain["achieved_gflops_per_s"] / res["matmul_peak_gflops_per_s"]["float32"]
+    )
     assert bench_extraction.best(res["variants"], "one", optimised=True)["options"] == "fp32"
 
 
@@ -115,9 +138,11 @@ def test_child_peak_memory_is_its_own_not_its_parents():
     if not Path("/proc/self/status").exists():
         pytest.skip("needs /proc (Linux)")
     big = bytearray(1500 * 2**20)
-    big[:: 4096] = b"\x01" * len(big[:: 4096])  # resident in this (parent) process
+    big[::4096] = b"\x01" * len(big[::4096])  # resident in this (parent) process
     code = "import measure, resource; print(measure.process_peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO / "benchmarks", capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO / "benchmarks", capture_output=True, text=True, check=True
+    )
     own, inherited = (int(x) for x in out.stdout.split())
     del big
     assert inherited > 1500 * 2**20  # the quirk is real here, so the test can tell the two apart

@@ -112,8 +112,13 @@ def test_resumes_after_a_dropped_connection(server, tmp_path):
     payload = np.random.default_rng(1).bytes(300_000)
     server.files["/big.bin"] = payload
     server.cut_after = 100_000
-    out = download(f"{server.url}/big.bin", tmp_path / "big.bin", md5=hashlib.md5(payload).hexdigest(),
-                   backoff_s=0, progress=False)
+    out = download(
+        f"{server.url}/big.bin",
+        tmp_path / "big.bin",
+        md5=hashlib.md5(payload).hexdigest(),
+        backoff_s=0,
+        progress=False,
+    )
     assert out.read_bytes() == payload
     assert server.requests[-1] == ("/big.bin", "bytes=100000-")  # continued, not restarted
     assert server.sent == len(payload)  # no byte sent twice
@@ -155,11 +160,17 @@ def test_http_error_names_the_url(server, tmp_path):
 def test_revisited_download_gives_the_loader_layout(server, tmp_path):
     images = {f"oxbuild/im{i}.jpg": _jpeg(i) for i in range(4)}
     server.files["/oxbuild_images-v1.tgz"] = _tar({**images, "oxbuild/README": b"not an image"})
-    gnd = {"imlist": ["im1", "im2", "im3"], "qimlist": ["im0"],
-           "gnd": [{"bbx": [1.0, 1.0, 20.0, 20.0], "easy": [0], "hard": [1], "junk": [2]}]}
+    gnd = {
+        "imlist": ["im1", "im2", "im3"],
+        "qimlist": ["im0"],
+        "gnd": [{"bbx": [1.0, 1.0, 20.0, 20.0], "easy": [0], "hard": [1], "junk": [2]}],
+    }
     server.files["/gnd_roxford5k.pkl"] = pickle.dumps(gnd)
-    kwargs = dict(archives=[f"{server.url}/oxbuild_images-v1.tgz"], gnd_url=f"{server.url}/gnd_roxford5k.pkl",
-                  progress=False)
+    kwargs = dict(
+        archives=[f"{server.url}/oxbuild_images-v1.tgz"],
+        gnd_url=f"{server.url}/gnd_roxford5k.pkl",
+        progress=False,
+    )
     folder = download_revisited("roxford5k", tmp_path / "data", **kwargs)
     assert sorted(p.name for p in (folder / "jpg").iterdir()) == ["im0.jpg", "im1.jpg", "im2.jpg", "im3.jpg"]
     assert not (folder / "archives" / "oxbuild_images-v1.tgz").exists()  # removed once extracted
@@ -176,7 +187,9 @@ def test_gldv2_download_checks_published_md5_and_loads(server, tmp_path):
     ids = ["0123456789abcdef", "fedcba9876543210"]
     tar = _tar({f"{i[0]}/{i[1]}/{i[2]}/{i}.jpg": _jpeg(k) for k, i in enumerate(ids)}, mode="w")
     server.files["/metadata/train_clean.csv"] = f"landmark_id,images\n7,{ids[0]} {ids[1]}\n".encode()
-    server.files["/md5sum/train/md5.images_000.txt"] = f"{hashlib.md5(tar).hexdigest()}  images_000.tar\n".encode()
+    server.files["/md5sum/train/md5.images_000.txt"] = (
+        f"{hashlib.md5(tar).hexdigest()}  images_000.tar\n".encode()
+    )
     server.files["/train/images_000.tar"] = tar
     folder = download_gldv2(tmp_path, [0], base_url=server.url, progress=False)
     ds = GLDv2Dataset(folder, verify="header")

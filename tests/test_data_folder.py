@@ -39,8 +39,15 @@ def test_folder_without_classes_is_a_clear_error(tmp_path):
 
 
 def _eval_folder(root):
-    for name in ("q_tower.jpg", "tower 1.jpg", "tower2.jpg", "far_tower.jpg", "bridge.jpg", "sub/q_bridge.png",
-                 "sub/bridge2.jpg"):
+    for name in (
+        "q_tower.jpg",
+        "tower 1.jpg",
+        "tower2.jpg",
+        "far_tower.jpg",
+        "bridge.jpg",
+        "sub/q_bridge.png",
+        "sub/bridge2.jpg",
+    ):
         _img(root / name, size=(40, 30))
     return root
 
@@ -48,9 +55,11 @@ def _eval_folder(root):
 def test_queries_csv_becomes_revisited_ground_truth(tmp_path):
     images = _eval_folder(tmp_path / "photos")
     csv_path = tmp_path / "queries.csv"
-    csv_path.write_text("query,positives,junk,bbx\n"
-                        "q_tower.jpg,tower 1.jpg;tower2,far_tower.jpg,5 5 25 20\n"
-                        "sub/q_bridge,bridge.jpg sub/bridge2.jpg,,\n")
+    csv_path.write_text(
+        "query,positives,junk,bbx\n"
+        "q_tower.jpg,tower 1.jpg;tower2,far_tower.jpg,5 5 25 20\n"
+        "sub/q_bridge,bridge.jpg sub/bridge2.jpg,,\n"
+    )
     gt = load_query_csv(images, csv_path, "mine")
     assert gt.qimlist == ["q_tower.jpg", "sub/q_bridge.png"]
     assert gt.imlist == ["bridge.jpg", "far_tower.jpg", "sub/bridge2.jpg", "tower 1.jpg", "tower2.jpg"]
@@ -59,13 +68,19 @@ def test_queries_csv_becomes_revisited_ground_truth(tmp_path):
     assert gt.query_path(1) == images / "sub" / "q_bridge.png" and gt.database_path(3).is_file()
 
 
-@pytest.mark.parametrize("body, message", [
-    ("query,positives\nq_tower.jpg,nothere.jpg\n", "line 2: 'nothere.jpg' is not an image"),
-    ("query,positives\nq_tower.jpg,sub/q_bridge.png\nsub/q_bridge.png,bridge.jpg\n", "are queries, not database"),
-    ("query,pos\nq_tower.jpg,bridge.jpg\n", "missing column"),
-    ("query,positives,junk\nq_tower.jpg,bridge.jpg,bridge.jpg\n", "both positive and junk"),
-    ("query,positives,bbx\nq_tower.jpg,bridge.jpg,5 5 2 20\n", "bbx must be"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("query,positives\nq_tower.jpg,nothere.jpg\n", "line 2: 'nothere.jpg' is not an image"),
+        (
+            "query,positives\nq_tower.jpg,sub/q_bridge.png\nsub/q_bridge.png,bridge.jpg\n",
+            "are queries, not database",
+        ),
+        ("query,pos\nq_tower.jpg,bridge.jpg\n", "missing column"),
+        ("query,positives,junk\nq_tower.jpg,bridge.jpg,bridge.jpg\n", "both positive and junk"),
+        ("query,positives,bbx\nq_tower.jpg,bridge.jpg,5 5 2 20\n", "bbx must be"),
+    ],
+)
 def test_queries_csv_errors_name_the_line(tmp_path, body, message):
     images = _eval_folder(tmp_path / "photos")
     (tmp_path / "q.csv").write_text(body)
@@ -80,8 +95,16 @@ def test_folder_training_and_csv_evaluation_through_the_datamodule(tmp_path):
     images = _eval_folder(tmp_path / "photos")
     (tmp_path / "q.csv").write_text("query,positives,bbx\nq_tower.jpg,tower2.jpg,0 0 20 30\n")
     spec = {"images": str(images), "queries_csv": str(tmp_path / "q.csv"), "test_size": 32, "required": True}
-    dm = RetrievalDataModule(root=str(tmp_path / "train"), layout="folder", verify="header", train_size=16,
-                             batch_size=2, num_workers=0, eval_sets={"mine": spec}, eval_batch_size=4)
+    dm = RetrievalDataModule(
+        root=str(tmp_path / "train"),
+        layout="folder",
+        verify="header",
+        train_size=16,
+        batch_size=2,
+        num_workers=0,
+        eval_sets={"mine": spec},
+        eval_batch_size=4,
+    )
     dm.setup("fit")
     assert dm.num_classes == 2 and [s.name for s in dm.eval_sets] == ["mine"]
     x, y = next(iter(dm.train_dataloader()))
@@ -93,7 +116,9 @@ def test_folder_training_and_csv_evaluation_through_the_datamodule(tmp_path):
 
 
 def test_optional_csv_set_with_missing_files_is_skipped(tmp_path):
-    dm = RetrievalDataModule(eval_sets={"mine": {"images": str(tmp_path / "x"), "queries_csv": str(tmp_path / "q.csv")}})
+    dm = RetrievalDataModule(
+        eval_sets={"mine": {"images": str(tmp_path / "x"), "queries_csv": str(tmp_path / "q.csv")}}
+    )
     dm.setup("validate")
     assert dm.eval_sets == [] and "mine" in dm.skipped_eval_sets
 
@@ -108,9 +133,17 @@ def test_list_images_is_sorted_and_recursive(tmp_path):
 def test_list_files_names_what_defines_the_data(tmp_path):
     images = _eval_folder(tmp_path / "photos")
     (tmp_path / "q.csv").write_text("query,positives\nq_tower.jpg,tower2.jpg\n")
-    dm = RetrievalDataModule(root=str(tmp_path / "train"), layout="folder",
-                             eval_sets={"mine": {"images": str(images), "queries_csv": str(tmp_path / "q.csv")},
-                                        "ox": {"data_dir": str(tmp_path / "ox"), "gnd_name": "roxford5k"}})
-    assert dm.list_files() == {"train": None, "eval/mine": tmp_path / "q.csv",
-                               "eval/ox": tmp_path / "ox" / "gnd_roxford5k.pkl"}
+    dm = RetrievalDataModule(
+        root=str(tmp_path / "train"),
+        layout="folder",
+        eval_sets={
+            "mine": {"images": str(images), "queries_csv": str(tmp_path / "q.csv")},
+            "ox": {"data_dir": str(tmp_path / "ox"), "gnd_name": "roxford5k"},
+        },
+    )
+    assert dm.list_files() == {
+        "train": None,
+        "eval/mine": tmp_path / "q.csv",
+        "eval/ox": tmp_path / "ox" / "gnd_roxford5k.pkl",
+    }
     assert dm.eval_specs["mine"]["data_dir"] == str(images)

@@ -34,8 +34,9 @@ def _write(root, classes: dict[str, list[str]], broken=(), missing=(), size=(24,
 
 
 def test_train_csv_format_groups_ids_and_drops_duplicates(tmp_path):
-    (tmp_path / "train.csv").write_text("\ufeffid,url,landmark_id\n"
-                                        "aaaa,http://x/1.jpg,12\nbbbb,http://x/2.jpg,3\naaaa,http://x/1.jpg,12\n")
+    (tmp_path / "train.csv").write_text(
+        "\ufeffid,url,landmark_id\naaaa,http://x/1.jpg,12\nbbbb,http://x/2.jpg,3\naaaa,http://x/1.jpg,12\n"
+    )
     assert read_gldv2_csv(tmp_path / "train.csv") == {"12": ["aaaa"], "3": ["bbbb"]}
 
 
@@ -48,8 +49,10 @@ def test_unknown_columns_are_named(tmp_path):
 def test_train_csv_gives_the_same_dataset_as_train_clean(tmp_path):
     ids = _ids("a", 3)
     _write(tmp_path, {"7": ids[:2], "2": ids[2:]})
-    (tmp_path / "train.csv").write_text("id,url,landmark_id\n" + "".join(
-        f"{i},u,{lid}\n" for lid, group in (("7", ids[:2]), ("2", ids[2:])) for i in group))
+    (tmp_path / "train.csv").write_text(
+        "id,url,landmark_id\n"
+        + "".join(f"{i},u,{lid}\n" for lid, group in (("7", ids[:2]), ("2", ids[2:])) for i in group)
+    )
     clean, full = GLDv2Dataset(tmp_path), GLDv2Dataset(tmp_path, "train.csv")
     assert clean.label_map == full.label_map == {"2": 0, "7": 1}
     assert sorted(clean.samples) == sorted(full.samples)
@@ -74,7 +77,9 @@ def test_validation_split_never_takes_a_class_only_image(tmp_path):
 
 def test_datamodule_writes_label_map_and_val_split(tmp_path):
     _write(tmp_path, {"40": _ids("4", 3), "5": _ids("5", 2)})
-    dm = RetrievalDataModule(root=str(tmp_path), train_size=16, batch_size=2, num_workers=0, val_fraction=0.34)
+    dm = RetrievalDataModule(
+        root=str(tmp_path), train_size=16, batch_size=2, num_workers=0, val_fraction=0.34
+    )
     dm.setup("fit")
     assert dm.num_classes == 2 and len(dm.val_set) == 2 and len(dm.train_set) == 3
     out = dm.save_label_map(tmp_path / "ckpt")
@@ -141,8 +146,15 @@ def test_lightning_fit_reports_at_the_end_of_the_epoch_where_damage_is_found(tmp
     _write(tmp_path, classes, broken={classes["2"][0]})
     dm = RetrievalDataModule(root=str(tmp_path), train_size=16, batch_size=2, num_workers=0)
     dm.setup("fit")
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     with caplog.at_level(logging.WARNING, logger="dalg.data"):
         trainer.fit(_TinyClassifier(dm.num_classes), datamodule=dm)
     reports = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
@@ -183,8 +195,9 @@ def test_train_loader_survives_lightning_sampler_injection(tmp_path, caplog):
     dm.setup("fit")
     with _replace_dunder_methods(DataLoader, "dataset"):
         loader = dm.train_dataloader()
-    rebuilt = _update_dataloader(loader, DistributedSampler(dm.train_set, num_replicas=1, rank=0),
-                                 mode=RunningStage.TRAINING)
+    rebuilt = _update_dataloader(
+        loader, DistributedSampler(dm.train_set, num_replicas=1, rank=0), mode=RunningStage.TRAINING
+    )
     assert type(rebuilt) is type(loader) and isinstance(rebuilt.sampler, DistributedSampler)
     with caplog.at_level(logging.WARNING, logger="dalg.data"):
         assert len(_epoch(rebuilt)) == 6
@@ -208,9 +221,16 @@ def test_report_per_epoch_through_the_training_pipeline_loader(tmp_path, caplog)
             if trainer.current_epoch == 2:  # damage that appears later is reported when found
                 image_path(tmp_path, classes["1"][2]).write_bytes(b"")
 
-    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
-                         callbacks=[_BreakOnSecondEpoch()])
+    trainer = pl.Trainer(
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[_BreakOnSecondEpoch()],
+    )
     trainer_ref.append(trainer)
     with caplog.at_level(logging.WARNING, logger="dalg.data"):
         trainer.fit(_TinyClassifier(dm.num_classes), datamodule=dm)

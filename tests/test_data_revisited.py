@@ -47,16 +47,24 @@ def test_revisited_datamodule_reads_any_set_by_name(tmp_path):
 
 def test_revisited_config_data_root_and_name(tmp_path):
     _write_set(tmp_path / "oxf", "roxford5k")
-    cfg = compose_train(["data=roxford5k", f"data.root={tmp_path / 'oxf'}", "data.crop_queries=false"],
-                        tmp_path / "out")
+    cfg = compose_train(
+        ["data=roxford5k", f"data.root={tmp_path / 'oxf'}", "data.crop_queries=false"], tmp_path / "out"
+    )
     dm = hydra.utils.instantiate(cfg.data)
     dm.setup("validate")
     (s,) = dm.eval_sets
     assert s.name == "roxford5k" and not s.crop_queries and s.dataset.load(0).size == (64, 48)
     assert cfg.optimized_metric == "val/roxford5k/mAP_M"
     # eval.py writes its options into each spec: those win over the module-level default
-    cfg = compose_train(["data=roxford5k", f"data.root={tmp_path / 'oxf'}", "data.crop_queries=false",
-                         "+data.eval_sets.main.crop_queries=true"], tmp_path / "out")
+    cfg = compose_train(
+        [
+            "data=roxford5k",
+            f"data.root={tmp_path / 'oxf'}",
+            "data.crop_queries=false",
+            "+data.eval_sets.main.crop_queries=true",
+        ],
+        tmp_path / "out",
+    )
     dm = hydra.utils.instantiate(cfg.data)
     dm.setup("validate")
     assert dm.eval_sets[0].crop_queries and dm.eval_sets[0].dataset.load(0).size == (36, 28)
@@ -91,8 +99,13 @@ class _ConvDescriptor(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                                        torch.nn.Conv2d(8, 16, 3, 2, 1), torch.nn.ReLU())
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, 2, 1),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 16, 3, 2, 1),
+            torch.nn.ReLU(),
+        )
 
     def forward(self, x):
         f = self.body(x).clamp(min=1e-6).pow(3).mean((2, 3)).pow(1 / 3)
@@ -109,8 +122,7 @@ def _descriptors(model, loader: DataLoader, n: int) -> torch.Tensor:
 
 def _check_batch_invariance(tmp_path, model) -> None:
     _write_set(tmp_path)
-    dm = RevisitedDataModule(root=str(tmp_path), name="toy", eval_batch_size=4, num_workers=0,
-                             test_size=48)
+    dm = RevisitedDataModule(root=str(tmp_path), name="toy", eval_batch_size=4, num_workers=0, test_size=48)
     dm.setup("validate")
     loader = dm.val_dataloader()[0]
     batches = list(loader.batch_sampler)
@@ -144,8 +156,7 @@ def test_lightning_can_inject_a_distributed_sampler(tmp_path):
     """Under DDP Lightning rebuilds the batch sampler around a DistributedSampler: every image is still covered,
     and every batch still holds one size."""
     _write_set(tmp_path)
-    dm = RevisitedDataModule(root=str(tmp_path), name="toy", eval_batch_size=2, num_workers=0,
-                             test_size=32)
+    dm = RevisitedDataModule(root=str(tmp_path), name="toy", eval_batch_size=2, num_workers=0, test_size=32)
     dm.setup("validate")
     sizes = dm.eval_sizes(dm.eval_sets[0])
     with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):

@@ -31,7 +31,9 @@ PHOTO = (1000, 750)  # (width, height): a ROxf-like image, longer side <= 1024
 
 
 def _photo(size=PHOTO, seed=0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    return Image.fromarray(
+        np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    )
 
 
 def _recording(model: DALG) -> list[tuple[int, int]]:
@@ -41,7 +43,11 @@ def _recording(model: DALG) -> list[tuple[int, int]]:
 
 
 def test_test_size_values() -> None:
-    assert parse_test_size(None) is None and parse_test_size("original") is None and parse_test_size("512") == 512
+    assert (
+        parse_test_size(None) is None
+        and parse_test_size("original") is None
+        and parse_test_size("512") == 512
+    )
     assert describe_test_size(None) == "original" and describe_test_size(224) == 224
     for bad in (0, -3, "big", 12.5, True):
         with pytest.raises(ValueError, match=r"data\.eval_sets\.x\.test_size=.*null / 'original'"):
@@ -49,7 +55,11 @@ def test_test_size_values() -> None:
     assert resized_shape(1000, 750, None) == (750, 1000)  # own size
     assert resized_shape(1000, 750, None, 16) == (752, 992)  # each side to the nearest patch multiple
     assert resized_shape(200, 300, 150) == (150, 100)
-    for w, h in ((1000, 750), (333, 517), (17, 900)):  # the aspect ratio moves by at most half a patch per side
+    for w, h in (
+        (1000, 750),
+        (333, 517),
+        (17, 900),
+    ):  # the aspect ratio moves by at most half a patch per side
         rh, rw = resized_shape(w, h, 512, 16)
         s = 512 / max(w, h)
         assert rh % 16 == rw % 16 == 0 and abs(rh - h * s) <= 8 and abs(rw - w * s) <= 8
@@ -65,8 +75,10 @@ def test_original_size_reaches_dolg_at_its_own_size_and_dolgs_scale_rule() -> No
     assert seen == [(265, 354), (750, 1000)]  # round(750 * 0.3535), round(1000 * 0.3535); then the original
     # the rule itself: bilinear, half-pixel centres, no antialiasing, to round(side * s)
     small = torch.rand(1, 3, 75, 100)
-    torch.testing.assert_close(model.scale_resize(small, 0.3535), F.interpolate(
-        small, size=(27, 35), mode="bilinear", align_corners=False, antialias=False))
+    torch.testing.assert_close(
+        model.scale_resize(small, 0.3535),
+        F.interpolate(small, size=(27, 35), mode="bilinear", align_corners=False, antialias=False),
+    )
 
 
 def test_original_size_reaches_a_vit_at_patch_multiples() -> None:
@@ -80,8 +92,13 @@ def test_original_size_reaches_a_vit_at_patch_multiples() -> None:
 
 
 def test_config_checks_accept_original_and_name_a_bad_test_size(tmp_path: Path) -> None:
-    cfg = compose_train(["data.eval_sets.synthetic_heldout.test_size=null",
-                         "data.eval_sets.landmarks_mini.test_size=original"], tmp_path)
+    cfg = compose_train(
+        [
+            "data.eval_sets.synthetic_heldout.test_size=null",
+            "data.eval_sets.landmarks_mini.test_size=original",
+        ],
+        tmp_path,
+    )
     check_image_sizes(cfg, 16)
     with open_dict(cfg):
         cfg.data.eval_sets.synthetic_heldout.test_size = "huge"
@@ -92,13 +109,23 @@ def test_config_checks_accept_original_and_name_a_bad_test_size(tmp_path: Path) 
 def test_eval_path_never_pads_so_the_descriptor_does_not_depend_on_padding(tiny_synthetic: Path) -> None:
     torch.manual_seed(0)
     model = build_model("dalg_tiny", device="cpu").eval()
-    dm = RetrievalDataModule(eval_sets={"h": {"data_dir": str(tiny_synthetic / "heldout"),
-                                              "gnd_name": "synthetic-heldout", "test_size": 100}},
-                             num_workers=0, eval_batch_size=4, input_config=model.input_config)
+    dm = RetrievalDataModule(
+        eval_sets={
+            "h": {
+                "data_dir": str(tiny_synthetic / "heldout"),
+                "gnd_name": "synthetic-heldout",
+                "test_size": 100,
+            }
+        },
+        num_workers=0,
+        eval_batch_size=4,
+        input_config=model.input_config,
+    )
     dm.setup("validate")
     seen = _recording(model)
     patch_embed = model.backbone.vit.patch_embed
     scales = [0.7071, 1.0, 1.4142]
+
     def batches():  # three batches keep it quick; test_size 100 is no patch multiple, so each side is rounded
         return itertools.islice(dm.eval_dataloader(dm.eval_sets[0]), 3)
 
@@ -132,23 +159,44 @@ def test_eval_at_original_size_records_it(tmp_path: Path, monkeypatch) -> None:
     sizes = {"q0": (320, 240), "d0": PHOTO, "d1": (240, 320)}
     for i, (name, size) in enumerate(sizes.items()):
         _photo(size, seed=i).save(data / "jpg" / f"{name}.jpg", quality=90)
-    gnd = {"imlist": ["d0", "d1"], "qimlist": ["q0"], "gnd": [{"bbx": None, "easy": [0], "hard": [], "junk": [1]}]}
+    gnd = {
+        "imlist": ["d0", "d1"],
+        "qimlist": ["q0"],
+        "gnd": [{"bbx": None, "easy": [0], "hard": [], "junk": [1]}],
+    }
     with open(data / "gnd_tiny.pkl", "wb") as f:
         pickle.dump(gnd, f)
 
-    module = build_module(compose_train(["model=dolg_tiny", "model.scales=[0.3535,1.0]"], tmp_path), num_classes=3)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", enable_model_summary=False)
+    module = build_module(
+        compose_train(["model=dolg_tiny", "model.scales=[0.3535,1.0]"], tmp_path), num_classes=3
+    )
+    trainer = pl.Trainer(
+        logger=False, enable_checkpointing=False, accelerator="cpu", enable_model_summary=False
+    )
     trainer.strategy.connect(module)
     trainer.save_checkpoint(tmp_path / "dolg.ckpt")
 
     seen: list[tuple[int, int]] = []
     forward = DALG.forward
-    monkeypatch.setattr(DALG, "forward", lambda self, x: (seen.append(tuple(x.shape[-2:])), forward(self, x))[1])
+    monkeypatch.setattr(
+        DALG, "forward", lambda self, x: (seen.append(tuple(x.shape[-2:])), forward(self, x))[1]
+    )
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=[
-            f"ckpt_path={tmp_path / 'dolg.ckpt'}", "data=revisited", "data.name=tiny", f"data.root={data}",
-            "test_size=original", "crop_queries=false", "num_workers=0", "batch_size=2", "accelerator=cpu",
-            f"output_json={tmp_path / 'r.json'}"])
+        cfg = compose(
+            config_name="eval",
+            overrides=[
+                f"ckpt_path={tmp_path / 'dolg.ckpt'}",
+                "data=revisited",
+                "data.name=tiny",
+                f"data.root={data}",
+                "test_size=original",
+                "crop_queries=false",
+                "num_workers=0",
+                "batch_size=2",
+                "accelerator=cpu",
+                f"output_json={tmp_path / 'r.json'}",
+            ],
+        )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     _eval_entry().evaluate(cfg)

@@ -51,8 +51,12 @@ def test_each_failure_is_recorded_and_the_next_check_runs():
         time.sleep(0.05)
         return {}
 
-    rows = gpu_check.run_checks({"slow": slow, "late": lambda p: {}}, gpu_check.Profile.cpu_dry_run(),
-                                budget_s=0.01, log=lambda s: None)
+    rows = gpu_check.run_checks(
+        {"slow": slow, "late": lambda p: {}},
+        gpu_check.Profile.cpu_dry_run(),
+        budget_s=0.01,
+        log=lambda s: None,
+    )
     assert [r["status"] for r in rows] == ["ok", "skipped"] and "budget" in rows[1]["error"]
 
 
@@ -62,37 +66,69 @@ def test_a_hung_check_is_interrupted_and_the_report_grows_after_each_check():
         return {}
 
     seen = []
-    rows = gpu_check.run_checks({"hangs": hangs, "after": lambda p: {"x": 1}}, gpu_check.Profile.cpu_dry_run(),
-                                budget_s=60, log=lambda s: None, check_timeout_s=0.3,
-                                on_result=lambda r: seen.append([x["name"] for x in r]))
+    rows = gpu_check.run_checks(
+        {"hangs": hangs, "after": lambda p: {"x": 1}},
+        gpu_check.Profile.cpu_dry_run(),
+        budget_s=60,
+        log=lambda s: None,
+        check_timeout_s=0.3,
+        on_result=lambda r: seen.append([x["name"] for x in r]),
+    )
     assert rows[0]["status"] == "failed" and rows[0]["error"].startswith("CheckTimeout")
     assert rows[0]["seconds"] < 10 and rows[1]["status"] == "ok"
     assert seen == [["hangs"], ["hangs", "after"]]
 
 
 def test_markdown_marks_a_dry_run_and_every_check():
-    report = {"started": "t", "dry_run": True, "total_seconds": 1.0, "complete": False,
-              "environment": {"device": "cpu", "torch": "x", "cuda": None, "faiss": "y"},
-              "checks": [{"name": "faiss_gpu", "status": "failed", "seconds": 0.1, "figures": {},
-                          "error": "CheckFailed: a | b"},
-                         {"name": "ddp_nccl", "status": "ok", "seconds": 2.0,
-                          "figures": {"backend": "gloo", "global_step": 4}}]}
+    report = {
+        "started": "t",
+        "dry_run": True,
+        "total_seconds": 1.0,
+        "complete": False,
+        "environment": {"device": "cpu", "torch": "x", "cuda": None, "faiss": "y"},
+        "checks": [
+            {
+                "name": "faiss_gpu",
+                "status": "failed",
+                "seconds": 0.1,
+                "figures": {},
+                "error": "CheckFailed: a | b",
+            },
+            {
+                "name": "ddp_nccl",
+                "status": "ok",
+                "seconds": 2.0,
+                "figures": {"backend": "gloo", "global_step": 4},
+            },
+        ],
+    }
     md = gpu_check.markdown(report)
-    assert "not a GPU result" in md and "Incomplete" in md and "| faiss_gpu | failed |" in md and "a / b" in md
+    assert (
+        "not a GPU result" in md and "Incomplete" in md and "| faiss_gpu | failed |" in md and "a / b" in md
+    )
     assert "| ddp_nccl | ok | 2.0 | backend gloo, 4 steps |" in md
 
 
 @pytest.mark.slow  # ~2-4 min on 2 CPU cores: the checks themselves, with tiny models on the CPU
 def test_cpu_dry_run_of_the_checks(tmp_path):
-    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--allow-cpu", "--out", str(tmp_path),
-           "--checks", "train_bf16,ddp_nccl,faiss_gpu,extraction"]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "gpu_check.py"),
+        "--allow-cpu",
+        "--out",
+        str(tmp_path),
+        "--checks",
+        "train_bf16,ddp_nccl,faiss_gpu,extraction",
+    ]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     report = json.loads((tmp_path / "results.json").read_text())
     status = {r["name"]: r["status"] for r in report["checks"]}
     assert report["dry_run"] is True and report["complete"] is True
     assert "not a GPU result" in (tmp_path / "results.md").read_text()
     # faiss-cpu has no GPU: that check fails (and is recorded) while the others pass
-    assert status == {"train_bf16": "ok", "ddp_nccl": "ok", "faiss_gpu": "failed", "extraction": "ok"}, res.stderr
+    assert status == {"train_bf16": "ok", "ddp_nccl": "ok", "faiss_gpu": "failed", "extraction": "ok"}, (
+        res.stderr
+    )
     assert res.returncode == gpu_check.EXIT_FAILED
     figures = {r["name"]: r["figures"] for r in report["checks"]}
     assert figures["ddp_nccl"]["backend"] == "gloo" and figures["ddp_nccl"]["global_step"] > 0

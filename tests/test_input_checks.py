@@ -47,12 +47,15 @@ def _revisited(root: Path, boxes: list, sizes=((60, 40), (50, 50))) -> Path:
     return root
 
 
-@pytest.mark.parametrize("box", [[70, 5, 90, 30], [5, 55, 30, 60], [-30, -20, -1, -1]],
-                         ids=["right", "below", "before"])
+@pytest.mark.parametrize(
+    "box", [[70, 5, 90, 30], [5, 55, 30, 60], [-30, -20, -1, -1]], ids=["right", "below", "before"]
+)
 def test_gnd_box_wholly_outside_the_image_is_an_error_naming_the_query(tmp_path, box):
     root = _revisited(tmp_path, [[5, 5, 20, 20], box])
     gt = load_ground_truth(root, "toy")
-    with pytest.raises(ValueError, match=r"gnd_toy\.pkl: query 1 \(q1, .*q1\.jpg\): bbx .* lies outside the 50x50"):
+    with pytest.raises(
+        ValueError, match=r"gnd_toy\.pkl: query 1 \(q1, .*q1\.jpg\): bbx .* lies outside the 50x50"
+    ):
         RevisitedImages(gt, crop_queries=True)
     RevisitedImages(gt, crop_queries=False)  # without cropping the box is not used: no error
 
@@ -81,10 +84,15 @@ def test_query_csv_box_outside_the_image_names_the_csv_and_query(tmp_path):
 def test_missing_query_image_with_a_box_is_found_at_setup(tmp_path):
     root = _revisited(tmp_path, [[5, 5, 20, 20], [1, 1, 10, 10]])
     (root / "jpg" / "q1.jpg").unlink()
-    dm = RetrievalDataModule(eval_sets={"toy": {"data_dir": str(root), "gnd_name": "toy", "test_size": 32,
-                                                "required": True}}, num_workers=0)
-    with pytest.raises(ImageReadError, match=r"q1\.jpg.*query 1 \(q1.*has a bbx but its image cannot be read: "
-                                             r"file does not exist"):
+    dm = RetrievalDataModule(
+        eval_sets={"toy": {"data_dir": str(root), "gnd_name": "toy", "test_size": 32, "required": True}},
+        num_workers=0,
+    )
+    with pytest.raises(
+        ImageReadError,
+        match=r"q1\.jpg.*query 1 \(q1.*has a bbx but its image cannot be read: "
+        r"file does not exist",
+    ):
         dm.setup("validate")  # before any dataloader, extraction or worker
 
 
@@ -114,16 +122,22 @@ def _no_extraction(monkeypatch):
 @pytest.mark.parametrize("where", ["parent_is_a_file", "is_a_folder", "features_dir_is_a_file"])
 def test_eval_checks_every_output_location_before_extraction(tmp_path, monkeypatch, where):
     _no_extraction(monkeypatch)
-    monkeypatch.setattr(RetrievalModule, "for_evaluation", _refuse("the checkpoint was read before the outputs"))
+    monkeypatch.setattr(
+        RetrievalModule, "for_evaluation", _refuse("the checkpoint was read before the outputs")
+    )
     (tmp_path / "file").write_text("x")
     (tmp_path / "folder").mkdir()
-    output, key = {"parent_is_a_file": (tmp_path / "file" / "r.json", "output_json"),
-                   "is_a_folder": (tmp_path / "folder", "output_json"),
-                   "features_dir_is_a_file": (tmp_path / "file.json", "save_features")}[where]
+    output, key = {
+        "parent_is_a_file": (tmp_path / "file" / "r.json", "output_json"),
+        "is_a_folder": (tmp_path / "folder", "output_json"),
+        "features_dir_is_a_file": (tmp_path / "file.json", "save_features"),
+    }[where]
     if where == "features_dir_is_a_file":
         (tmp_path / "features").write_text("a file where the feature stores would go")
-    cfg = _eval_cfg([f"ckpt_path={tmp_path / 'any.ckpt'}", f"output_json={output}", "save_features=true"],
-                    tmp_path / "run")
+    cfg = _eval_cfg(
+        [f"ckpt_path={tmp_path / 'any.ckpt'}", f"output_json={output}", "save_features=true"],
+        tmp_path / "run",
+    )
     with pytest.raises(OutputNotWritableError, match=f"{key}=") as err:
         _eval_entry().evaluate(cfg)
     assert str(tmp_path) in str(err.value)
@@ -137,8 +151,9 @@ def test_eval_read_only_output_folder(tmp_path, monkeypatch):
     ro.chmod(0o500)
     try:
         with pytest.raises(OutputNotWritableError, match="output_json="):
-            _eval_entry().evaluate(_eval_cfg([f"ckpt_path={tmp_path / 'any.ckpt'}", f"output_json={ro / 'r.json'}"],
-                                             tmp_path))
+            _eval_entry().evaluate(
+                _eval_cfg([f"ckpt_path={tmp_path / 'any.ckpt'}", f"output_json={ro / 'r.json'}"], tmp_path)
+            )
     finally:
         ro.chmod(0o700)
 
@@ -148,10 +163,21 @@ def _store(path: Path, rows: np.ndarray) -> Path:
     return path.with_suffix(".npy")
 
 
-@pytest.mark.parametrize("kind, message", [("dim", r"descriptors are 64-d, the model gives 512-d"),
-                                           ("norm", r"3 of 300 checked rows are not L2-normalised")])
-def test_bad_distractor_store_is_rejected_before_extraction(tiny_ckpt, tiny_synthetic, tmp_path,  # noqa: F811
-                                                            monkeypatch, kind, message):
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("dim", r"descriptors are 64-d, the model gives 512-d"),
+        ("norm", r"3 of 300 checked rows are not L2-normalised"),
+    ],
+)
+def test_bad_distractor_store_is_rejected_before_extraction(
+    tiny_ckpt,  # noqa: F811
+    tiny_synthetic,
+    tmp_path,
+    monkeypatch,
+    kind,
+    message,
+):
     _no_extraction(monkeypatch)
     rng = np.random.default_rng(0)
     rows = rng.standard_normal((300, 64 if kind == "dim" else 512)).astype(np.float32)
@@ -159,8 +185,16 @@ def test_bad_distractor_store_is_rejected_before_extraction(tiny_ckpt, tiny_synt
     if kind == "norm":
         rows[[0, 150, 299]] *= 3.0  # a few rows left unnormalised (the first, a middle and the last)
     store = _store(tmp_path / "distractors", rows)
-    over = [f"ckpt_path={tiny_ckpt}", "data=synthetic", f"data.root={tiny_synthetic}", "~data.eval_sets.landmarks_mini",
-            "test_size=64", "num_workers=0", "accelerator=cpu", f"distractors={store}"]
+    over = [
+        f"ckpt_path={tiny_ckpt}",
+        "data=synthetic",
+        f"data.root={tiny_synthetic}",
+        "~data.eval_sets.landmarks_mini",
+        "test_size=64",
+        "num_workers=0",
+        "accelerator=cpu",
+        f"distractors={store}",
+    ]
     over += [f"data.generator.{k}={v}" for k, v in TINY_SYNTHETIC.items()]
     with pytest.raises(ValueError, match=f"distractors={store}: {message}"):
         _eval_entry().evaluate(_eval_cfg(over, tmp_path / "run"))
@@ -178,10 +212,13 @@ def _written_by_extraction(tmp_path: Path) -> Path:
 def test_written_files_respect_the_umask(tmp_path, umask, mode):
     old = os.umask(umask)
     try:
-        written = [write_json_atomic({"a": 1}, tmp_path / "run_meta.json"),
-                   write_text_atomic("x: 1\n", tmp_path / "config.yaml"),
-                   atomic_torch_save({"state_dict": {}}, tmp_path / "checkpoints" / "last.ckpt"),
-                   _store(tmp_path / "feats", np.eye(2, dtype=np.float32)), _written_by_extraction(tmp_path)]
+        written = [
+            write_json_atomic({"a": 1}, tmp_path / "run_meta.json"),
+            write_text_atomic("x: 1\n", tmp_path / "config.yaml"),
+            atomic_torch_save({"state_dict": {}}, tmp_path / "checkpoints" / "last.ckpt"),
+            _store(tmp_path / "feats", np.eye(2, dtype=np.float32)),
+            _written_by_extraction(tmp_path),
+        ]
     finally:
         os.umask(old)
     for path in written:
@@ -218,11 +255,21 @@ def test_training_stops_when_most_images_are_unreadable(tmp_path):
     for c in range(4):
         for i in range(1, 10):
             (root / f"c{c}" / f"{i}.jpg").write_bytes(b"")  # 90 % unreadable: a half-finished download
-    dm = RetrievalDataModule(root=str(root), layout="folder", train_size=16, batch_size=4, num_workers=0,
-                             max_unreadable_fraction=0.05, unreadable_check_after=20)
+    dm = RetrievalDataModule(
+        root=str(root),
+        layout="folder",
+        train_size=16,
+        batch_size=4,
+        num_workers=0,
+        max_unreadable_fraction=0.05,
+        unreadable_check_after=20,
+    )
     dm.setup("fit")
-    with pytest.raises(UnreadableDataError, match=r"of the 2\d images this loader process tried are unreadable "
-                                                  r"\(\d+%\), above data.max_unreadable_fraction=0.05"):
+    with pytest.raises(
+        UnreadableDataError,
+        match=r"of the 2\d images this loader process tried are unreadable "
+        r"\(\d+%\), above data.max_unreadable_fraction=0.05",
+    ):
         for _ in dm.train_dataloader():
             pass
 
@@ -230,8 +277,15 @@ def test_training_stops_when_most_images_are_unreadable(tmp_path):
 def test_a_few_unreadable_images_are_replaced_not_fatal(tmp_path):
     root = _class_folder(tmp_path, classes=4, per_class=10)
     (root / "c1" / "3.jpg").write_bytes(b"")
-    dm = RetrievalDataModule(root=str(root), layout="folder", train_size=16, batch_size=4, num_workers=0,
-                             max_unreadable_fraction=0.05, unreadable_check_after=20)
+    dm = RetrievalDataModule(
+        root=str(root),
+        layout="folder",
+        train_size=16,
+        batch_size=4,
+        num_workers=0,
+        max_unreadable_fraction=0.05,
+        unreadable_check_after=20,
+    )
     dm.setup("fit")
     assert sum(len(labels) for _, labels in dm.train_dataloader()) == 40
 
@@ -265,8 +319,11 @@ def test_large_jpeg_decodes_at_reduced_size_when_the_target_is_much_smaller(tmp_
 def test_eval_sets_decode_database_images_reduced_and_queries_whole(tmp_path):
     root = _revisited(tmp_path, [[100, 100, 1900, 900]], sizes=[(2000, 1000)])
     Image.new("RGB", (2000, 1000)).save(root / "jpg" / "d0.jpg")
-    dm = RetrievalDataModule(eval_sets={"toy": {"data_dir": str(root), "gnd_name": "toy", "test_size": 128,
-                                                "required": True}}, num_workers=0, max_pixels=10_000_000)
+    dm = RetrievalDataModule(
+        eval_sets={"toy": {"data_dir": str(root), "gnd_name": "toy", "test_size": 128, "required": True}},
+        num_workers=0,
+        max_pixels=10_000_000,
+    )
     dm.setup("validate")
     ds = dm.eval_sets[0].dataset
     assert ds.load(0).size == (1800, 800)  # the query: cropped from the full-size image
@@ -274,13 +331,16 @@ def test_eval_sets_decode_database_images_reduced_and_queries_whole(tmp_path):
 
 
 # ------------------------------------------------------------------------------- config values, checked first
-@pytest.mark.parametrize("override, message", [
-    ("optim.optimizer.lr=-0.001", r"optim\.optimizer\.lr=-0\.001 must be > 0"),
-    ("trainer.max_epochs=abc", r"trainer\.max_epochs='abc' is not a number"),
-    ("trainer.max_epochs=2.5", r"trainer\.max_epochs=2\.5 must be an integer"),
-    ("data.batch_size=0", r"data\.batch_size=0 must be >= 1"),
-    ("data.max_unreadable_fraction=1.5", r"data\.max_unreadable_fraction=1\.5 must be in \[0\.0, 1\.0\]"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.optimizer.lr=-0.001", r"optim\.optimizer\.lr=-0\.001 must be > 0"),
+        ("trainer.max_epochs=abc", r"trainer\.max_epochs='abc' is not a number"),
+        ("trainer.max_epochs=2.5", r"trainer\.max_epochs=2\.5 must be an integer"),
+        ("data.batch_size=0", r"data\.batch_size=0 must be >= 1"),
+        ("data.max_unreadable_fraction=1.5", r"data\.max_unreadable_fraction=1\.5 must be in \[0\.0, 1\.0\]"),
+    ],
+)
 def test_bad_numbers_fail_before_any_data_is_read(tiny_synthetic, tmp_path, monkeypatch, override, message):
     from dalg.train_pipeline import train
 
@@ -295,9 +355,19 @@ def test_patch_size_is_checked_before_the_data_prescan(tmp_path, monkeypatch):
 
     root = _class_folder(tmp_path / "photos")
     monkeypatch.setattr(LabelledImages, "_prescan", _refuse("the pre-scan ran before the patch-size check"))
-    cfg = compose_train(["data=folder", f"data.root={root}", "data.verify=header", "data.train_size=100",
-                         "~data.eval_sets.landmarks_mini"], tmp_path / "run")
-    with pytest.raises(ConfigError, match=r"data\.train_size=100 is not a multiple of the backbone's patch size 16"):
+    cfg = compose_train(
+        [
+            "data=folder",
+            f"data.root={root}",
+            "data.verify=header",
+            "data.train_size=100",
+            "~data.eval_sets.landmarks_mini",
+        ],
+        tmp_path / "run",
+    )
+    with pytest.raises(
+        ConfigError, match=r"data\.train_size=100 is not a multiple of the backbone's patch size 16"
+    ):
         train(cfg)
 
 

@@ -18,7 +18,10 @@ def test_atomic_save_replaces_and_survives_a_failed_write(tmp_path):
         f.write(b"partial")
         raise OSError("disk full")
 
-    with mock.patch("dalg.lit.checkpoint_io.torch.save", broken_save), pytest.raises(OSError, match="disk full"):
+    with (
+        mock.patch("dalg.lit.checkpoint_io.torch.save", broken_save),
+        pytest.raises(OSError, match="disk full"),
+    ):
         io.save_checkpoint({"global_step": 2}, path)
     assert io.load_checkpoint(path)["global_step"] == 1
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temp file left behind

@@ -34,9 +34,9 @@ def test_layer_decay_scales_lr_per_block_and_keeps_head_at_base_lr(tiny_dalg):
     assert lr_of["head.weight"] == pytest.approx(1e-3)
     assert lr_of["descriptor.weight"] == pytest.approx(1e-3)
     assert lr_of["backbone.vit.norm.weight"] == pytest.approx(1e-3 * 0.5)
-    assert lr_of["backbone.vit.blocks.5.attn.qkv.weight"] == pytest.approx(1e-3 * 0.5 ** 2)
-    assert lr_of["backbone.vit.blocks.0.attn.qkv.weight"] == pytest.approx(1e-3 * 0.5 ** 7)
-    assert lr_of["backbone.vit.patch_embed.proj.weight"] == pytest.approx(1e-3 * 0.5 ** 8)
+    assert lr_of["backbone.vit.blocks.5.attn.qkv.weight"] == pytest.approx(1e-3 * 0.5**2)
+    assert lr_of["backbone.vit.blocks.0.attn.qkv.weight"] == pytest.approx(1e-3 * 0.5**7)
+    assert lr_of["backbone.vit.patch_embed.proj.weight"] == pytest.approx(1e-3 * 0.5**8)
     # the local branch's window blocks are not ViT blocks: base lr
     assert all(v == pytest.approx(1e-3) for k, v in lr_of.items() if k.startswith("local_branch."))
     # every trainable parameter is optimised exactly once, the margin head's included
@@ -50,11 +50,15 @@ def test_no_layer_decay_gives_one_lr_and_decay_split(tiny_dalg):
     assert {g["lr_scale"] for g in groups} == {1.0}
     for g in groups:
         for n, p in zip(g["names"], g["params"]):
-            assert (g["weight_decay"] == 0.0) == (p.ndim <= 1 or n.endswith((".bias", "pos_embed", "cls_token"))), n
+            assert (g["weight_decay"] == 0.0) == (
+                p.ndim <= 1 or n.endswith((".bias", "pos_embed", "cls_token"))
+            ), n
 
 
 def test_sgd_nesterov_step_trains_the_margin_head(tiny_dalg):
-    opt = build_optimizer(lambda params: torch.optim.SGD(params, lr=0.5, momentum=0.9, nesterov=True), tiny_dalg, 1e-4)
+    opt = build_optimizer(
+        lambda params: torch.optim.SGD(params, lr=0.5, momentum=0.9, nesterov=True), tiny_dalg, 1e-4
+    )
     assert opt.defaults["nesterov"] is True
     before = {n: p.detach().clone() for n, p in tiny_dalg.head.named_parameters()}
     x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
@@ -75,7 +79,7 @@ def test_warmup_then_cosine():
     lrs = [warmup_cosine(s, warm, total, 0.01) for s in range(total)]
     assert lrs[0] == pytest.approx(0.1) and lrs[warm - 1] == pytest.approx(1.0)
     assert all(a <= b for a, b in zip(lrs[:warm], lrs[1:warm]))
-    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1 :]))
     assert warmup_cosine(total, warm, total, 0.01) == pytest.approx(0.01)
     mid = warm + (total - warm) // 2
     assert lrs[mid] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.5)))
@@ -102,6 +106,8 @@ def test_optim_configs_reach_the_optimizer(optim, decays_all, tmp_path):
     from .conftest import compose_train
 
     module = build_module(compose_train(["model=dalg_tiny", f"optim={optim}"], tmp_path), num_classes=7)
-    module._trainer = SimpleNamespace(estimated_stepping_batches=10, max_epochs=2)  # what configure_optimizers reads
+    module._trainer = SimpleNamespace(
+        estimated_stepping_batches=10, max_epochs=2
+    )  # what configure_optimizers reads
     opt = module.configure_optimizers()["optimizer"]
     assert (min(g["weight_decay"] for g in opt.param_groups) > 0) == decays_all

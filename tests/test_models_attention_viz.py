@@ -22,15 +22,29 @@ def _image(path: Path, w: int = 150, h: int = 100) -> Path:
 def test_maps_cover_the_resized_image() -> None:
     model = model_from_config("dalg_tiny")
     maps = attention_maps(model, Image.new("RGB", (150, 100), (120, 30, 200)), size=120)
-    assert maps["image"].shape == (80, 128, 3)  # 120 x 80, each side to the nearest patch multiple (no padding)
+    assert maps["image"].shape == (
+        80,
+        128,
+        3,
+    )  # 120 x 80, each side to the nearest patch multiple (no padding)
     for key in ("spatial attention", "cross-attention (g -> local)"):
         assert maps[key].shape == (80, 128)
         assert maps[key].min() >= 0 and maps[key].max() <= 1
 
 
 def test_cli_from_config_writes_png(tmp_path: Path) -> None:
-    out = main(["--image", str(_image(tmp_path / "a.jpg")), "--model", "dalg_tiny_heuristic", "--size", "96",
-                "--out", str(tmp_path / "viz" / "a.png")])
+    out = main(
+        [
+            "--image",
+            str(_image(tmp_path / "a.jpg")),
+            "--model",
+            "dalg_tiny_heuristic",
+            "--size",
+            "96",
+            "--out",
+            str(tmp_path / "viz" / "a.png"),
+        ]
+    )
     img = Image.open(out)
     assert img.format == "PNG" and img.width > img.height > 0
 
@@ -45,15 +59,27 @@ def test_checkpoint_rebuilds_trained_weights(tmp_path: Path) -> None:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     torch.manual_seed(5)
     net = model_from_config("dalg_tiny")
-    ckpt = {"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
-            "hyper_parameters": {"model_cfg": model_cfg, "num_classes": 0}}
+    ckpt = {
+        "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+        "hyper_parameters": {"model_cfg": model_cfg, "num_classes": 0},
+    }
     path = tmp_path / "run.ckpt"
     torch.save(ckpt, path)
     loaded = model_from_checkpoint(path)
     for k, v in net.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
-    out = main(["--image", str(_image(tmp_path / "b.png")), "--ckpt", str(path), "--size", "64",
-                "--out", str(tmp_path / "b_att.png")])
+    out = main(
+        [
+            "--image",
+            str(_image(tmp_path / "b.png")),
+            "--ckpt",
+            str(path),
+            "--size",
+            "64",
+            "--out",
+            str(tmp_path / "b_att.png"),
+        ]
+    )
     assert out.is_file()
     bad = tmp_path / "bad.ckpt"
     torch.save({"state_dict": {}}, bad)

@@ -128,8 +128,12 @@ def test_checkpoint_wins_over_pretrained_without_asking_the_hub(tmp_path: Path, 
     path = tmp_path / "mine.pth"
     save_backbone_state_dict(src, path)
     bb = tiny_vit(pretrained=True, checkpoint=str(path))
-    torch.testing.assert_close(bb.vit.blocks[0].attn.qkv.weight, src.vit.blocks[0].attn.qkv.weight, rtol=0, atol=0)
-    with pytest.raises(FileNotFoundError, match="x.pth"):  # and a missing one is named, not replaced by the hub's
+    torch.testing.assert_close(
+        bb.vit.blocks[0].attn.qkv.weight, src.vit.blocks[0].attn.qkv.weight, rtol=0, atol=0
+    )
+    with pytest.raises(
+        FileNotFoundError, match="x.pth"
+    ):  # and a missing one is named, not replaced by the hub's
         tiny_vit(pretrained=True, checkpoint=str(tmp_path / "x.pth"))
 
 
@@ -150,5 +154,6 @@ def test_backbone_from_a_whole_dalg_state_dict(tmp_path: Path) -> None:
     path = tmp_path / "run.ckpt"
     torch.save({"state_dict": {f"net.{k}": v for k, v in model.state_dict().items()}}, path)
     bb = hydra.utils.instantiate(_compose([f"model.backbone.checkpoint={path}"]).model.backbone)
-    torch.testing.assert_close(bb.vit.blocks[5].attn.proj.weight, model.backbone.vit.blocks[5].attn.proj.weight,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        bb.vit.blocks[5].attn.proj.weight, model.backbone.vit.blocks[5].attn.proj.weight, rtol=0, atol=0
+    )

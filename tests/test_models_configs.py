@@ -13,14 +13,26 @@ from dalg.models.dalg import DALG
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-SLOW = {"dolg_r101"}  # the biggest (65M params); dolg_r50 and dolg_tiny keep the ResNet family in the default suite
-EXPECTED = {"dalg_cross", "dalg_heuristic", "dalg_concat", "dalg_global", "dolg_r50", "dolg_r101", "dalg_tiny"}
+SLOW = {
+    "dolg_r101"
+}  # the biggest (65M params); dolg_r50 and dolg_tiny keep the ResNet family in the default suite
+EXPECTED = {
+    "dalg_cross",
+    "dalg_heuristic",
+    "dalg_concat",
+    "dalg_global",
+    "dolg_r50",
+    "dolg_r101",
+    "dalg_tiny",
+}
 
 
 def build(name: str, overrides: list[str] | None = None, num_classes: int = 5) -> DALG:
     """Model config ``name`` with random weights (real-size backbone configs ask for pretrained ones)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name=f"model/{name}", overrides=["model.backbone.pretrained=false", *(overrides or [])])
+        cfg = compose(
+            config_name=f"model/{name}", overrides=["model.backbone.pretrained=false", *(overrides or [])]
+        )
     return hydra.utils.instantiate(cfg.model, num_classes=num_classes)
 
 
@@ -28,7 +40,9 @@ def test_all_issue_configs_ship() -> None:
     assert EXPECTED <= set(MODELS)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in MODELS])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in MODELS]
+)
 def test_forward_backward(name: str) -> None:
     torch.manual_seed(0)
     model = build(name)
@@ -57,13 +71,21 @@ def test_multiscale_extract_is_mean_of_normalised_scales() -> None:
     with torch.no_grad():
         got = model.extract(x, scales)
         # each side round(side * s) to the nearest patch multiple (16): 0.5 -> 48 x 32, 1.4142 -> 128 x 112
-        per_scale = [model(x if size == (96, 80) else torch.nn.functional.interpolate(
-            x, size=size, mode="bilinear", antialias=True)) for size in ((48, 32), (96, 80), (128, 112))]
+        per_scale = [
+            model(
+                x
+                if size == (96, 80)
+                else torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True)
+            )
+            for size in ((48, 32), (96, 80), (128, 112))
+        ]
     ref = torch.nn.functional.normalize(torch.stack(per_scale).mean(0), dim=-1)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     model.scales = (0.7071, 1.0)
     with torch.no_grad():
-        torch.testing.assert_close(model.extract(x), model.extract(x, [0.7071, 1.0]))  # default: its own scales
+        torch.testing.assert_close(
+            model.extract(x), model.extract(x, [0.7071, 1.0])
+        )  # default: its own scales
     with pytest.raises(ValueError, match="scales"):
         model.extract(x, [0.0])
 
@@ -78,9 +100,17 @@ def test_dalg_cross_is_vit_small_with_cross_attention() -> None:
 
 
 def test_ablation_is_a_command_line() -> None:
-    model = build("dalg_tiny", ["model/head=cosface", "model.local_branch.window=3", "model.global_branch.use_cls=true",
-                                "model.fusion.direction=local_to_global", "model.backbone.local_block=2",
-                                "model.scales=[0.7071,1.0]"])
+    model = build(
+        "dalg_tiny",
+        [
+            "model/head=cosface",
+            "model.local_branch.window=3",
+            "model.global_branch.use_cls=true",
+            "model.fusion.direction=local_to_global",
+            "model.backbone.local_block=2",
+            "model.scales=[0.7071,1.0]",
+        ],
+    )
     assert type(model.head).__name__ == "CosFace" and model.head.margin == 0.35
     assert model.local_branch.window_blocks[0].window == 3 and model.global_branch.use_cls
     assert model.fusion.direction == "local_to_global" and model.backbone.local_block == 2

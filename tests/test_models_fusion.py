@@ -67,8 +67,9 @@ def test_cross_attention_depends_on_position_encoding(direction: str) -> None:
     g, local, deep = torch.randn(1, 8), torch.randn(1, 8, 2, 3), torch.randn(1, 4, 2, 3)
     perm = local.flatten(2)[:, :, torch.randperm(6)].reshape(1, 8, 2, 3)
     fu = CrossAttentionFusion(global_dim=8, local_dim=8, deep_dim=4, heads=2, direction=direction)
-    plain = CrossAttentionFusion(global_dim=8, local_dim=8, deep_dim=4, heads=2, direction=direction,
-                                 pos_encoding=False)
+    plain = CrossAttentionFusion(
+        global_dim=8, local_dim=8, deep_dim=4, heads=2, direction=direction, pos_encoding=False
+    )
     plain.load_state_dict(fu.state_dict(), strict=False)  # the same network less its position terms
     assert not any("pos" in k for k in plain.state_dict())
     torch.testing.assert_close(plain(g, local, deep).fused, plain(g, perm, deep).fused)
@@ -83,15 +84,19 @@ def _smooth_map(channels: int, size: int, seed: int, norm: float = 0.7) -> torch
     return m * norm / m.norm(dim=1).mean()
 
 
-def _update(fu: CrossAttentionFusion, g: torch.Tensor, local: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
+def _update(
+    fu: CrossAttentionFusion, g: torch.Tensor, local: torch.Tensor, deep: torch.Tensor
+) -> torch.Tensor:
     """What the block adds: z - g's query (global_to_local); z, the mean updated local token (local_to_global)."""
-    z = fu(g, local, deep).fused[:, fu.global_dim:]
+    z = fu(g, local, deep).fused[:, fu.global_dim :]
     return z - fu.g_proj(g) if fu.direction == "global_to_local" else z
 
 
 def _fusion(direction: str, seed: int = 0, **kw) -> CrossAttentionFusion:
     torch.manual_seed(seed)
-    return CrossAttentionFusion(global_dim=64, local_dim=32, deep_dim=48, heads=4, direction=direction, **kw).eval()
+    return CrossAttentionFusion(
+        global_dim=64, local_dim=32, deep_dim=48, heads=4, direction=direction, **kw
+    ).eval()
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
@@ -124,8 +129,15 @@ def test_cross_attention_is_stable_across_grid_sizes(direction: str) -> None:
         for name, p in fu.named_parameters():
             if "pos" in name:
                 p.mul_(5.0)  # a position term larger than at init, as after training
-        out = {n: _update(fu, g, torch.cat([_smooth_map(32, n, 1), _smooth_map(32, n, 2)]),
-                          torch.cat([_smooth_map(48, n, 3, 5.0), _smooth_map(48, n, 4, 5.0)])) for n in (8, 16, 32)}
+        out = {
+            n: _update(
+                fu,
+                g,
+                torch.cat([_smooth_map(32, n, 1), _smooth_map(32, n, 2)]),
+                torch.cat([_smooth_map(48, n, 3, 5.0), _smooth_map(48, n, 4, 5.0)]),
+            )
+            for n in (8, 16, 32)
+        }
     cos = torch.nn.functional.cosine_similarity
     assert cos(out[16], out[32]).min() > 0.999
     assert cos(out[8], out[32]).min() > 0.99
@@ -142,8 +154,9 @@ def test_position_is_in_the_keys_only() -> None:
         for name, p in fu.named_parameters():
             if "pos" in name:
                 p.normal_(std=3.0)  # a strong position term
-        torch.testing.assert_close(_update(fu, g, local, None), _update(plain, g, local, None), rtol=1e-5,
-                                   atol=1e-5)
+        torch.testing.assert_close(
+            _update(fu, g, local, None), _update(plain, g, local, None), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_local_to_global_weighs_g_against_the_mean_deep_token() -> None:
@@ -152,8 +165,10 @@ def test_local_to_global_weighs_g_against_the_mean_deep_token() -> None:
     fu = _fusion("local_to_global")
     g = torch.randn(1, 64, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        share = {n: fu(g, _smooth_map(32, n, 1), _smooth_map(48, n, 3, 5.0)).attention[..., 0].mean()
-                 for n in (16, 32)}
+        share = {
+            n: fu(g, _smooth_map(32, n, 1), _smooth_map(48, n, 3, 5.0)).attention[..., 0].mean()
+            for n in (16, 32)
+        }
     assert 0.05 < share[16] < 0.95
     torch.testing.assert_close(share[32], share[16], rtol=0.02, atol=0)
 

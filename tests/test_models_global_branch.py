@@ -104,4 +104,6 @@ def test_every_pooling_config_builds_in_dalg_tiny() -> None:
         d = model(torch.randn(2, 3, 48, 48))
         y = torch.tensor([0, 3])
         F.cross_entropy(model.head(d, y), y).backward()
-        assert model.backbone.vit.norm.weight.grad.abs().sum() > 0  # the final norm's output is what is pooled
+        assert (
+            model.backbone.vit.norm.weight.grad.abs().sum() > 0
+        )  # the final norm's output is what is pooled

@@ -33,8 +33,10 @@ PIL_RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resamp
 def _backbone(name: str, overrides: list[str] | None = None):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         # the input config comes from timm's record whether or not the weights are loaded (none offline)
-        cfg = compose(config_name=f"model/backbone/{name}",
-                      overrides=["model.backbone.pretrained=false"] + (overrides or []))
+        cfg = compose(
+            config_name=f"model/backbone/{name}",
+            overrides=["model.backbone.pretrained=false"] + (overrides or []),
+        )
     with torch.device("meta"):  # nothing allocated: ViT-B and ResNet-101 build in a blink
         return hydra.utils.instantiate(cfg.model.backbone), cfg.model.backbone
 
@@ -50,7 +52,9 @@ def test_every_backbone_config_gets_timms_data_config_in_every_transform() -> No
         backbone, cfg = _backbone(name)
         timm_cfg = timm.get_pretrained_cfg(cfg.name).to_dict()  # timm's own record, not our resolver
         config = backbone.input_config
-        assert config.mean == pytest.approx(timm_cfg["mean"]) and config.std == pytest.approx(timm_cfg["std"]), name
+        assert config.mean == pytest.approx(timm_cfg["mean"]) and config.std == pytest.approx(
+            timm_cfg["std"]
+        ), name
         assert config.interpolation == timm_cfg["interpolation"], name
         assert config.size_multiple == (16 if "vit" in name or "deit" in name else 1), name
 
@@ -58,7 +62,8 @@ def test_every_backbone_config_gets_timms_data_config_in_every_transform() -> No
             ops = _ops(tf)
             norm = ops[T.Normalize]
             assert tuple(norm.mean) == pytest.approx(timm_cfg["mean"]) and tuple(norm.std) == pytest.approx(
-                timm_cfg["std"]), name
+                timm_cfg["std"]
+            ), name
             resize = ops.get(T.RandomResizedCrop) or ops[T.Resize]
             assert resize.interpolation.value == timm_cfg["interpolation"], name
 
@@ -66,16 +71,24 @@ def test_every_backbone_config_gets_timms_data_config_in_every_transform() -> No
         got = eval_transform(48, config)(img)
         h, w = got.shape[1:]
         ref = np.asarray(img.resize((w, h), PIL_RESAMPLING[timm_cfg["interpolation"]], reducing_gap=None))
-        ref = (torch.from_numpy(ref).permute(2, 0, 1).float() / 255 - torch.tensor(timm_cfg["mean"])[:, None, None]) \
-            / torch.tensor(timm_cfg["std"])[:, None, None]
+        ref = (
+            torch.from_numpy(ref).permute(2, 0, 1).float() / 255
+            - torch.tensor(timm_cfg["mean"])[:, None, None]
+        ) / torch.tensor(timm_cfg["std"])[:, None, None]
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0, msg=name)
 
 
 def test_the_paper_vits_expect_half_and_override_wins() -> None:
     vit, _ = _backbone("vit_small")
     assert vit.input_config.mean == (0.5, 0.5, 0.5) and vit.input_config.std == (0.5, 0.5, 0.5)
-    own, _ = _backbone("vit_small", ["model.backbone.mean=[0.1,0.2,0.3]", "model.backbone.std=0.25",
-                                     "model.backbone.interpolation=bilinear"])
+    own, _ = _backbone(
+        "vit_small",
+        [
+            "model.backbone.mean=[0.1,0.2,0.3]",
+            "model.backbone.std=0.25",
+            "model.backbone.interpolation=bilinear",
+        ],
+    )
     assert own.input_config.mean == (0.1, 0.2, 0.3) and own.input_config.std == (0.25, 0.25, 0.25)
     assert own.input_config.interpolation == "bilinear" and "model.backbone" in own.input_config.source
     with pytest.raises(InstantiationException, match="input std must be three finite numbers > 0"):
@@ -85,11 +98,23 @@ def test_the_paper_vits_expect_half_and_override_wins() -> None:
 
 
 def test_datamodule_hands_the_models_config_to_every_transform(tiny_synthetic: Path) -> None:
-    dm = RetrievalDataModule(root=str(tiny_synthetic), train_size=32, batch_size=4, num_workers=0,
-                             val_fraction=0.25,
-                             eval_sets={"h": {"data_dir": str(tiny_synthetic / "heldout"),
-                                              "gnd_name": "synthetic-heldout", "test_size": 40}})
-    dm.setup("fit")  # as train_pipeline: the data first (the model needs num_classes), then the model's config
+    dm = RetrievalDataModule(
+        root=str(tiny_synthetic),
+        train_size=32,
+        batch_size=4,
+        num_workers=0,
+        val_fraction=0.25,
+        eval_sets={
+            "h": {
+                "data_dir": str(tiny_synthetic / "heldout"),
+                "gnd_name": "synthetic-heldout",
+                "test_size": 40,
+            }
+        },
+    )
+    dm.setup(
+        "fit"
+    )  # as train_pipeline: the data first (the model needs num_classes), then the model's config
     config = InputConfig((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 16)
     dm.set_input_config(config)
     for tf in (dm.train_set.transform, dm.val_set.transform, dm.eval_sets[0].dataset.transform):
@@ -99,7 +124,9 @@ def test_datamodule_hands_the_models_config_to_every_transform(tiny_synthetic: P
     assert dm.eval_sizes(dm.eval_sets[0])[0] == tuple(x.shape[1:])  # the size buckets follow the multiple
 
 
-@pytest.mark.parametrize("config", [InputConfig(), InputConfig((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 16)])
+@pytest.mark.parametrize(
+    "config", [InputConfig(), InputConfig((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 16)]
+)
 def test_transparent_pixels_normalise_to_zero_whatever_the_mean(tmp_path: Path, config: InputConfig) -> None:
     path = tmp_path / "clear.png"
     Image.new("RGBA", (32, 32), (255, 0, 0, 0)).save(path)
@@ -112,20 +139,30 @@ def _checkpoint(tmp_path: Path, overrides: list[str]) -> tuple[Path, RetrievalMo
     from dalg.train_pipeline import build_module
 
     module = build_module(compose_train(["model=dalg_tiny"] + overrides, tmp_path), num_classes=3)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", enable_model_summary=False)
+    trainer = pl.Trainer(
+        logger=False, enable_checkpointing=False, accelerator="cpu", enable_model_summary=False
+    )
     trainer.strategy.connect(module)  # Lightning's own checkpoint writer
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     return tmp_path / "m.ckpt", module
 
 
 def test_checkpoint_round_trip_keeps_the_input_config(tmp_path: Path) -> None:
-    path, trained = _checkpoint(tmp_path, ["model.backbone.mean=[0.3,0.4,0.5]", "model.backbone.std=[0.2,0.2,0.3]"])
+    path, trained = _checkpoint(
+        tmp_path, ["model.backbone.mean=[0.3,0.4,0.5]", "model.backbone.std=[0.2,0.2,0.3]"]
+    )
     stored = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]["input_config"]
     assert stored["mean"] == [0.3, 0.4, 0.5] and stored["size_multiple"] == 16
     loaded = RetrievalModule.for_evaluation(path)
-    assert loaded.input_config == trained.input_config == InputConfig((0.3, 0.4, 0.5), (0.2, 0.2, 0.3), "bicubic", 16)
-    assert RetrievalModule.load_from_checkpoint(path, map_location="cpu",
-                                                weights_only=True).input_config == trained.input_config
+    assert (
+        loaded.input_config
+        == trained.input_config
+        == InputConfig((0.3, 0.4, 0.5), (0.2, 0.2, 0.3), "bicubic", 16)
+    )
+    assert (
+        RetrievalModule.load_from_checkpoint(path, map_location="cpu", weights_only=True).input_config
+        == trained.input_config
+    )
 
 
 def test_an_older_checkpoint_keeps_the_imagenet_values_it_was_trained_with(tmp_path: Path, caplog) -> None:
@@ -147,13 +184,18 @@ def test_an_older_checkpoint_keeps_the_imagenet_values_it_was_trained_with(tmp_p
 
 def test_model_table_prints_each_models_input_mean_and_std(capsys: pytest.CaptureFixture[str]) -> None:
     model_table(["--size", "64", "--models", "dalg_tiny", "dolg_tiny"])
-    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| d")}
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| d")
+    }
     assert "| 0.5, 0.5, 0.5 | 0.5, 0.5, 0.5 |" in rows["dalg_tiny"]
     assert "| 0.485, 0.456, 0.406 | 0.229, 0.224, 0.225 |" in rows["dolg_tiny"]
 
 
-def test_train_pipeline_normalises_data_as_the_model(tiny_synthetic: Path, tmp_path: Path, monkeypatch) -> None:
+def test_train_pipeline_normalises_data_as_the_model(
+    tiny_synthetic: Path, tmp_path: Path, monkeypatch
+) -> None:
     """The data module is built before the model: train() must hand the model's config to it."""
     import dalg.train_pipeline as tp
 
@@ -169,9 +211,15 @@ def test_train_pipeline_normalises_data_as_the_model(tiny_synthetic: Path, tmp_p
 
     monkeypatch.setattr(pl.Trainer, "validate", stop)
     monkeypatch.setattr(pl.Trainer, "fit", stop)
-    over = [f"data.root={tiny_synthetic}", "data.num_workers=0", "data.train_size=64", "logger=csv",
-            "data.batch_size=8",
-            "data.eval_sets.synthetic_heldout.test_size=64", "~data.eval_sets.landmarks_mini"]
+    over = [
+        f"data.root={tiny_synthetic}",
+        "data.num_workers=0",
+        "data.train_size=64",
+        "logger=csv",
+        "data.batch_size=8",
+        "data.eval_sets.synthetic_heldout.test_size=64",
+        "~data.eval_sets.landmarks_mini",
+    ]
     over += [f"data.generator.{k}={v}" for k, v in TINY_SYNTHETIC.items()]
     cfg = compose_train(over, tmp_path)
     with pytest.raises(Stop):

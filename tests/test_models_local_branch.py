@@ -57,8 +57,12 @@ def test_single_window_equals_full_attention_on_real_tokens() -> None:
         t = blk.norm1(x).reshape(1, 9, 8)
         q, k, v = attn.qkv(t).reshape(1, 9, 3, 2, 4).permute(2, 0, 3, 1, 4)
         pos = [(i, j) for i in range(3) for j in range(3)]
-        bias = torch.stack([torch.stack([attn.rel_bias[(a[0] - b[0] + 3) * 7 + (a[1] - b[1] + 3)]
-                                         for b in pos]) for a in pos]).permute(2, 0, 1)
+        bias = torch.stack(
+            [
+                torch.stack([attn.rel_bias[(a[0] - b[0] + 3) * 7 + (a[1] - b[1] + 3)] for b in pos])
+                for a in pos
+            ]
+        ).permute(2, 0, 1)
         w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(4) + bias, dim=-1)
         y = attn.proj((w @ v).transpose(1, 2).reshape(1, 9, 8)).reshape(1, 3, 3, 8)
         y = x + y
@@ -103,7 +107,9 @@ def test_local_branch_shapes_and_grad(context: str) -> None:
 def test_alternate_blocks_are_shifted() -> None:
     lb = LocalBranch(in_dim=8, dim=16, window=4, blocks=3, heads=2)
     assert [b.shift for b in lb.window_blocks] == [0, 2, 0]
-    assert [b.shift for b in LocalBranch(in_dim=8, dim=16, window=4, blocks=2, heads=2, shift=False).window_blocks] == [0, 0]
+    assert [
+        b.shift for b in LocalBranch(in_dim=8, dim=16, window=4, blocks=2, heads=2, shift=False).window_blocks
+    ] == [0, 0]
 
 
 def test_bad_options_raise() -> None:
@@ -144,8 +150,9 @@ def test_dolg_local_branch_matches_the_released_formulas() -> None:
         x = torch.randn(2, 12, 9, 11, dtype=torch.float64)
         out, att = lb(x)
         ref_out, ref_att = _dolg_local_reference(lb, x)
-        assert (F.conv2d(x.mean(dim=(2, 3), keepdim=True), lb.proj.pool_conv.weight,
-                         lb.proj.pool_conv.bias) < 0).any()  # the ReLU acts
+        assert (
+            F.conv2d(x.mean(dim=(2, 3), keepdim=True), lb.proj.pool_conv.weight, lb.proj.pool_conv.bias) < 0
+        ).any()  # the ReLU acts
     torch.testing.assert_close(att, ref_att, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
 
@@ -168,11 +175,15 @@ def _swin_reference(blk: WindowBlock, x: torch.Tensor) -> torch.Tensor:
     gi, gj, ii, jj = gi.flatten(), gj.flatten(), ii.flatten(), jj.flatten()
     same = (gi[:, None] == gi[None, :]) & (gj[:, None] == gj[None, :])
     table_idx = (ii[:, None] - ii[None, :] + ws - 1) * (2 * ws - 1) + (jj[:, None] - jj[None, :] + ws - 1)
-    bias = attn.rel_bias[table_idx.where(same, 0)].permute(2, 0, 1)  # (heads, N, N); other groups masked below
+    bias = attn.rel_bias[table_idx.where(same, 0)].permute(
+        2, 0, 1
+    )  # (heads, N, N); other groups masked below
     t = blk.norm1(x).reshape(1, h * w, c)
     q, k, v = attn.qkv(t).reshape(1, h * w, 3, heads, d).permute(2, 0, 3, 1, 4)
     logits = (q @ k.transpose(-1, -2) / math.sqrt(d) + bias).masked_fill(~same, float("-inf"))
-    y = attn.proj((torch.softmax(logits, dim=-1) @ v).transpose(1, 2).reshape(1, h * w, c)).reshape(1, h, w, c)
+    y = attn.proj((torch.softmax(logits, dim=-1) @ v).transpose(1, 2).reshape(1, h * w, c)).reshape(
+        1, h, w, c
+    )
     y = x + y
     return y + blk.mlp(blk.norm2(y))
 

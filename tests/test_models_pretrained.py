@@ -63,12 +63,17 @@ def test_silent_hub_fails_within_the_metadata_timeout(empty_caches, monkeypatch)
     server.bind(("127.0.0.1", 0))
     server.listen(8)  # accepts connections (backlog) and never answers
     port = server.getsockname()[1]
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        f"http://127.0.0.1:{port}/{{repo_id}}/resolve/{{revision}}/{{filename}}")
+    monkeypatch.setattr(
+        constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        f"http://127.0.0.1:{port}/{{repo_id}}/resolve/{{revision}}/{{filename}}",
+    )
     monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
     started = time.monotonic()
     try:
-        with pytest.raises(PretrainedWeightsUnavailable, match=r"cannot be downloaded \(.*(?i:timeout|timed out)"):
+        with pytest.raises(
+            PretrainedWeightsUnavailable, match=r"cannot be downloaded \(.*(?i:timeout|timed out)"
+        ):
             locate_pretrained("resnet50.tv_in1k")
     finally:
         server.close()
@@ -95,8 +100,11 @@ def test_a_hub_that_answers_counts_as_reachable(empty_caches, monkeypatch) -> No
 
     thread = threading.Thread(target=answer_404, daemon=True)
     thread.start()
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        f"http://127.0.0.1:{port}/{{repo_id}}/resolve/{{revision}}/{{filename}}")
+    monkeypatch.setattr(
+        constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        f"http://127.0.0.1:{port}/{{repo_id}}/resolve/{{revision}}/{{filename}}",
+    )
     monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 5)
     try:
         assert locate_pretrained("resnet50.tv_in1k") == {}
@@ -116,16 +124,29 @@ def test_cached_weights_load_from_their_file_offline(empty_caches, monkeypatch) 
     repo = get_pretrained_cfg("resnet26").hf_hub_id
     path = _fill_hub_cache(empty_caches, repo, "model.safetensors", ref.state_dict())
     assert locate_pretrained("resnet26") == {"file": str(path)}
-    monkeypatch.setattr(pretrained, "_unreachable", lambda cfg: pytest.fail("asked the hub despite the cache"))
+    monkeypatch.setattr(
+        pretrained, "_unreachable", lambda cfg: pytest.fail("asked the hub despite the cache")
+    )
     bb = ResNetBackbone("resnet26", pretrained=True)
     for key in ("conv1.weight", "layer3.0.conv2.weight", "layer4.1.bn3.running_var"):
         torch.testing.assert_close(bb.cnn.state_dict()[key], ref.state_dict()[key], rtol=0, atol=0)
 
 
 def test_without_weight_source_keeps_the_architecture() -> None:
-    cfg = {"embed_dim": 512, "backbone": {"name": "vit_small_patch16_224", "pretrained": True, "checkpoint": "a.pt",
-                                          "local_block": 7}}
+    cfg = {
+        "embed_dim": 512,
+        "backbone": {
+            "name": "vit_small_patch16_224",
+            "pretrained": True,
+            "checkpoint": "a.pt",
+            "local_block": 7,
+        },
+    }
     out = pretrained.without_weight_source(cfg)
-    assert out["backbone"] == {"name": "vit_small_patch16_224", "pretrained": False, "checkpoint": None,
-                               "local_block": 7}
+    assert out["backbone"] == {
+        "name": "vit_small_patch16_224",
+        "pretrained": False,
+        "checkpoint": None,
+        "local_block": 7,
+    }
     assert cfg["backbone"]["pretrained"] is True and out["embed_dim"] == 512  # the input is left as it was

@@ -128,7 +128,13 @@ def _score_once_worker(rank: int, world: int, tmp: str) -> None:
         eval_set = SimpleNamespace(gt=SimpleNamespace(n_queries=N_QUERIES, gnd=_gnd()))
         feats = _descriptors(torch.arange(N_QUERIES + N_DB)).numpy()
         scores, ranks, protocol = callback._rank_and_score_once(_Trainer(), feats, eval_set)
-        out = {"scores": scores.as_dict(), "protocol": protocol, "ranks": ranks is not None, "calls": len(calls)}
+        out = {
+            "scores": scores.as_dict(),
+            "protocol": protocol,
+            "ranks": ranks is not None,
+            "calls": len(calls),
+        }
+
         # an error on rank 0 reaches every process instead of leaving the others in the broadcast
         def broken(*args, **kwargs):
             raise ValueError("broken search on rank 0")

@@ -45,7 +45,9 @@ def _images(root: Path) -> list[str]:
     return sorted(names)
 
 
-TRUNCATED = "img1_trunc.jpg"  # list rows: broken 0, img0 1, img1_trunc 2, img2 3, img4 4, sub/img1 5, sub/img3 6
+TRUNCATED = (
+    "img1_trunc.jpg"  # list rows: broken 0, img0 1, img1_trunc 2, img2 3, img4 4, sub/img1 5, sub/img3 6
+)
 
 
 def _cfg(overrides: list[str], out: Path):

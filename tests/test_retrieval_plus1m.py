@@ -1,7 +1,7 @@
 """The README's +1M recipe end to end on a small stand-in for revisitop1m (a few dozen generated distractors):
 
-    python src/extract.py ckpt_path=<ckpt> images=<distractor folder> output=<stem> dtype=float16
-    python src/eval.py ckpt_path=<ckpt> data=landmarks_mini distractors=<stem>.npy ranking.top_k=<k>
+python src/extract.py ckpt_path=<ckpt> images=<distractor folder> output=<stem> dtype=float16
+python src/eval.py ckpt_path=<ckpt> data=landmarks_mini distractors=<stem>.npy ranking.top_k=<k>
 """
 
 from __future__ import annotations
@@ -55,9 +55,19 @@ def _distractors(folder: Path) -> None:
 def test_plus_1m_recipe_end_to_end(tiny_ckpt, tmp_path) -> None:  # noqa: F811
     _distractors(tmp_path / "r1m" / "jpg")
     stem = tmp_path / "feats" / "r1m"
-    store_path = _entry("extract").extract(_compose("extract", [
-        f"ckpt_path={tiny_ckpt}", f"images={tmp_path / 'r1m' / 'jpg'}", f"output={stem}", "dtype=float16", *FAST,
-    ], tmp_path / "extract_run"))
+    store_path = _entry("extract").extract(
+        _compose(
+            "extract",
+            [
+                f"ckpt_path={tiny_ckpt}",
+                f"images={tmp_path / 'r1m' / 'jpg'}",
+                f"output={stem}",
+                "dtype=float16",
+                *FAST,
+            ],
+            tmp_path / "extract_run",
+        )
+    )
     assert Path(store_path) == stem.with_suffix(".npy")
     store = load_features(stem.with_suffix(".npy"))
     assert len(store) == N_DISTRACTORS and store.features.dtype == np.float16
@@ -65,8 +75,13 @@ def test_plus_1m_recipe_end_to_end(tiny_ckpt, tmp_path) -> None:  # noqa: F811
     evaluate = _entry("eval").evaluate
     top_k = 40  # shorter than database + distractors: the truncated ranking of the +1M recipe
     common = [f"ckpt_path={tiny_ckpt}", "data=landmarks_mini", f"ranking.top_k={top_k}", *FAST]
-    evaluate(_compose("eval", [*common, f"distractors={stem}.npy", f"output_json={tmp_path / 'plus.json'}"],
-                      tmp_path / "eval_plus"))
+    evaluate(
+        _compose(
+            "eval",
+            [*common, f"distractors={stem}.npy", f"output_json={tmp_path / 'plus.json'}"],
+            tmp_path / "eval_plus",
+        )
+    )
     evaluate(_compose("eval", [*common, f"output_json={tmp_path / 'plain.json'}"], tmp_path / "eval_plain"))
     plus = json.loads((tmp_path / "plus.json").read_text())["sets"]["landmarks_mini"]
     plain = json.loads((tmp_path / "plain.json").read_text())["sets"]["landmarks_mini"]

@@ -16,8 +16,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import scale_gldv2  # noqa: E402
 
-SMALL = dict(n_images=100_000, n_classes=5_145,  # GLDv2-clean's images per class, at 1/16 of its size
-             overrides=["data.num_workers=1", "data.batch_size=4", "data.train_size=64"], steps=1)
+SMALL = dict(
+    n_images=100_000,
+    n_classes=5_145,  # GLDv2-clean's images per class, at 1/16 of its size
+    overrides=["data.num_workers=1", "data.batch_size=4", "data.train_size=64"],
+    steps=1,
+)
 
 
 def test_generated_list_has_gldv2_clean_format(tmp_path):
@@ -36,7 +40,14 @@ def test_generated_list_has_gldv2_clean_format(tmp_path):
 
 def test_scale_run_100k_rows(tmp_path):
     r = scale_gldv2.run(work_dir=tmp_path, **SMALL)
-    for key in ("n_images", "n_classes", "setup_seconds", "first_batch_seconds", "step_seconds", "peak_rss_gib"):
+    for key in (
+        "n_images",
+        "n_classes",
+        "setup_seconds",
+        "first_batch_seconds",
+        "step_seconds",
+        "peak_rss_gib",
+    ):
         assert key in r, key
     assert r["n_images"] == 100_000 and r["n_classes"] == 5_145
     assert r["head_weight_shape"] == [5_145, 512]  # the margin head spans every class of the list

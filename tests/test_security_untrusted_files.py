@@ -44,7 +44,9 @@ def _dotted(node: ast.AST) -> str | None:
 
 
 def _kwarg_is(call: ast.Call, name: str, value: object) -> bool:
-    return any(k.arg == name and isinstance(k.value, ast.Constant) and k.value.value is value for k in call.keywords)
+    return any(
+        k.arg == name and isinstance(k.value, ast.Constant) and k.value.value is value for k in call.keywords
+    )
 
 
 def _has_kwarg(call: ast.Call, name: str) -> bool:
@@ -73,23 +75,47 @@ def unsafe_loads(source: str, filename: str = "<src>") -> list[str]:
         qual = aliases.get(head, head) + (f".{rest}" if rest else "")
         qual = qual.replace("numpy.", "np.", 1) if qual.startswith("numpy.") else qual
         bad = None
-        if qual in ("pickle.load", "pickle.loads", "pickle.Unpickler", "_pickle.load", "_pickle.loads",
-                    "dill.load", "dill.loads", "cloudpickle.load", "cloudpickle.loads", "joblib.load",
-                    "yaml.unsafe_load", "yaml.full_load", "torch.serialization.add_safe_globals",
-                    "torch.serialization.safe_globals"):
+        if qual in (
+            "pickle.load",
+            "pickle.loads",
+            "pickle.Unpickler",
+            "_pickle.load",
+            "_pickle.loads",
+            "dill.load",
+            "dill.loads",
+            "cloudpickle.load",
+            "cloudpickle.loads",
+            "joblib.load",
+            "yaml.unsafe_load",
+            "yaml.full_load",
+            "torch.serialization.add_safe_globals",
+            "torch.serialization.safe_globals",
+        ):
             bad = qual
-        elif qual in ("torch.load", "torch.serialization.load", "lightning_fabric.utilities.cloud_io._load",
-                      "torch.hub.load_state_dict_from_url") and not _kwarg_is(node, "weights_only", True):
+        elif qual in (
+            "torch.load",
+            "torch.serialization.load",
+            "lightning_fabric.utilities.cloud_io._load",
+            "torch.hub.load_state_dict_from_url",
+        ) and not _kwarg_is(node, "weights_only", True):
             bad = f"{qual} without weights_only=True"
         elif name.endswith(".load_from_checkpoint") and not _kwarg_is(node, "weights_only", True):
             bad = f"{name} without weights_only=True"
-        elif name.split(".")[-1] in ("fit", "validate", "test", "predict") and _has_kwarg(node, "ckpt_path") \
-                and not _kwarg_is(node, "weights_only", True):
+        elif (
+            name.split(".")[-1] in ("fit", "validate", "test", "predict")
+            and _has_kwarg(node, "ckpt_path")
+            and not _kwarg_is(node, "weights_only", True)
+        ):
             bad = f"{name}(ckpt_path=...) without weights_only=True"
-        elif qual == "np.load" and _has_kwarg(node, "allow_pickle") and not _kwarg_is(node, "allow_pickle", False):
+        elif (
+            qual == "np.load"
+            and _has_kwarg(node, "allow_pickle")
+            and not _kwarg_is(node, "allow_pickle", False)
+        ):
             bad = "np.load with allow_pickle"
-        elif qual == "yaml.load" and not any(k.arg == "Loader" and "Safe" in (_dotted(k.value) or "")
-                                             for k in node.keywords):
+        elif qual == "yaml.load" and not any(
+            k.arg == "Loader" and "Safe" in (_dotted(k.value) or "") for k in node.keywords
+        ):
             bad = "yaml.load without a SafeLoader"
         line = source.splitlines()[node.lineno - 1]
         if bad and not (line.rstrip().endswith(DELIBERATE) and Path(filename).name == Path(__file__).name):
@@ -134,7 +160,9 @@ trainer.fit(m)
 def test_no_unsafe_load_anywhere_in_the_repository():
     files = [p for d in SCANNED for p in sorted((REPO / d).rglob("*.py")) if ".venv" not in p.parts]
     assert len(files) > 50  # the scan did look at the tree
-    found = [hit for p in files for hit in unsafe_loads(p.read_text(encoding="utf-8"), str(p.relative_to(REPO)))]
+    found = [
+        hit for p in files for hit in unsafe_loads(p.read_text(encoding="utf-8"), str(p.relative_to(REPO)))
+    ]
     assert found == [], "calls that could run code from a file:\n" + "\n".join(found)
 
 
@@ -152,7 +180,9 @@ class _Payload:
 def _hostile_checkpoint(path: Path, marker: Path) -> Path:
     """A file shaped like a training checkpoint with the payload inside its hyper-parameters."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"global_step": 3, "state_dict": {}, "hyper_parameters": {"model_cfg": _Payload(marker)}}, path)
+    torch.save(
+        {"global_step": 3, "state_dict": {}, "hyper_parameters": {"model_cfg": _Payload(marker)}}, path
+    )
     return path
 
 
@@ -217,8 +247,18 @@ def test_train_resume_auto_refuses_planted_last_ckpt(tiny_synthetic, tmp_path):
 def test_eval_refuses_hostile_checkpoint(tiny_synthetic, tmp_path):
     marker = tmp_path / "ran"
     ckpt = _hostile_checkpoint(tmp_path / "evil.ckpt", marker)
-    cfg = _compose("eval", [f"ckpt_path={ckpt}", "data=synthetic", f"data.root={tiny_synthetic}",
-                            "~data.eval_sets.landmarks_mini", "num_workers=0", "accelerator=cpu"], tmp_path / "out")
+    cfg = _compose(
+        "eval",
+        [
+            f"ckpt_path={ckpt}",
+            "data=synthetic",
+            f"data.root={tiny_synthetic}",
+            "~data.eval_sets.landmarks_mini",
+            "num_workers=0",
+            "accelerator=cpu",
+        ],
+        tmp_path / "out",
+    )
     with pytest.raises(CheckpointError, match="evil.ckpt was refused"):
         _entry("eval").evaluate(cfg)
     assert not marker.exists()
@@ -228,8 +268,17 @@ def test_extract_refuses_hostile_checkpoint(tmp_path):
     marker = tmp_path / "ran"
     ckpt = _hostile_checkpoint(tmp_path / "evil.ckpt", marker)
     _image(tmp_path / "imgs" / "a.jpg")
-    cfg = _compose("extract", [f"ckpt_path={ckpt}", f"images={tmp_path / 'imgs'}", f"output={tmp_path / 'f'}",
-                               "num_workers=0", "accelerator=cpu"], tmp_path / "out")
+    cfg = _compose(
+        "extract",
+        [
+            f"ckpt_path={ckpt}",
+            f"images={tmp_path / 'imgs'}",
+            f"output={tmp_path / 'f'}",
+            "num_workers=0",
+            "accelerator=cpu",
+        ],
+        tmp_path / "out",
+    )
     with pytest.raises(CheckpointError, match="evil.ckpt was refused"):
         _entry("extract").extract(cfg)
     assert not marker.exists()
@@ -241,7 +290,16 @@ def test_visualize_attention_refuses_hostile_checkpoint_without_retry(tmp_path):
     marker = tmp_path / "ran"
     ckpt = _hostile_checkpoint(tmp_path / "evil.ckpt", marker)
     with pytest.raises(CheckpointError, match="evil.ckpt was refused"):
-        main(["--image", str(_image(tmp_path / "a.png")), "--ckpt", str(ckpt), "--out", str(tmp_path / "o.png")])
+        main(
+            [
+                "--image",
+                str(_image(tmp_path / "a.png")),
+                "--ckpt",
+                str(ckpt),
+                "--out",
+                str(tmp_path / "o.png"),
+            ]
+        )
     assert not marker.exists() and not (tmp_path / "o.png").exists()
 
 
@@ -274,9 +332,15 @@ def test_feature_store_with_pickled_objects_is_refused(tmp_path, mmap):
 def test_official_format_gnd_loads(tmp_path, protocol, arrays):
     """The official files: dict of imlist, qimlist and per-query dicts of bbx/easy/hard/junk (lists or arrays)."""
     as_ = (lambda v, dt: np.asarray(v, dt)) if arrays else (lambda v, dt: list(v))
-    gnd = [{"bbx": as_([1.5, 2.0, 30.0, 40.0], np.float64), "easy": as_([0, 2], np.int64),
-            "hard": as_([1], np.int64), "junk": as_([], np.int64)},
-           {"bbx": None, "easy": as_([1], np.int64), "hard": as_([], np.int64), "junk": as_([2], np.int64)}]
+    gnd = [
+        {
+            "bbx": as_([1.5, 2.0, 30.0, 40.0], np.float64),
+            "easy": as_([0, 2], np.int64),
+            "hard": as_([1], np.int64),
+            "junk": as_([], np.int64),
+        },
+        {"bbx": None, "easy": as_([1], np.int64), "hard": as_([], np.int64), "junk": as_([2], np.int64)},
+    ]
     raw = {"imlist": ["d0", "d1", "d2"], "qimlist": ["q0", "q1"], "gnd": gnd}
     (tmp_path / "gnd_off.pkl").write_bytes(pickle.dumps(raw, protocol=protocol))
     gt = load_ground_truth(tmp_path, "off")
@@ -292,16 +356,24 @@ def test_plain_data_unpickler_refuses_any_other_global():
             loads_plain_pickle(pickle.dumps(obj))
     data = {"a": np.arange(3.0), "b": np.float32(2), "c": {1, 2}, "d": (b"x", "y")}
     out = loads_plain_pickle(pickle.dumps(data))
-    assert np.array_equal(out["a"], data["a"]) and out["b"] == 2 and out["c"] == {1, 2} and out["d"] == (b"x", "y")
+    assert (
+        np.array_equal(out["a"], data["a"])
+        and out["b"] == 2
+        and out["c"] == {1, 2}
+        and out["d"] == (b"x", "y")
+    )
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "is empty"),
-    (b"\x80\x04\x95garbage", "not a readable pickle"),
-    (pickle.dumps({"imlist": list("abcdefgh"), "qimlist": [], "gnd": []})[:-7], "not a readable pickle"),
-    (b"imlist,qimlist\n", "not a readable pickle"),
-    (pickle.dumps(["a list"]), "expected a dict"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (b"\x80\x04\x95garbage", "not a readable pickle"),
+        (pickle.dumps({"imlist": list("abcdefgh"), "qimlist": [], "gnd": []})[:-7], "not a readable pickle"),
+        (b"imlist,qimlist\n", "not a readable pickle"),
+        (pickle.dumps(["a list"]), "expected a dict"),
+    ],
+)
 def test_damaged_gnd_file_errors_name_the_path(tmp_path, content, message):
     (tmp_path / "gnd_bad.pkl").write_bytes(content)
     with pytest.raises(ValueError, match=message) as err:
@@ -319,7 +391,9 @@ def real_checkpoint(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("ckpt")
     module = build_module(compose_train(["model=dalg_tiny"], out), num_classes=5)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", enable_model_summary=False)
+    trainer = pl.Trainer(
+        logger=False, enable_checkpointing=False, accelerator="cpu", enable_model_summary=False
+    )
     trainer.strategy.connect(module)
     trainer.save_checkpoint(out / "tiny.ckpt")
     return out / "tiny.ckpt"
@@ -334,14 +408,17 @@ def test_own_checkpoints_load_with_weights_only(real_checkpoint):
     assert not module.training
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("empty", "is empty"),
-    ("random", "is not a PyTorch checkpoint"),
-    ("truncated", "cannot be read"),
-    ("state_dict", "is a plain state dict"),
-    ("no_model_cfg", "model_cfg"),
-    ("wrong_weights", "does not match"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("empty", "is empty"),
+        ("random", "is not a PyTorch checkpoint"),
+        ("truncated", "cannot be read"),
+        ("state_dict", "is a plain state dict"),
+        ("no_model_cfg", "model_cfg"),
+        ("wrong_weights", "does not match"),
+    ],
+)
 def test_damaged_checkpoint_errors_name_the_file(real_checkpoint, tmp_path, kind, message):
     path = tmp_path / f"{kind}.ckpt"
     data = real_checkpoint.read_bytes()

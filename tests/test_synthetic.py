@@ -39,11 +39,15 @@ def test_train_split_is_gldv2_layout(tiny_synthetic):
     assert len(ds) == TINY_SYNTHETIC["train_classes"] * TINY_SYNTHETIC["images_per_class"]
     image_id = ds.samples[0][0]
     assert len(image_id) == 16 and int(image_id, 16) >= 0
-    assert ds.path(0) == tiny_synthetic / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+    assert (
+        ds.path(0) == tiny_synthetic / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+    )
     # train.csv lists the same images and classes
     assert GLDv2Dataset(tiny_synthetic, "train.csv").samples == ds.samples
     img, label = ds[0]
-    assert isinstance(img, Image.Image) and img.mode == "RGB" and max(img.size) == TINY_SYNTHETIC["image_size"]
+    assert (
+        isinstance(img, Image.Image) and img.mode == "RGB" and max(img.size) == TINY_SYNTHETIC["image_size"]
+    )
 
 
 def test_views_of_one_scene_are_closer_than_views_of_two(tiny_synthetic):
@@ -55,7 +59,9 @@ def test_views_of_one_scene_are_closer_than_views_of_two(tiny_synthetic):
 
     per = TINY_SYNTHETIC["images_per_class"]
     same = [np.linalg.norm(vec(c * per) - vec(c * per + 1)) for c in range(ds.num_classes)]
-    diff = [np.linalg.norm(vec(c * per) - vec(((c + 1) % ds.num_classes) * per)) for c in range(ds.num_classes)]
+    diff = [
+        np.linalg.norm(vec(c * per) - vec(((c + 1) % ds.num_classes) * per)) for c in range(ds.num_classes)
+    ]
     assert np.mean(same) < np.mean(diff)
 
 

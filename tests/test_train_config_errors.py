@@ -27,7 +27,9 @@ def test_unknown_fusion_target_names_key_and_choices(tiny_synthetic, tmp_path):
     cfg = compose_train(tiny_data_overrides(tiny_synthetic), tmp_path)
     with open_dict(cfg):
         cfg.model.fusion._target_ = "dalg.models.fusion.CrossAttnFusion"
-    with pytest.raises(ConfigError, match=r"model\.fusion\._target_.*allowed: model/fusion=\{.*cross_attention.*\}"):
+    with pytest.raises(
+        ConfigError, match=r"model\.fusion\._target_.*allowed: model/fusion=\{.*cross_attention.*\}"
+    ):
         train(cfg)
     assert _nothing_written(tmp_path)
 
@@ -42,8 +44,11 @@ def test_missing_data_root_names_the_key(tmp_path):
 def test_test_size_not_a_multiple_of_the_patch(tiny_synthetic, tmp_path):
     over = tiny_data_overrides(tiny_synthetic) + ["data.eval_sets.synthetic_heldout.test_size=100"]
     cfg = compose_train(over, tmp_path)
-    with pytest.raises(ConfigError, match=r"data\.eval_sets\.synthetic_heldout\.test_size=100 is not a multiple of "
-                                          r"the backbone's patch size 16.*96 or 112"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.eval_sets\.synthetic_heldout\.test_size=100 is not a multiple of "
+        r"the backbone's patch size 16.*96 or 112",
+    ):
         train(cfg)
     assert _nothing_written(tmp_path)
 
@@ -62,6 +67,8 @@ def test_online_wandb_without_credentials_fails_instead_of_prompting(tiny_synthe
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     monkeypatch.setenv("HOME", str(tmp_path))
-    cfg = compose_train(tiny_data_overrides(tiny_synthetic) + ["logger=default", "logger.wandb.offline=false"], tmp_path)
+    cfg = compose_train(
+        tiny_data_overrides(tiny_synthetic) + ["logger=default", "logger.wandb.offline=false"], tmp_path
+    )
     with pytest.raises(ConfigError, match="logger.wandb.offline=false needs W&B credentials"):
         train(cfg)

@@ -13,10 +13,21 @@ from .conftest import REPO, tiny_data_overrides
 
 @pytest.mark.slow
 def test_two_process_gloo_training_and_retrieval(tiny_synthetic, tmp_path):
-    cmd = [sys.executable, str(REPO / "src" / "train.py"), "trainer=ddp_cpu", *tiny_data_overrides(tiny_synthetic),
-           "~data.eval_sets.landmarks_mini", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-           "validate_before_fit=false", "logger=csv", "callbacks.rich_progress_bar=null",
-           "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path}", "run_name=ddp"]
+    cmd = [
+        sys.executable,
+        str(REPO / "src" / "train.py"),
+        "trainer=ddp_cpu",
+        *tiny_data_overrides(tiny_synthetic),
+        "~data.eval_sets.landmarks_mini",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "validate_before_fit=false",
+        "logger=csv",
+        "callbacks.rich_progress_bar=null",
+        "trainer.enable_progress_bar=false",
+        f"paths.log_dir={tmp_path}",
+        "run_name=ddp",
+    ]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     log = res.stdout + res.stderr

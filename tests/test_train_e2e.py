@@ -13,9 +13,19 @@ from .conftest import LANDMARKS_MINI, compose_train, tiny_data_overrides
 @pytest.fixture(scope="module")
 def trained(tiny_synthetic, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cfg = compose_train(tiny_data_overrides(tiny_synthetic) + [
-        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-        "callbacks.rich_progress_bar=null", "logger=default", "validate_before_fit=true"], out)
+    cfg = compose_train(
+        tiny_data_overrides(tiny_synthetic)
+        + [
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.log_every_n_steps=1",
+            "trainer.enable_progress_bar=false",
+            "callbacks.rich_progress_bar=null",
+            "logger=default",
+            "validate_before_fit=true",
+        ],
+        out,
+    )
     return train(cfg), out
 
 
@@ -54,8 +64,9 @@ def test_checkpoint_rebuilds_the_model(trained):
     from dalg.lit.module import RetrievalModule
 
     result, out = trained
-    module = RetrievalModule.load_from_checkpoint(out / "checkpoints" / "last.ckpt", map_location="cpu",
-                                                   weights_only=True)
+    module = RetrievalModule.load_from_checkpoint(
+        out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
     x = torch.randn(2, 3, 64, 48)
     desc = module.net.extract(x)
     assert desc.shape == (2, module.net.embed_dim)
@@ -76,4 +87,6 @@ def test_run_metadata_has_git_commit_and_dataset_fingerprint(trained, tiny_synth
     assert len(meta["data"]["sha256"]) == 64 and meta["data"]["train_classes"] == 12
     final = json.loads((out / "metrics.json").read_text())
     assert final["global_step"] == result["global_step"] == 2
-    assert final["metrics"]["val/synthetic_heldout/mAP_M"] == pytest.approx(result["metrics"]["val/synthetic_heldout/mAP_M"])
+    assert final["metrics"]["val/synthetic_heldout/mAP_M"] == pytest.approx(
+        result["metrics"]["val/synthetic_heldout/mAP_M"]
+    )

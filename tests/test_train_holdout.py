@@ -32,9 +32,18 @@ def test_holdout_loader_follows_the_evaluation_sets(tiny_synthetic, tmp_path):
 
 
 def test_training_logs_holdout_loss_and_accuracy(tiny_synthetic, tmp_path):
-    over = tiny_data_overrides(tiny_synthetic) + HOLDOUT + [
-        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "validate_before_fit=false", "logger=csv",
-        "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false"]
+    over = (
+        tiny_data_overrides(tiny_synthetic)
+        + HOLDOUT
+        + [
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "validate_before_fit=false",
+            "logger=csv",
+            "callbacks.rich_progress_bar=null",
+            "trainer.enable_progress_bar=false",
+        ]
+    )
     result = train(compose_train(over, tmp_path))
     metrics = result["metrics"]
     assert 0.0 <= metrics["val/cls_acc"] <= 1.0

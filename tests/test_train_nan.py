@@ -24,10 +24,21 @@ class PoisonAtStep(pl.Callback):
 
 
 def test_nan_loss_stops_with_step_and_terms_and_keeps_last_checkpoint(tiny_synthetic, tmp_path):
-    cfg = compose_train(tiny_data_overrides(tiny_synthetic) + [
-        "~data.eval_sets.landmarks_mini", "trainer.max_epochs=1", "callbacks.step_checkpoint.every_n_train_steps=2",
-        "validate_before_fit=false", "logger=csv", "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false",
-        "+callbacks.poison._target_=tests.test_train_nan.PoisonAtStep", "+callbacks.poison.step=3"], tmp_path)
+    cfg = compose_train(
+        tiny_data_overrides(tiny_synthetic)
+        + [
+            "~data.eval_sets.landmarks_mini",
+            "trainer.max_epochs=1",
+            "callbacks.step_checkpoint.every_n_train_steps=2",
+            "validate_before_fit=false",
+            "logger=csv",
+            "callbacks.rich_progress_bar=null",
+            "trainer.enable_progress_bar=false",
+            "+callbacks.poison._target_=tests.test_train_nan.PoisonAtStep",
+            "+callbacks.poison.step=3",
+        ],
+        tmp_path,
+    )
     last = tmp_path / "checkpoints" / "last.ckpt"
     with pytest.raises(FloatingPointError) as err:
         train(cfg)

@@ -23,8 +23,13 @@ from .conftest import CONF, REPO, compose_train, tiny_data_overrides
 CPU_BACKBONES = {"vit_cpu_tiny", "resnet26"}
 BACKBONES = sorted(p.stem for p in (CONF / "model" / "backbone").glob("*.yaml"))
 VITS = {"vit_tiny", "vit_small", "vit_base", "deit_small"}
-README_SWEEP = ["-m", "model=dalg_cross", "data=gldv2", "data.root={root}",
-                "model/fusion=cross_attention,orthogonal"]
+README_SWEEP = [
+    "-m",
+    "model=dalg_cross",
+    "data=gldv2",
+    "data.root={root}",
+    "model/fusion=cross_attention,orthogonal",
+]
 
 
 def _compose(overrides: list[str]):
@@ -44,8 +49,11 @@ def test_the_users_gldv2_command_gets_the_gpu_recipe():
     cfg = _compose(["model=dalg_cross", "data=gldv2", "data.root=/data/gldv2"])
     assert cfg.hydra.runtime.choices["trainer"] == "auto" and cfg.hydra.runtime.choices["optim"] == "adamw"
     assert (cfg.trainer.accelerator, cfg.trainer.devices) == ("auto", 1)
-    assert cfg.trainer.precision == ("bf16-mixed" if torch.cuda.is_available()
-                                     and torch.cuda.is_bf16_supported(including_emulation=False) else "32-true")
+    assert cfg.trainer.precision == (
+        "bf16-mixed"
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        else "32-true"
+    )
     assert cfg.optim.optimizer._target_ == "torch.optim.AdamW" and cfg.optim.layer_decay == 0.75
     assert cfg.optim.no_decay_bias_norm is True
     assert cfg.model.backbone.pretrained is True and cfg.model.backbone.checkpoint is None
@@ -66,7 +74,9 @@ def test_precision_is_bf16_exactly_on_a_cuda_gpu_with_native_bf16(monkeypatch):
 
 def test_dolg_gets_dolgs_released_optimiser_and_head():
     cfg = _compose(["model=dolg_r50", "data=gldv2"])
-    assert cfg.hydra.runtime.choices["trainer"] == "auto" and cfg.hydra.runtime.choices["optim"] == "sgd_cosine"
+    assert (
+        cfg.hydra.runtime.choices["trainer"] == "auto" and cfg.hydra.runtime.choices["optim"] == "sgd_cosine"
+    )
     opt = cfg.optim
     assert opt.optimizer._target_ == "torch.optim.SGD" and opt.optimizer.nesterov and opt.optimizer.lr == 0.01
     assert opt.weight_decay == 1e-4 and opt.no_decay_bias_norm is False and opt.warmup_epochs == 5
@@ -74,7 +84,9 @@ def test_dolg_gets_dolgs_released_optimiser_and_head():
     assert (cfg.model.head.margin, cfg.model.head.scale) == (0.15, 30.0)
     assert cfg.model.backbone.name == "resnet50.tv_in1k" and cfg.model.backbone.pretrained is True
     # ArcFace stays one override away
-    assert _compose(["model=dolg_r50", "model/head=arcface"]).model.head._target_ == "dalg.models.heads.ArcFace"
+    assert (
+        _compose(["model=dolg_r50", "model/head=arcface"]).model.head._target_ == "dalg.models.heads.ArcFace"
+    )
 
 
 def test_dolg_experiment_matches_the_release():
@@ -99,7 +111,9 @@ def test_every_backbone_has_a_recipe(backbone):
 def test_the_readme_sweep_line_composes_to_the_gpu_recipe(fusion):
     cfg = _compose(["model=dalg_cross", "data=gldv2", "data.root=/data/gldv2", f"model/fusion={fusion}"])
     assert cfg.hydra.runtime.choices["model/fusion"] == fusion
-    assert cfg.hydra.runtime.choices["trainer"] == "auto" and cfg.optim.optimizer._target_ == "torch.optim.AdamW"
+    assert (
+        cfg.hydra.runtime.choices["trainer"] == "auto" and cfg.optim.optimizer._target_ == "torch.optim.AdamW"
+    )
     assert cfg.model.backbone.pretrained is True
 
 
@@ -120,8 +134,10 @@ def test_a_timm_state_dict_loads_into_a_real_size_config(tmp_path, monkeypatch):
     ref = timm.create_model("vit_tiny_patch16_224")  # as timm ships it: classifier and 14x14 grid included
     path = tmp_path / "vit_ti.pth"
     torch.save(ref.state_dict(), path)
-    cfg = compose_train(["model=dalg_cross", "model/backbone=vit_tiny", "data=gldv2",
-                         f"model.backbone.checkpoint={path}"], tmp_path)
+    cfg = compose_train(
+        ["model=dalg_cross", "model/backbone=vit_tiny", "data=gldv2", f"model.backbone.checkpoint={path}"],
+        tmp_path,
+    )
     assert cfg.model.backbone.pretrained is True
     model = hydra.utils.instantiate(cfg.model, num_classes=0)
     ours = model.backbone.vit.state_dict()
@@ -136,7 +152,9 @@ def test_a_checkpoint_of_a_pretrained_run_rebuilds_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = _compose(["model=dalg_tiny"])
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    trained = RetrievalModule(model_cfg=model_cfg, num_classes=3, optimizer={"_target_": "torch.optim.SGD", "lr": 0.1})
+    trained = RetrievalModule(
+        model_cfg=model_cfg, num_classes=3, optimizer={"_target_": "torch.optim.SGD", "lr": 0.1}
+    )
     hp = dict(trained.hparams)
     hp["model_cfg"] = {**model_cfg, "backbone": {**model_cfg["backbone"], "pretrained": True}}  # as trained
     ckpt = {"state_dict": trained.state_dict(), "hyper_parameters": hp}
@@ -146,18 +164,37 @@ def test_a_checkpoint_of_a_pretrained_run_rebuilds_offline(monkeypatch):
 
 def _gldv2_command(root: Path, log_dir: Path) -> list[str]:
     sweep = [a.format(root=root) for a in README_SWEEP]
-    return [sys.executable, str(REPO / "src" / "train.py"), *sweep, "data.num_workers=0", "logger=csv",
-            "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false", f"paths.log_dir={log_dir}"]
+    return [
+        sys.executable,
+        str(REPO / "src" / "train.py"),
+        *sweep,
+        "data.num_workers=0",
+        "logger=csv",
+        "callbacks.rich_progress_bar=null",
+        "trainer.enable_progress_bar=false",
+        f"paths.log_dir={log_dir}",
+    ]
 
 
 def test_readme_sweep_without_weights_fails_before_reading_data(tiny_synthetic, tmp_path):
     """The README's sweep line, run as written on a GLDv2-layout folder, offline and with an empty cache: a clear
     failure naming both ways on, before any data is read, in seconds (no network timeout)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "t"),
-           "WANDB_MODE": "offline"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "TORCH_HOME": str(tmp_path / "t"),
+        "WANDB_MODE": "offline",
+    }
     started = time.monotonic()
-    proc = subprocess.run(_gldv2_command(tiny_synthetic, tmp_path / "logs"), capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path, env=env)
+    proc = subprocess.run(
+        _gldv2_command(tiny_synthetic, tmp_path / "logs"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
     elapsed = time.monotonic() - started
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
@@ -171,10 +208,16 @@ def test_readme_sweep_without_weights_fails_before_reading_data(tiny_synthetic, 
 
 def test_batch_size_larger_than_the_data_fails_naming_both(tiny_synthetic, tmp_path):
     """12 classes x 4 images = 48 training images and data.batch_size=64: not one batch; an error, not exit 0."""
-    cfg = compose_train(tiny_data_overrides(tiny_synthetic) + ["data.batch_size=64", "logger=csv",
-                                                              "validate_before_fit=false"], tmp_path)
-    with pytest.raises(ConfigError, match=r"data\.batch_size=64 is larger than the 48 training images.*"
-                                          r"data\.batch_size <= 48"):
+    cfg = compose_train(
+        tiny_data_overrides(tiny_synthetic)
+        + ["data.batch_size=64", "logger=csv", "validate_before_fit=false"],
+        tmp_path,
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.batch_size=64 is larger than the 48 training images.*"
+        r"data\.batch_size <= 48",
+    ):
         train(cfg)
     assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "checkpoints" / "last.ckpt").exists()
 

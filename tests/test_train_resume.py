@@ -28,10 +28,19 @@ class KillAtStep(pl.Callback):
 
 def _command(root, log_dir, run_name):
     over = tiny_data_overrides(root) + [
-        "~data.eval_sets.landmarks_mini", "trainer.max_epochs=2", "callbacks.step_checkpoint.every_n_train_steps=2",
-        "validate_before_fit=false", "logger=csv", "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false",
-        "callbacks.retrieval_eval.grid_queries=0", "trainer.log_every_n_steps=1", f"paths.log_dir={log_dir}", f"run_name={run_name}",
-        "+callbacks.kill._target_=tests.test_train_resume.KillAtStep"]
+        "~data.eval_sets.landmarks_mini",
+        "trainer.max_epochs=2",
+        "callbacks.step_checkpoint.every_n_train_steps=2",
+        "validate_before_fit=false",
+        "logger=csv",
+        "callbacks.rich_progress_bar=null",
+        "trainer.enable_progress_bar=false",
+        "callbacks.retrieval_eval.grid_queries=0",
+        "trainer.log_every_n_steps=1",
+        f"paths.log_dir={log_dir}",
+        f"run_name={run_name}",
+        "+callbacks.kill._target_=tests.test_train_resume.KillAtStep",
+    ]
     return [sys.executable, str(REPO / "src" / "train.py"), *over]
 
 
@@ -88,7 +97,11 @@ def test_killed_run_resumes_mid_epoch_and_matches_uninterrupted(tiny_synthetic, 
     # uninterrupted run's
     def losses(d):
         with open(d / "csv" / "metrics.csv") as f:
-            return [(int(r["step"]), float(r["train/loss_step"])) for r in csv.DictReader(f) if r.get("train/loss_step")]
+            return [
+                (int(r["step"]), float(r["train/loss_step"]))
+                for r in csv.DictReader(f)
+                if r.get("train/loss_step")
+            ]
 
     got, want = losses(run_dir), losses(full_dir)
     assert [s for s, _ in got] == [s for s, _ in want] == list(range(12))

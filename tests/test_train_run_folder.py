@@ -22,7 +22,9 @@ def test_second_run_with_the_same_folder_is_refused(tiny_synthetic, tmp_path):
     holder = hold_lock(tmp_path / "run.lock")  # a run of the same run_name, still training
     try:
         cfg = compose_train(tiny_data_overrides(tiny_synthetic), tmp_path)
-        with pytest.raises(LockHeldError, match=rf"run folder .* is in use by another process \(pid {holder.pid} "):
+        with pytest.raises(
+            LockHeldError, match=rf"run folder .* is in use by another process \(pid {holder.pid} "
+        ):
             train(cfg)
     finally:
         holder.kill()
@@ -43,8 +45,15 @@ def test_only_the_launching_process_locks(monkeypatch):
 
 def _save(module, path, step=4):
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": step,
-                "epoch": 0}, path)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "global_step": step,
+            "epoch": 0,
+        },
+        path,
+    )
 
 
 def test_resume_with_another_model_is_refused_before_anything_is_written(tiny_synthetic, tmp_path, caplog):
@@ -63,8 +72,12 @@ def test_resume_with_another_model_is_refused_before_anything_is_written(tiny_sy
     assert not list(tmp_path.glob("run_meta*.json"))
 
     check_resume_model(last, old)  # its own model resumes
-    changed = build_module(compose_train(tiny_data_overrides(tiny_synthetic) + [
-        "model.embed_dim=256", "model.head.margin=0.3"], tmp_path), n_classes)
+    changed = build_module(
+        compose_train(
+            tiny_data_overrides(tiny_synthetic) + ["model.embed_dim=256", "model.head.margin=0.3"], tmp_path
+        ),
+        n_classes,
+    )
     with caplog.at_level(logging.WARNING, logger="dalg.lit.resume_check"):
         check_resume_model(last, changed)  # same weights, another margin: resumes, and says so
     assert "model.head.margin: 0.15 vs 0.3" in caplog.text

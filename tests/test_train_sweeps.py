@@ -31,8 +31,10 @@ def test_slurm_launcher_and_ddp():
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.use_distributed_sampler is False
 
 
-@pytest.mark.parametrize("name, model, scales", [("dalg_gldv2", "dalg_cross", [1.0]),
-                                                 ("dolg_r50_gldv2", "dolg_r50", [0.3535, 0.5, 0.7071, 1.0, 1.4142])])
+@pytest.mark.parametrize(
+    "name, model, scales",
+    [("dalg_gldv2", "dalg_cross", [1.0]), ("dolg_r50_gldv2", "dolg_r50", [0.3535, 0.5, 0.7071, 1.0, 1.4142])],
+)
 def test_gldv2_experiments_encode_the_recipe(name, model, scales):
     cfg = _compose([f"experiment={name}"])
     assert cfg.hydra.runtime.choices["model"] == model
@@ -45,21 +47,45 @@ def test_gldv2_experiments_encode_the_recipe(name, model, scales):
     assert {"roxford5k", "rparis6k"} <= set(cfg.data.eval_sets)
     # every value of the experiment carries its source
     text = (CONF / "experiment" / f"{name}.yaml").read_text().splitlines()
-    body = [ln for ln in text if ln.startswith("  ") and ":" in ln and not ln.strip().startswith(("#", "-"))
-            and not ln.rstrip().endswith(":")]
+    body = [
+        ln
+        for ln in text
+        if ln.startswith("  ")
+        and ":" in ln
+        and not ln.strip().startswith(("#", "-"))
+        and not ln.rstrip().endswith(":")
+    ]
     missing = [ln for ln in body if "#" not in ln]
     assert not missing, f"values without a source comment: {missing}"
 
 
 @pytest.mark.slow
 def test_optuna_sweep_runs_two_trials(tiny_synthetic, tmp_path):
-    cmd = [sys.executable, str(REPO / "src" / "train.py"), "-m", "hparams_search=optuna_dalg",
-           "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2", *tiny_data_overrides(tiny_synthetic),
-           "~data.eval_sets.landmarks_mini", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "logger=csv",
-           "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path}",
-           "run_name=optuna"]
-    res = subprocess.run(cmd, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True,
-                         timeout=900)
+    cmd = [
+        sys.executable,
+        str(REPO / "src" / "train.py"),
+        "-m",
+        "hparams_search=optuna_dalg",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        *tiny_data_overrides(tiny_synthetic),
+        "~data.eval_sets.landmarks_mini",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "logger=csv",
+        "callbacks.rich_progress_bar=null",
+        "trainer.enable_progress_bar=false",
+        f"paths.log_dir={tmp_path}",
+        "run_name=optuna",
+    ]
+    res = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, "WANDB_MODE": "offline"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     best = tmp_path / "train" / "multiruns" / "optuna" / "optimization_results.yaml"
     assert best.is_file()

@@ -13,14 +13,21 @@ from dalg.utils.lock import LockHeldError, exclusive_lock
 
 from .conftest import REPO
 
-_HOLD = ("import sys; from dalg.utils.lock import exclusive_lock\n"
-         "with exclusive_lock(sys.argv[1]):\n    print('locked', flush=True); sys.stdin.read()\n")
+_HOLD = (
+    "import sys; from dalg.utils.lock import exclusive_lock\n"
+    "with exclusive_lock(sys.argv[1]):\n    print('locked', flush=True); sys.stdin.read()\n"
+)
 
 
 def hold_lock(path: Path) -> subprocess.Popen:
     """A separate process that holds ``path`` until its stdin closes (or it is killed)."""
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env={"PYTHONPATH": str(REPO / "src")})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={"PYTHONPATH": str(REPO / "src")},
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -29,7 +36,9 @@ def test_second_holder_is_refused_naming_the_pid_and_a_dead_holder_does_not_bloc
     path = tmp_path / "out.lock"
     proc = hold_lock(path)
     try:
-        with pytest.raises(LockHeldError, match=rf"the store is in use by another process \(pid {proc.pid} on "):
+        with pytest.raises(
+            LockHeldError, match=rf"the store is in use by another process \(pid {proc.pid} on "
+        ):
             with exclusive_lock(path, "the store"):
                 pass
     finally:

@@ -21,9 +21,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 FUSIONS = ["cross_attention", "orthogonal", "concat", "hadamard", "global_only", "local_only"]
 SETS = {"synthetic_heldout": "synthetic held-out", "landmarks_mini": "landmarks-mini"}
-FUSION_CLASSES = {"CrossAttentionFusion": "cross_attention", "OrthogonalFusion": "orthogonal",
-                  "ConcatFusion": "concat", "HadamardFusion": "hadamard", "GlobalOnlyFusion": "global_only",
-                  "LocalOnlyFusion": "local_only"}
+FUSION_CLASSES = {
+    "CrossAttentionFusion": "cross_attention",
+    "OrthogonalFusion": "orthogonal",
+    "ConcatFusion": "concat",
+    "HadamardFusion": "hadamard",
+    "GlobalOnlyFusion": "global_only",
+    "LocalOnlyFusion": "local_only",
+}
 
 
 def fusion_name(target: str) -> str:
@@ -32,7 +37,11 @@ def fusion_name(target: str) -> str:
 
 
 def backbone_label(bb: dict[str, Any]) -> str:
-    family = "deit" if "deit" in str(bb.get("name", "")) else ("vit" if "vit" in str(bb.get("name", "")) else bb.get("name"))
+    family = (
+        "deit"
+        if "deit" in str(bb.get("name", ""))
+        else ("vit" if "vit" in str(bb.get("name", "")) else bb.get("name"))
+    )
     return f"{family}{bb.get('depth', '?')}x{bb.get('embed_dim', '?')}"
 
 
@@ -49,12 +58,20 @@ def load_runs(sweep_dirs: Path | list[Path]) -> list[dict[str, Any]]:
                 print(f"[collect] {job}: no metrics.json (run unfinished?) - left out", file=sys.stderr)
                 continue
             final = json.loads(metrics_file.read_text())
-            meta = json.loads((job / "run_meta.json").read_text()) if (job / "run_meta.json").is_file() else {}
-            row = {"job": f"{sweep_dir.name}/{job.name}", "fusion": fusion_name(cfg["model"]["fusion"]["_target_"]),
-                   "backbone": backbone_label(cfg["model"]["backbone"]), "seed": cfg["seed"],
-                   "epochs": cfg["trainer"]["max_epochs"], "global_step": final.get("global_step"),
-                   "elapsed_s": final.get("elapsed_s"), "git": meta.get("git", {}).get("commit"),
-                   "data_sha256": meta.get("data", {}).get("sha256")}
+            meta = (
+                json.loads((job / "run_meta.json").read_text()) if (job / "run_meta.json").is_file() else {}
+            )
+            row = {
+                "job": f"{sweep_dir.name}/{job.name}",
+                "fusion": fusion_name(cfg["model"]["fusion"]["_target_"]),
+                "backbone": backbone_label(cfg["model"]["backbone"]),
+                "seed": cfg["seed"],
+                "epochs": cfg["trainer"]["max_epochs"],
+                "global_step": final.get("global_step"),
+                "elapsed_s": final.get("elapsed_s"),
+                "git": meta.get("git", {}).get("commit"),
+                "data_sha256": meta.get("data", {}).get("sha256"),
+            }
             for s in SETS:
                 for k in ("mAP_M", "mAP_H"):
                     row[f"{s}/{k}"] = final["metrics"].get(f"val/{s}/{k}")
@@ -70,7 +87,9 @@ def _check_comparable(runs: list[dict[str, Any]]) -> None:
     for key in ("epochs", "global_step", "data_sha256"):
         values = {r[key] for r in runs if r[key] is not None}
         if len(values) > 1:
-            raise SystemExit(f"runs differ in {key} ({sorted(values, key=str)}): not one ablation, not merged")
+            raise SystemExit(
+                f"runs differ in {key} ({sorted(values, key=str)}): not one ablation, not merged"
+            )
     seen: dict[tuple, str] = {}
     for r in runs:
         cell = (r["fusion"], r["backbone"], r["seed"])
@@ -92,8 +111,11 @@ def cells(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
         for s in SETS:
             for k in ("M", "H"):
                 vals = [r[f"{s}/mAP_{k}"] for r in rs if r[f"{s}/mAP_{k}"] is not None]
-                stats[f"{s}/mAP_{k}"] = (statistics.fmean(vals) if vals else None,
-                                         statistics.stdev(vals) if len(vals) > 1 else None, len(vals))
+                stats[f"{s}/mAP_{k}"] = (
+                    statistics.fmean(vals) if vals else None,
+                    statistics.stdev(vals) if len(vals) > 1 else None,
+                    len(vals),
+                )
         out[key] = stats
     return out
 
@@ -131,7 +153,11 @@ def seed_spread(runs: list[dict[str, Any]]) -> str | None:
             stds = [c[f"{s}/mAP_{k}"][1] for c in cells(runs).values() if c[f"{s}/mAP_{k}"][1] is not None]
             if stds:
                 parts.append(f"{label} mAP_{k} {statistics.median(stds):.1f} (max {max(stds):.1f})")
-    return ("- seed-to-seed standard deviation of one cell, median over cells: " + "; ".join(parts)) if parts else None
+    return (
+        ("- seed-to-seed standard deviation of one cell, median over cells: " + "; ".join(parts))
+        if parts
+        else None
+    )
 
 
 def bar_chart(runs: list[dict[str, Any]], out: Path) -> Path:
@@ -154,17 +180,28 @@ def bar_chart(runs: list[dict[str, Any]], out: Path) -> Path:
             stats = [by.get((f, b), {}).get(f"{s}/mAP_{k}") or (None, None, 0) for f in fusions]
             means = [m if m is not None else 0 for m, _, _ in stats]
             errs = [sd if sd is not None else 0 for _, sd, _ in stats]
-            ax.bar(x + (i - (len(series) - 1) / 2) * width, means, width, yerr=errs if any(errs) else None,
-                   capsize=2, label=f"{b} mAP_{k}", color=colors(2 * backbones.index(b) + (k == "H")))
+            ax.bar(
+                x + (i - (len(series) - 1) / 2) * width,
+                means,
+                width,
+                yerr=errs if any(errs) else None,
+                capsize=2,
+                label=f"{b} mAP_{k}",
+                color=colors(2 * backbones.index(b) + (k == "H")),
+            )
         ax.set_xticks(x, fusions, rotation=20)
         ax.set_ylabel("revisited mAP (%)")
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(series), fontsize=8, frameon=False)  # below, not on bars
+    fig.legend(
+        handles, labels, loc="lower center", ncol=len(series), fontsize=8, frameon=False
+    )  # below, not on bars
     seeds = sorted({r["seed"] for r in runs})
-    fig.suptitle(f"Fusion ablation (CPU budget, same data/steps per cell; seeds {seeds}"
-                 + (", mean ± std)" if len(seeds) > 1 else ")"))
+    fig.suptitle(
+        f"Fusion ablation (CPU budget, same data/steps per cell; seeds {seeds}"
+        + (", mean ± std)" if len(seeds) > 1 else ")")
+    )
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.png")
@@ -174,8 +211,9 @@ def bar_chart(runs: list[dict[str, Any]], out: Path) -> Path:
     return out
 
 
-def collect(sweep_dirs: Path | list[Path], out_dir: Path, command: str | None = None, wall_s: float | None = None
-            ) -> dict[str, Path]:
+def collect(
+    sweep_dirs: Path | list[Path], out_dir: Path, command: str | None = None, wall_s: float | None = None
+) -> dict[str, Path]:
     runs = load_runs(sweep_dirs)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = bar_chart(runs, out_dir / "results.png")
@@ -186,37 +224,51 @@ def collect(sweep_dirs: Path | list[Path], out_dir: Path, command: str | None = 
     lines = ["# Fusion x backbone ablation (`make ablate`)", ""]
     if command:
         lines += ["Command:", "", "```", command, "```", ""]
-    lines += [f"- runs: {len(runs)} ({n_cells} fusion x backbone cells, seed{'s' if len(seeds) > 1 else ''} "
-              f"{', '.join(map(str, seeds))}), {r0['global_step']} optimiser steps of 64 images each, from scratch, "
-              f"embedded synthetic data (sha256 {str(r0['data_sha256'])[:12]}), "
-              f"git {', '.join(sorted({str(r['git'])[:10] for r in runs}))}",
-              "- metrics: revisited mAP (%), Medium (M) and Hard (H) setups; synthetic held-out = classes never "
-              "trained on; landmarks-mini = real photos (tiny, noisy: a few queries, from-scratch CPU models)"
-              + ("; mean ± sample standard deviation over the seeds" if len(seeds) > 1 else ""),
-              "- per-run time: " + ", ".join(f"{r['fusion']}/{r['backbone']}/s{r['seed']} {r['elapsed_s']:.0f}s"
-                                             for r in runs if r["elapsed_s"])]
+    lines += [
+        f"- runs: {len(runs)} ({n_cells} fusion x backbone cells, seed{'s' if len(seeds) > 1 else ''} "
+        f"{', '.join(map(str, seeds))}), {r0['global_step']} optimiser steps of 64 images each, from scratch, "
+        f"embedded synthetic data (sha256 {str(r0['data_sha256'])[:12]}), "
+        f"git {', '.join(sorted({str(r['git'])[:10] for r in runs}))}",
+        "- metrics: revisited mAP (%), Medium (M) and Hard (H) setups; synthetic held-out = classes never "
+        "trained on; landmarks-mini = real photos (tiny, noisy: a few queries, from-scratch CPU models)"
+        + ("; mean ± sample standard deviation over the seeds" if len(seeds) > 1 else ""),
+        "- per-run time: "
+        + ", ".join(
+            f"{r['fusion']}/{r['backbone']}/s{r['seed']} {r['elapsed_s']:.0f}s"
+            for r in runs
+            if r["elapsed_s"]
+        ),
+    ]
     sweeps: dict[str, set] = {}
     for r in runs:
         sweeps.setdefault(r["job"].split("/", 1)[0], set()).add(r["seed"])
     if len(sweeps) > 1:
-        lines.append("- sweeps merged (folder under logs/ablation/multiruns: seeds): "
-                     + "; ".join(f"{name}: {', '.join(map(str, sorted(seeds)))}" for name, seeds in sweeps.items()))
+        lines.append(
+            "- sweeps merged (folder under logs/ablation/multiruns: seeds): "
+            + "; ".join(f"{name}: {', '.join(map(str, sorted(seeds)))}" for name, seeds in sweeps.items())
+        )
     if wall_s is not None:
         load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
-        lines.append(f"- whole sweep wall time: {wall_s / 60:.1f} min on {os.cpu_count()} CPU cores "
-                     f"(load average 1/5/15 min when the table was written: {load})")
+        lines.append(
+            f"- whole sweep wall time: {wall_s / 60:.1f} min on {os.cpu_count()} CPU cores "
+            f"(load average 1/5/15 min when the table was written: {load})"
+        )
     spread = seed_spread(runs)
     if spread:
         lines.append(spread)
-        lines.append("- reading: a short from-scratch budget on CPU. Differences between fusions smaller than about "
-                     "twice the seed-to-seed deviation above are noise; even larger ones say nothing about DALG's "
-                     "claims, which need the GLDv2 recipe (experiment=dalg_gldv2).")
+        lines.append(
+            "- reading: a short from-scratch budget on CPU. Differences between fusions smaller than about "
+            "twice the seed-to-seed deviation above are noise; even larger ones say nothing about DALG's "
+            "claims, which need the GLDv2 recipe (experiment=dalg_gldv2)."
+        )
     else:
-        lines.append("- reading: one seed and a short from-scratch budget on CPU. The table shows that every variant "
-                     "trains and is evaluated the same way; gaps of a few points between variants are within what a "
-                     "different seed would change (run seeds with `make ablate ARGS=\"seed=1,2 --merge <sweep>\"`), "
-                     "so it is not evidence for or against DALG's claims, which need the GLDv2 recipe "
-                     "(experiment=dalg_gldv2).")
+        lines.append(
+            "- reading: one seed and a short from-scratch budget on CPU. The table shows that every variant "
+            "trains and is evaluated the same way; gaps of a few points between variants are within what a "
+            'different seed would change (run seeds with `make ablate ARGS="seed=1,2 --merge <sweep>"`), '
+            "so it is not evidence for or against DALG's claims, which need the GLDv2 recipe "
+            "(experiment=dalg_gldv2)."
+        )
     lines += ["", markdown_table(runs), "", f"![mAP per fusion]({png.name})", ""]
     md = out_dir / "results.md"
     md.write_text("\n".join(lines))

@@ -26,10 +26,21 @@ REPO = Path(__file__).resolve().parents[2]
 BACKBONES = ["vit6x128", "deit4x160"]  # conf/experiment/ablation_backbone/*.yaml
 
 
-def sweep_command(name: str, extra: list[str], log_dir: Path, fusions: list[str], backbones: list[str]) -> list[str]:
-    return [sys.executable, str(REPO / "src" / "train.py"), "-m", "experiment=ablation_cpu",
-            f"model/fusion={','.join(fusions)}", f"+experiment/ablation_backbone={','.join(backbones)}",
-            f"run_name={name}", f"paths.log_dir={log_dir}", "hydra.sweep.subdir=${hydra:job.num}", *extra]
+def sweep_command(
+    name: str, extra: list[str], log_dir: Path, fusions: list[str], backbones: list[str]
+) -> list[str]:
+    return [
+        sys.executable,
+        str(REPO / "src" / "train.py"),
+        "-m",
+        "experiment=ablation_cpu",
+        f"model/fusion={','.join(fusions)}",
+        f"+experiment/ablation_backbone={','.join(backbones)}",
+        f"run_name={name}",
+        f"paths.log_dir={log_dir}",
+        "hydra.sweep.subdir=${hydra:job.num}",
+        *extra,
+    ]
 
 
 def main() -> None:
@@ -38,12 +49,16 @@ def main() -> None:
     ap.add_argument("--log-dir", type=Path, default=REPO / "logs")
     ap.add_argument("--out", type=Path, default=REPO / "experiments" / "ablation")
     ap.add_argument("--collect-only", action="store_true")
-    ap.add_argument("--merge", default="", help="comma-separated names of other sweeps to put in the same table")
+    ap.add_argument(
+        "--merge", default="", help="comma-separated names of other sweeps to put in the same table"
+    )
     ap.add_argument("--fusions", default=",".join(FUSIONS), help="comma-separated subset (default: all six)")
     ap.add_argument("--backbones", default=",".join(BACKBONES), help="comma-separated subset")
     args, overrides = ap.parse_known_args()
     sweep_dir = args.log_dir / "ablation" / "multiruns" / args.name
-    cmd = sweep_command(args.name, overrides, args.log_dir, args.fusions.split(","), args.backbones.split(","))
+    cmd = sweep_command(
+        args.name, overrides, args.log_dir, args.fusions.split(","), args.backbones.split(",")
+    )
     shown = "python " + " ".join(shlex.quote(c) for c in [str(Path(cmd[1]).relative_to(REPO)), *cmd[2:]])
     shown = shown.replace(str(REPO) + "/", "")
     wall = None

@@ -28,10 +28,22 @@ SETS = {"synthetic_heldout": "synthetic held-out", "landmarks_mini": "landmarks-
 METRICS = [f"{s}/{k}" for s in SETS for k in ("mAP_M", "mAP_H")]
 
 
-def sweep_command(name: str, poolings: list[str], seeds: list[str], log_dir: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, str(REPO / "src" / "train.py"), "-m", "experiment=ablation_cpu", "task_name=pooling",
-            f"model/global_branch={','.join(poolings)}", f"seed={','.join(seeds)}", f"run_name={name}",
-            f"paths.log_dir={log_dir}", "hydra.sweep.subdir=${hydra:job.num}", *extra]
+def sweep_command(
+    name: str, poolings: list[str], seeds: list[str], log_dir: Path, extra: list[str]
+) -> list[str]:
+    return [
+        sys.executable,
+        str(REPO / "src" / "train.py"),
+        "-m",
+        "experiment=ablation_cpu",
+        "task_name=pooling",
+        f"model/global_branch={','.join(poolings)}",
+        f"seed={','.join(seeds)}",
+        f"run_name={name}",
+        f"paths.log_dir={log_dir}",
+        "hydra.sweep.subdir=${hydra:job.num}",
+        *extra,
+    ]
 
 
 def load_runs(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -39,18 +51,27 @@ def load_runs(sweep_dir: Path) -> list[dict[str, Any]]:
     if not sweep_dir.is_dir():
         raise SystemExit(f"sweep folder {sweep_dir} does not exist")
     runs = []
-    for job in sorted((p for p in sweep_dir.iterdir() if (p / "config.yaml").is_file()), key=lambda p: p.name):
+    for job in sorted(
+        (p for p in sweep_dir.iterdir() if (p / "config.yaml").is_file()), key=lambda p: p.name
+    ):
         if not (job / "metrics.json").is_file():
             print(f"[pooling] {job}: no metrics.json (unfinished?) - left out", file=sys.stderr)
             continue
         cfg = yaml.safe_load((job / "config.yaml").read_text())
         final = json.loads((job / "metrics.json").read_text())
         meta = json.loads((job / "run_meta.json").read_text()) if (job / "run_meta.json").is_file() else {}
-        row = {"job": job.name, "pooling": cfg["model"]["global_branch"].get("pooling", "gem"), "seed": cfg["seed"],
-               "fusion": cfg["model"]["fusion"]["_target_"].rsplit(".", 1)[-1],
-               "epochs": cfg["trainer"]["max_epochs"], "global_step": final.get("global_step"),
-               "elapsed_s": final.get("elapsed_s"), "git": meta.get("git", {}).get("commit"),
-               "git_dirty": meta.get("git", {}).get("dirty"), "data_sha256": meta.get("data", {}).get("sha256")}
+        row = {
+            "job": job.name,
+            "pooling": cfg["model"]["global_branch"].get("pooling", "gem"),
+            "seed": cfg["seed"],
+            "fusion": cfg["model"]["fusion"]["_target_"].rsplit(".", 1)[-1],
+            "epochs": cfg["trainer"]["max_epochs"],
+            "global_step": final.get("global_step"),
+            "elapsed_s": final.get("elapsed_s"),
+            "git": meta.get("git", {}).get("commit"),
+            "git_dirty": meta.get("git", {}).get("dirty"),
+            "data_sha256": meta.get("data", {}).get("sha256"),
+        }
         for m in METRICS:
             row[m] = final["metrics"].get(f"val/{m}")
         runs.append(row)
@@ -73,8 +94,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         cell: dict[str, Any] = {"seeds": [r["seed"] for r in rows]}
         for m in METRICS:
             vals = [r[m] for r in rows if r[m] is not None]
-            cell[m] = {"values": vals, "mean": statistics.fmean(vals) if vals else None,
-                       "std": statistics.stdev(vals) if len(vals) > 1 else None}
+            cell[m] = {
+                "values": vals,
+                "mean": statistics.fmean(vals) if vals else None,
+                "std": statistics.stdev(vals) if len(vals) > 1 else None,
+            }
         out[pooling] = cell
     return out
 
@@ -85,30 +109,59 @@ def _fmt(stat: dict[str, Any]) -> str:
     return f"{stat['mean']:.1f}" + (f" ± {stat['std']:.1f}" if stat["std"] is not None else "")
 
 
-def write_results(out: Path, runs: list[dict[str, Any]], summary: dict[str, dict[str, Any]], command: str,
-                  wall_s: float | None) -> None:
+def write_results(
+    out: Path,
+    runs: list[dict[str, Any]],
+    summary: dict[str, dict[str, Any]],
+    command: str,
+    wall_s: float | None,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"command": command, "wall_s": wall_s, "summary": summary,
-                                                  "runs": runs}, indent=2) + "\n")
+    (out / "results.json").write_text(
+        json.dumps({"command": command, "wall_s": wall_s, "summary": summary, "runs": runs}, indent=2) + "\n"
+    )
     r0 = runs[0]
     head = "| pooling | seeds | " + " | ".join(f"{SETS[m.split('/')[0]]} {m.split('_')[-1]}" for m in METRICS)
-    lines = ["# Global pooling of ViT tokens (`experiments/pooling/run.py`)", "", "Command:", "", "```", command,
-             "```", "",
-             f"- runs: {len(runs)}; {r0['global_step']} optimiser steps ({r0['epochs']} epochs) each, from scratch, "
-             f"dalg_tiny ({r0['fusion']}), embedded synthetic data (sha256 {str(r0['data_sha256'])[:12]}), "
-             f"git {', '.join(sorted({str(r['git'])[:10] + (' (dirty)' if r['git_dirty'] else '') for r in runs}))}",
-             "- metrics: revisited mAP (%), Medium (M) and Hard (H); mean ± sample standard deviation over the seeds",
-             "- per-run time: " + ", ".join(f"{r['pooling']}/s{r['seed']} {r['elapsed_s']:.0f}s" for r in runs
-                                            if r["elapsed_s"] is not None),
-             "", head + " |", "|" + "---|" * (2 + len(METRICS))]
+    lines = [
+        "# Global pooling of ViT tokens (`experiments/pooling/run.py`)",
+        "",
+        "Command:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"- runs: {len(runs)}; {r0['global_step']} optimiser steps ({r0['epochs']} epochs) each, from scratch, "
+        f"dalg_tiny ({r0['fusion']}), embedded synthetic data (sha256 {str(r0['data_sha256'])[:12]}), "
+        f"git {', '.join(sorted({str(r['git'])[:10] + (' (dirty)' if r['git_dirty'] else '') for r in runs}))}",
+        "- metrics: revisited mAP (%), Medium (M) and Hard (H); mean ± sample standard deviation over the seeds",
+        "- per-run time: "
+        + ", ".join(
+            f"{r['pooling']}/s{r['seed']} {r['elapsed_s']:.0f}s" for r in runs if r["elapsed_s"] is not None
+        ),
+        "",
+        head + " |",
+        "|" + "---|" * (2 + len(METRICS)),
+    ]
     for pooling, cell in summary.items():
-        lines.append(f"| {pooling} | {', '.join(map(str, cell['seeds']))} | "
-                     + " | ".join(_fmt(cell[m]) for m in METRICS) + " |")
-    lines += ["", "Per seed:", "", "| pooling | seed | " + " | ".join(METRICS) + " |",
-              "|" + "---|" * (2 + len(METRICS))]
+        lines.append(
+            f"| {pooling} | {', '.join(map(str, cell['seeds']))} | "
+            + " | ".join(_fmt(cell[m]) for m in METRICS)
+            + " |"
+        )
+    lines += [
+        "",
+        "Per seed:",
+        "",
+        "| pooling | seed | " + " | ".join(METRICS) + " |",
+        "|" + "---|" * (2 + len(METRICS)),
+    ]
     for r in sorted(runs, key=lambda r: (r["pooling"], r["seed"])):
-        lines.append(f"| {r['pooling']} | {r['seed']} | "
-                     + " | ".join("-" if r[m] is None else f"{r[m]:.1f}" for m in METRICS) + " |")
+        lines.append(
+            f"| {r['pooling']} | {r['seed']} | "
+            + " | ".join("-" if r[m] is None else f"{r[m]:.1f}" for m in METRICS)
+            + " |"
+        )
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -117,7 +170,9 @@ def main() -> None:
     ap.add_argument("--name", default="pooling", help="sweep folder name under logs/pooling/multiruns/")
     ap.add_argument("--log-dir", type=Path, default=REPO / "logs")
     ap.add_argument("--out", type=Path, default=REPO / "experiments" / "pooling")
-    ap.add_argument("--poolings", default="gem,gem_proj,mean", help="comma-separated conf/model/global_branch names")
+    ap.add_argument(
+        "--poolings", default="gem,gem_proj,mean", help="comma-separated conf/model/global_branch names"
+    )
     ap.add_argument("--seeds", default="42,1")
     ap.add_argument("--collect-only", action="store_true")
     args, overrides = ap.parse_known_args()

@@ -82,8 +82,15 @@ class InferenceOptions:
         return dataclasses.replace(self, channels_last=cl, bf16=bf16)
 
     def label(self) -> str:
-        parts = [name for name, on in (("channels-last", self.channels_last), ("bf16", self.bf16),
-                                        ("compile", self.compile)) if on]
+        parts = [
+            name
+            for name, on in (
+                ("channels-last", self.channels_last),
+                ("bf16", self.bf16),
+                ("compile", self.compile),
+            )
+            if on
+        ]
         return "+".join(parts) or "fp32"
 
 
@@ -101,16 +108,25 @@ def _cast_floats(obj: Any, dtype: torch.dtype, memory_format: torch.memory_forma
     if isinstance(obj, dict):
         return {k: _cast_floats(v, dtype, memory_format) for k, v in obj.items()}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: _cast_floats(getattr(obj, f.name), dtype, memory_format)
-                                           for f in dataclasses.fields(obj)})
+        return dataclasses.replace(
+            obj,
+            **{
+                f.name: _cast_floats(getattr(obj, f.name), dtype, memory_format)
+                for f in dataclasses.fields(obj)
+            },
+        )
     return obj
 
 
 class LowPrecisionIsland(nn.Module):
     """Runs ``inner`` with its weights in ``dtype``: inputs are cast in, floating outputs cast back to float32."""
 
-    def __init__(self, inner: nn.Module, dtype: torch.dtype = torch.bfloat16,
-                 memory_format: torch.memory_format | None = None) -> None:
+    def __init__(
+        self,
+        inner: nn.Module,
+        dtype: torch.dtype = torch.bfloat16,
+        memory_format: torch.memory_format | None = None,
+    ) -> None:
         super().__init__()
         self.inner = inner.to(dtype)
         self.dtype = dtype
@@ -172,12 +188,18 @@ class InferenceModel:
         resize = getattr(self.model, "scale_resize", None) or ScaleResize()
         config = getattr(self.model, "input_config", None)
         with torch.inference_mode():
-            return multiscale_descriptor(self.forward, x.to(self.device), self.scales if scales is None else scales,
-                                         resize, config.size_multiple if config is not None else 1)
+            return multiscale_descriptor(
+                self.forward,
+                x.to(self.device),
+                self.scales if scales is None else scales,
+                resize,
+                config.size_multiple if config is not None else 1,
+            )
 
 
-def optimize_for_inference(model: nn.Module, options: InferenceOptions | None = None,
-                           inplace: bool = False) -> InferenceModel:
+def optimize_for_inference(
+    model: nn.Module, options: InferenceOptions | None = None, inplace: bool = False
+) -> InferenceModel:
     """Eval mode, inference mode, and the chosen options; the one entry point for eval/extract code."""
     options = options or InferenceOptions()
     if not hasattr(model, "forward"):
@@ -214,13 +236,17 @@ def group_by_shape(images: Iterable[Tensor], max_batch: int) -> list[tuple[list[
     out = []
     for items in groups.values():
         for start in range(0, len(items), max_batch):
-            chunk = items[start:start + max_batch]
+            chunk = items[start : start + max_batch]
             out.append(([i for i, _ in chunk], torch.stack([t for _, t in chunk])))
     return out
 
 
-def extract_images(model: InferenceModel | nn.Module, images: Sequence[Tensor], scales: Sequence[float] | None = None,
-                   max_batch: int = 1) -> Tensor:
+def extract_images(
+    model: InferenceModel | nn.Module,
+    images: Sequence[Tensor],
+    scales: Sequence[float] | None = None,
+    max_batch: int = 1,
+) -> Tensor:
     """Descriptors of variable-size images in input order; equal shapes are batched up to ``max_batch``."""
     if not images:
         raise ValueError("extract_images: no images")

@@ -44,9 +44,12 @@ def _instantiate_all(cfg: DictConfig | None) -> list[Any]:
 
 
 def build_module(cfg: DictConfig, num_classes: int) -> RetrievalModule:
-    return RetrievalModule(model_cfg=OmegaConf.to_container(cfg.model, resolve=True), num_classes=num_classes,
-                           **OmegaConf.to_container(cfg.optim, resolve=True),
-                           eval_scales=list(cfg.eval_scales) if cfg.get("eval_scales") else None)
+    return RetrievalModule(
+        model_cfg=OmegaConf.to_container(cfg.model, resolve=True),
+        num_classes=num_classes,
+        **OmegaConf.to_container(cfg.optim, resolve=True),
+        eval_scales=list(cfg.eval_scales) if cfg.get("eval_scales") else None,
+    )
 
 
 def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
@@ -59,7 +62,9 @@ def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
     return None
 
 
-def make_train_loader_resumable(datamodule: pl.LightningDataModule, trainer_ref: list[pl.Trainer], seed: int) -> None:
+def make_train_loader_resumable(
+    datamodule: pl.LightningDataModule, trainer_ref: list[pl.Trainer], seed: int
+) -> None:
     """Wrap the datamodule's training loader (same dataset, batch size, workers) in a ``ResumableLoader``."""
     original = datamodule.train_dataloader
 
@@ -74,16 +79,28 @@ def make_train_loader_resumable(datamodule: pl.LightningDataModule, trainer_ref:
 
 
 @rank_zero_only
-def _save_run_files(cfg: DictConfig, out_dir: Path, datamodule: Any, loggers: list, resumed_from: str | None
-                    ) -> dict[str, Any]:
+def _save_run_files(
+    cfg: DictConfig, out_dir: Path, datamodule: Any, loggers: list, resumed_from: str | None
+) -> dict[str, Any]:
     save_config(cfg, out_dir)
     meta = run_metadata(datamodule, {"resumed_from": resumed_from})
-    name = "run_meta.json" if resumed_from is None else f"run_meta.resume{len(list(out_dir.glob('run_meta*.json')))}.json"
+    name = (
+        "run_meta.json"
+        if resumed_from is None
+        else f"run_meta.resume{len(list(out_dir.glob('run_meta*.json')))}.json"
+    )
     write_json_atomic(meta, out_dir / name)
     for lg in loggers:
-        lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True),
-                            "run": {"git": meta["git"], "data_sha256": meta["data"]["sha256"],
-                                    "resumed_from": resumed_from}})
+        lg.log_hyperparams(
+            {
+                **OmegaConf.to_container(cfg, resolve=True),
+                "run": {
+                    "git": meta["git"],
+                    "data_sha256": meta["data"]["sha256"],
+                    "resumed_from": resumed_from,
+                },
+            }
+        )
     return meta
 
 
@@ -107,7 +124,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     the same ``run_name`` is refused at once, naming the pid of the one that runs; a killed run's lock does not
     block."""
     out_dir = Path(cfg.paths.output_dir)
-    lock = exclusive_lock(out_dir / "run.lock", f"run folder {out_dir}") if _launching_process() else nullcontext()
+    lock = (
+        exclusive_lock(out_dir / "run.lock", f"run folder {out_dir}")
+        if _launching_process()
+        else nullcontext()
+    )
     with lock:
         return _train(cfg)
 
@@ -145,7 +166,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
             lg.resume_step = resume_step
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     trainer_ref.append(trainer)
-    if getattr(datamodule, "train_set", None) is not None:  # before any step and any run file: no silent empty job
+    if (
+        getattr(datamodule, "train_set", None) is not None
+    ):  # before any step and any run file: no silent empty job
         check_training_batches(len(datamodule.train_set), int(cfg.data.batch_size), trainer.world_size)
     retrieval = next((c for c in callbacks if isinstance(c, RetrievalEvalCallback)), None)
 
@@ -153,7 +176,12 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     label_map = rank_zero_only(datamodule.save_label_map)(out_dir / "checkpoints")
 
     before: dict[str, dict[str, float]] = {}
-    if cfg.get("validate_before_fit") and ckpt_path is None and retrieval is not None and datamodule.eval_sets:
+    if (
+        cfg.get("validate_before_fit")
+        and ckpt_path is None
+        and retrieval is not None
+        and datamodule.eval_sets
+    ):
         console.rule("[bold]untrained model")
         trainer.validate(module, datamodule=datamodule, verbose=False)
         before = {k: v.as_dict() for k, v in retrieval.results.items()}
@@ -167,11 +195,15 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
     after = {k: v.as_dict() for k, v in retrieval.results.items()} if retrieval else {}
     if before and after and trainer.is_global_zero:
-        print_comparison_table(before, after, title="untrained vs trained (revisited mAP, %)", console=console)
+        print_comparison_table(
+            before, after, title="untrained vs trained (revisited mAP, %)", console=console
+        )
     if "landmarks_mini" in after and trainer.is_global_zero:
-        console.print("[yellow]landmarks-mini holds real photos with hard changes (day/night, season, thermal); a model "
-                      "trained for minutes on synthetic scenes from scratch on a CPU is not expected to do well there. "
-                      "Its numbers are reported as they are.")
+        console.print(
+            "[yellow]landmarks-mini holds real photos with hard changes (day/night, season, thermal); a model "
+            "trained for minutes on synthetic scenes from scratch on a CPU is not expected to do well there. "
+            "Its numbers are reported as they are."
+        )
 
     ckpt = trainer.checkpoint_callback
     where = {
@@ -193,8 +225,20 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     _finish_wandb(loggers)
     if trainer.is_global_zero:
-        write_json_atomic({"metrics": metrics, "global_step": trainer.global_step, "resumed_from": ckpt_path,
-                           "elapsed_s": round(time.time() - started, 1)},
-                          out_dir / "metrics.json")
-    return {"metrics": metrics, "before": before, "after": after, "output_dir": str(out_dir),
-            "global_step": trainer.global_step, "resumed_from": ckpt_path}
+        write_json_atomic(
+            {
+                "metrics": metrics,
+                "global_step": trainer.global_step,
+                "resumed_from": ckpt_path,
+                "elapsed_s": round(time.time() - started, 1),
+            },
+            out_dir / "metrics.json",
+        )
+    return {
+        "metrics": metrics,
+        "before": before,
+        "after": after,
+        "output_dir": str(out_dir),
+        "global_step": trainer.global_step,
+        "resumed_from": ckpt_path,
+    }

@@ -96,16 +96,32 @@ class RetrievalDataModule(pl.LightningDataModule):
     ``set_input_config`` before any loader is made; without one the ImageNet defaults apply.
     """
 
-    def __init__(self, root: str | None = None, csv_name: str = "train_clean.csv", train_size: int = 512,
-                 train_scale: Sequence[float] = (0.08, 1.0), color_jitter: float = 0.2,
-                 min_images_per_class: int = 1, batch_size: int = 64, num_workers: int = 4,
-                 eval_sets: Mapping[str, Mapping] | None = None, eval_batch_size: int = 32,
-                 generator: Callable[..., object] | None = None, pin_memory: bool = False,
-                 monitor_set: str | None = None, layout: str = "gldv2", verify: str = "none",
-                 val_fraction: float = 0.0, split_seed: int = 0,
-                 train_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5,
-                 input_config: InputConfig | Mapping | None = None, max_pixels: int | None = None,
-                 max_unreadable_fraction: float | None = None, unreadable_check_after: int = 1000):
+    def __init__(
+        self,
+        root: str | None = None,
+        csv_name: str = "train_clean.csv",
+        train_size: int = 512,
+        train_scale: Sequence[float] = (0.08, 1.0),
+        color_jitter: float = 0.2,
+        min_images_per_class: int = 1,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        eval_sets: Mapping[str, Mapping] | None = None,
+        eval_batch_size: int = 32,
+        generator: Callable[..., object] | None = None,
+        pin_memory: bool = False,
+        monitor_set: str | None = None,
+        layout: str = "gldv2",
+        verify: str = "none",
+        val_fraction: float = 0.0,
+        split_seed: int = 0,
+        train_ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        input_config: InputConfig | Mapping | None = None,
+        max_pixels: int | None = None,
+        max_unreadable_fraction: float | None = None,
+        unreadable_check_after: int = 1000,
+    ):
         super().__init__()
         if layout not in TRAIN_LAYOUTS:
             raise ValueError(f"data.layout must be one of {TRAIN_LAYOUTS}, got {layout!r}")
@@ -118,7 +134,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.train_size = train_size
         self.train_scale = tuple(train_scale)
         self.max_pixels = max_pixels  # no image decodes to more pixels (large JPEGs decode at reduced size)
-        self.max_unreadable_fraction = max_unreadable_fraction  # loading stops above this unreadable share ...
+        self.max_unreadable_fraction = (
+            max_unreadable_fraction  # loading stops above this unreadable share ...
+        )
         self.unreadable_check_after = unreadable_check_after  # ... once this many images were tried
         self.train_ratio = tuple(train_ratio)
         self.hflip = hflip
@@ -155,8 +173,14 @@ class RetrievalDataModule(pl.LightningDataModule):
             eval_set.dataset.transform = eval_transform(eval_set.test_size, self.input_config)
 
     def _train_transform(self):
-        return train_transform(self.train_size, self.train_scale, self.train_ratio, self.hflip, self.color_jitter,
-                               self.input_config)
+        return train_transform(
+            self.train_size,
+            self.train_scale,
+            self.train_ratio,
+            self.hflip,
+            self.color_jitter,
+            self.input_config,
+        )
 
     @staticmethod
     def _normalise_spec(spec: Mapping) -> dict:
@@ -177,8 +201,10 @@ class RetrievalDataModule(pl.LightningDataModule):
                 files[f"eval/{name}"] = _spec_path(spec["queries_csv"])
             else:
                 gnd_name = str(spec.get("gnd_name") or name)
-                files[f"eval/{name}"] = find_ground_truth(spec["data_dir"], gnd_name) or \
-                    _spec_path(spec["data_dir"]) / f"gnd_{gnd_name}.pkl"
+                files[f"eval/{name}"] = (
+                    find_ground_truth(spec["data_dir"], gnd_name)
+                    or _spec_path(spec["data_dir"]) / f"gnd_{gnd_name}.pkl"
+                )
         return files
 
     # ------------------------------------------------------------------------------------------ setup
@@ -190,7 +216,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         if self.root is not None and self.train_set is None and stage in (None, "fit"):
             self._setup_train()
         if not self.eval_sets:
-            self.eval_sets = [s for s in (self._load_eval_set(n, spec) for n, spec in self.eval_specs.items()) if s]
+            self.eval_sets = [
+                s for s in (self._load_eval_set(n, spec) for n, spec in self.eval_specs.items()) if s
+            ]
 
     def _setup_train(self) -> None:
         tf = self._train_transform()
@@ -211,8 +239,13 @@ class RetrievalDataModule(pl.LightningDataModule):
             self.train_set, self.val_set = full.split(self.val_fraction, self.split_seed)
             # no random crops when measuring
             self.val_set.transform = holdout_transform(self.train_size, self.input_config)
-            log.info("%s: %d training and %d held-out images over %d classes", full.source, len(self.train_set),
-                     len(self.val_set), full.num_classes)
+            log.info(
+                "%s: %d training and %d held-out images over %d classes",
+                full.source,
+                len(self.train_set),
+                len(self.val_set),
+                full.num_classes,
+            )
         else:
             self.train_set = full
 
@@ -222,21 +255,29 @@ class RetrievalDataModule(pl.LightningDataModule):
         crop = bool(spec.get("crop_queries", True))
         required = bool(spec.get("required", False))
         if spec.get("queries_csv"):
-            images, csv_path = _spec_path(spec.get("images") or spec.get("data_dir")), _spec_path(spec["queries_csv"])
+            images, csv_path = (
+                _spec_path(spec.get("images") or spec.get("data_dir")),
+                _spec_path(spec["queries_csv"]),
+            )
             missing = next((p for p in (images, csv_path) if not p.exists()), None)
             if missing is not None and not required:
                 return self._skip(key, name, f"{missing} not found")
             gt = load_query_csv(images, csv_path, name)
         else:
             if "data_dir" not in spec:
-                raise ValueError(f"evaluation set {key}: give data_dir (Revisited layout) or images + queries_csv")
+                raise ValueError(
+                    f"evaluation set {key}: give data_dir (Revisited layout) or images + queries_csv"
+                )
             data_dir = _spec_path(spec["data_dir"])
             gnd_name = str(spec.get("gnd_name") or name)
             if find_ground_truth(data_dir, gnd_name) is None and not required:
                 return self._skip(key, name, f"{data_dir / f'gnd_{gnd_name}.pkl'} not found")
             gt = load_ground_truth(data_dir, gnd_name)
         images = RevisitedImages(gt, eval_transform(test_size, self.input_config), crop)
-        images.max_pixels, images.decode_side = self.max_pixels, test_size  # test_size None: no reduced decoding
+        images.max_pixels, images.decode_side = (
+            self.max_pixels,
+            test_size,
+        )  # test_size None: no reduced decoding
         return EvalSet(name, gt, images, test_size, crop)
 
     def _skip(self, key: str, name: str, reason: str) -> None:
@@ -282,17 +323,29 @@ class RetrievalDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             raise RuntimeError("no training set configured (data.root is null)")
-        return ReportingDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                                   num_workers=self.num_workers, pin_memory=self.pin_memory,
-                                   persistent_workers=self.num_workers > 0, on_epoch_end=self.report_failures)
+        return ReportingDataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            on_epoch_end=self.report_failures,
+        )
 
     def classification_val_dataloader(self) -> DataLoader:
         """The held-out images of the training classes (``val_fraction`` > 0), unshuffled."""
         if self.val_set is None:
             raise RuntimeError("no classification hold-out: set data.val_fraction > 0")
-        return ReportingDataLoader(self.val_set, batch_size=self.batch_size, shuffle=False,
-                                   num_workers=self.num_workers, pin_memory=self.pin_memory,
-                                   on_epoch_end=self.report_failures)
+        return ReportingDataLoader(
+            self.val_set,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            on_epoch_end=self.report_failures,
+        )
 
     def eval_sizes(self, eval_set: EvalSet) -> list[tuple[int, int]]:
         """Resized (height, width) of every image, from headers; every unreadable file named in one error."""
@@ -311,17 +364,24 @@ class RetrievalDataModule(pl.LightningDataModule):
                 errors.append(e)
         if errors:
             shown = "; ".join(f"{e.path} ({e.reason})" for e in errors[:5])
-            raise ImageReadError(eval_set.gt.image_dir, f"evaluation set {eval_set.name}: {len(errors)} of {len(ds)} "
-                                 f"images unreadable; the protocol needs every one of them. e.g. {shown}")
+            raise ImageReadError(
+                eval_set.gt.image_dir,
+                f"evaluation set {eval_set.name}: {len(errors)} of {len(ds)} "
+                f"images unreadable; the protocol needs every one of them. e.g. {shown}",
+            )
         self._eval_sizes[id(eval_set.dataset)] = (key, sizes)
         return sizes
 
     def eval_dataloader(self, eval_set: EvalSet) -> DataLoader:
-        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-            if torch.distributed.is_available() and torch.distributed.is_initialized() else (0, 1)
+        rank, world = (
+            (torch.distributed.get_rank(), torch.distributed.get_world_size())
+            if torch.distributed.is_available() and torch.distributed.is_initialized()
+            else (0, 1)
+        )
         sampler = SizeBucketBatchSampler(self.eval_sizes(eval_set), self.eval_batch_size, rank, world)
-        return DataLoader(eval_set.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory)
+        return DataLoader(
+            eval_set.dataset, batch_sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory
+        )
 
     @property
     def classification_val_index(self) -> int | None:
@@ -348,9 +408,17 @@ class RevisitedDataModule(RetrievalDataModule):
     (queries cropped to their bbx unless false) from here, and is reported under ``set_name`` (default ``name``).
     """
 
-    def __init__(self, root: str, name: str, set_name: str | None = None, test_size: int | str | None = 512,
-                 crop_queries: bool = True, eval_sets: Mapping[str, Mapping] | None = None,
-                 monitor_set: str | None = None, **kwargs):
+    def __init__(
+        self,
+        root: str,
+        name: str,
+        set_name: str | None = None,
+        test_size: int | str | None = 512,
+        crop_queries: bool = True,
+        eval_sets: Mapping[str, Mapping] | None = None,
+        monitor_set: str | None = None,
+        **kwargs,
+    ):
         specs = {}
         for key, spec in (eval_sets or {"main": {"required": True}}).items():
             spec = dict(spec)

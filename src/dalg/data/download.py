@@ -41,8 +41,10 @@ log = logging.getLogger(__name__)
 REVISITOP_GND = "http://cmp.felk.cvut.cz/revisitop/data/datasets/{name}/gnd_{name}.pkl"
 REVISITED_ARCHIVES = {
     "roxford5k": ["https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images-v1.tgz"],
-    "rparis6k": ["https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_1-v1.tgz",
-                 "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_2-v1.tgz"],
+    "rparis6k": [
+        "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_1-v1.tgz",
+        "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_2-v1.tgz",
+    ],
 }
 GLDV2_BASE = "https://s3.amazonaws.com/google-landmark"
 GLDV2_PARTS = 500  # train/images_000.tar .. images_499.tar
@@ -120,8 +122,10 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> int | N
         elif offset:
             match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
             if not match or int(match.group(1)) != offset:
-                raise DownloadError(f"{url}: asked for bytes from {offset}, server sent "
-                                    f"{response.headers.get('Content-Range')!r}")
+                raise DownloadError(
+                    f"{url}: asked for bytes from {offset}, server sent "
+                    f"{response.headers.get('Content-Range')!r}"
+                )
         total = _total_from(response, offset)
         show = Progress(part.name[: -len(".part")], total, progress)
         done = offset
@@ -136,8 +140,17 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> int | N
     return total
 
 
-def download(url: str, dest: str | os.PathLike, *, size: int | None = None, md5: str | None = None,
-             retries: int = 5, timeout: float = 60.0, backoff_s: float = 2.0, progress: bool = True) -> Path:
+def download(
+    url: str,
+    dest: str | os.PathLike,
+    *,
+    size: int | None = None,
+    md5: str | None = None,
+    retries: int = 5,
+    timeout: float = 60.0,
+    backoff_s: float = 2.0,
+    progress: bool = True,
+) -> Path:
     """Fetch ``url`` to ``dest`` (resumable, verified, atomic); a ``dest`` that already exists is only checked.
 
     ``size`` (bytes) and ``md5`` are checked when given; otherwise the length the server announced is.
@@ -155,19 +168,29 @@ def download(url: str, dest: str | os.PathLike, *, size: int | None = None, md5:
             announced = _fetch_once(url, part, timeout, progress)
         except DownloadError:
             raise
-        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, OSError) as e:
+        except (
+            urllib.error.URLError,
+            http.client.HTTPException,
+            ConnectionError,
+            TimeoutError,
+            OSError,
+        ) as e:
             have = part.stat().st_size if part.exists() else 0
             if attempt == retries:
-                raise DownloadError(f"{url}: {type(e).__name__}: {e} after {retries} attempts "
-                                    f"({have:,} bytes kept in {part}; run again to resume)") from e
+                raise DownloadError(
+                    f"{url}: {type(e).__name__}: {e} after {retries} attempts "
+                    f"({have:,} bytes kept in {part}; run again to resume)"
+                ) from e
             log.warning("%s: %s (attempt %d/%d, %d bytes so far); resuming", url, e, attempt, retries, have)
             time.sleep(backoff_s * attempt)
             continue
         have = part.stat().st_size
         if announced is not None and have < announced:
             if attempt == retries:
-                raise DownloadError(f"{url}: connection ended at {have:,} of {announced:,} bytes after {retries} "
-                                    f"attempts (kept in {part}; run again to resume)")
+                raise DownloadError(
+                    f"{url}: connection ended at {have:,} of {announced:,} bytes after {retries} "
+                    f"attempts (kept in {part}; run again to resume)"
+                )
             log.warning("%s: connection ended at %d of %d bytes; resuming", url, have, announced)
             continue
         break
@@ -187,15 +210,21 @@ def _verify(path: Path, url: str, size: int | None, md5: str | None, remove: boo
     if problem:
         if remove:
             path.unlink()
-        raise DownloadError(f"{path} (from {url}): {problem}" + ("; removed, run again to re-download" if remove
-                                                                 else "; delete it and run again"))
+        raise DownloadError(
+            f"{path} (from {url}): {problem}"
+            + ("; removed, run again to re-download" if remove else "; delete it and run again")
+        )
 
 
 def read_md5_file(path: str | os.PathLike, member: str) -> str:
     """The md5 listed for ``member`` in an ``md5sum``-style file (``<md5>  <name>`` lines)."""
     for line in Path(path).read_text().splitlines():
         parts = line.split()
-        if len(parts) >= 2 and parts[-1].lstrip("*").endswith(member) and re.fullmatch(r"[0-9a-fA-F]{32}", parts[0]):
+        if (
+            len(parts) >= 2
+            and parts[-1].lstrip("*").endswith(member)
+            and re.fullmatch(r"[0-9a-fA-F]{32}", parts[0])
+        ):
             return parts[0].lower()
         if len(parts) == 1 and re.fullmatch(r"[0-9a-fA-F]{32}", parts[0]):
             return parts[0].lower()
@@ -203,8 +232,13 @@ def read_md5_file(path: str | os.PathLike, member: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- extraction
-def extract_tar(archive: str | os.PathLike, dest_dir: str | os.PathLike, *, flatten: bool = False,
-                suffixes: Sequence[str] | None = None) -> int:
+def extract_tar(
+    archive: str | os.PathLike,
+    dest_dir: str | os.PathLike,
+    *,
+    flatten: bool = False,
+    suffixes: Sequence[str] | None = None,
+) -> int:
     """Extract ``archive`` into ``dest_dir`` without ever exposing a half-written file there.
 
     Members go to a hidden folder beside ``dest_dir`` first (unsafe paths refused by tarfile's ``data`` filter),
@@ -229,7 +263,9 @@ def extract_tar(archive: str | os.PathLike, dest_dir: str | os.PathLike, *, flat
             os.replace(path, target)
             placed += 1
     except (tarfile.TarError, OSError) as e:
-        raise DownloadError(f"{archive}: cannot extract ({type(e).__name__}: {e}); delete it and run again") from e
+        raise DownloadError(
+            f"{archive}: cannot extract ({type(e).__name__}: {e}); delete it and run again"
+        ) from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return placed
@@ -246,8 +282,15 @@ def _mark_done(folder: Path, key: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- datasets
-def download_revisited(name: str, root: str | os.PathLike, *, archives: Iterable[str] | None = None,
-                       gnd_url: str | None = None, keep_archives: bool = False, progress: bool = True) -> Path:
+def download_revisited(
+    name: str,
+    root: str | os.PathLike,
+    *,
+    archives: Iterable[str] | None = None,
+    gnd_url: str | None = None,
+    keep_archives: bool = False,
+    progress: bool = True,
+) -> Path:
     """``<root>/<name>/gnd_<name>.pkl`` + ``<root>/<name>/jpg/*.jpg`` for roxford5k / rparis6k (or any URLs)."""
     if archives is None:
         if name not in REVISITED_ARCHIVES:
@@ -276,8 +319,9 @@ def _check_revisited(folder: Path, name: str) -> None:
     gt = load_ground_truth(folder, name)
     missing = [n for n in gt.imlist + gt.qimlist if not (folder / "jpg" / f"{n}.jpg").is_file()]
     if missing:
-        raise DownloadError(f"{folder}: {len(missing)} images listed in gnd_{name}.pkl are not in jpg/ "
-                            f"(e.g. {missing[:3]})")
+        raise DownloadError(
+            f"{folder}: {len(missing)} images listed in gnd_{name}.pkl are not in jpg/ (e.g. {missing[:3]})"
+        )
     print(f"{name}: {gt.n_queries} queries, {gt.n_database} database images in {folder}", file=sys.stderr)
 
 
@@ -296,9 +340,15 @@ def parse_parts(spec: str, n: int = GLDV2_PARTS, first: int = 0) -> list[int]:
     return sorted(parts)
 
 
-def download_gldv2(root: str | os.PathLike, parts: Sequence[int] = range(GLDV2_PARTS), *,
-                   csv_names: Sequence[str] = ("train_clean.csv",), base_url: str = GLDV2_BASE,
-                   keep_archives: bool = False, progress: bool = True) -> Path:
+def download_gldv2(
+    root: str | os.PathLike,
+    parts: Sequence[int] = range(GLDV2_PARTS),
+    *,
+    csv_names: Sequence[str] = ("train_clean.csv",),
+    base_url: str = GLDV2_BASE,
+    keep_archives: bool = False,
+    progress: bool = True,
+) -> Path:
     """``<root>/gldv2/{train_clean.csv, train/a/b/c/<id>.jpg}``; every tar checked against its published md5."""
     folder = Path(root) / "gldv2"
     for csv_name in csv_names:
@@ -307,10 +357,17 @@ def download_gldv2(root: str | os.PathLike, parts: Sequence[int] = range(GLDV2_P
         tar_name = f"images_{k:03d}.tar"
         if _done_marker(folder, tar_name).exists():
             continue
-        md5_file = download(f"{base_url}/md5sum/train/md5.{tar_name[:-4]}.txt",
-                            folder / "archives" / f"md5.{tar_name[:-4]}.txt", progress=False)
-        archive = download(f"{base_url}/train/{tar_name}", folder / "archives" / tar_name,
-                           md5=read_md5_file(md5_file, tar_name), progress=progress)
+        md5_file = download(
+            f"{base_url}/md5sum/train/md5.{tar_name[:-4]}.txt",
+            folder / "archives" / f"md5.{tar_name[:-4]}.txt",
+            progress=False,
+        )
+        archive = download(
+            f"{base_url}/train/{tar_name}",
+            folder / "archives" / tar_name,
+            md5=read_md5_file(md5_file, tar_name),
+            progress=progress,
+        )
         n = extract_tar(archive, folder / "train")
         log.info("gldv2: %d files from %s", n, tar_name)
         _mark_done(folder, tar_name)
@@ -329,8 +386,9 @@ def check_gzip(path: str | os.PathLike) -> None:
                 pass
     except (OSError, EOFError, zlib.error) as e:
         Path(path).unlink(missing_ok=True)
-        raise DownloadError(f"{path}: corrupt gzip archive ({type(e).__name__}: {e}); removed, run again to "
-                            f"re-download") from e
+        raise DownloadError(
+            f"{path}: corrupt gzip archive ({type(e).__name__}: {e}); removed, run again to re-download"
+        ) from e
 
 
 def read_image_list(path: str | os.PathLike) -> list[str]:
@@ -344,9 +402,15 @@ def read_image_list(path: str | os.PathLike) -> list[str]:
     return names
 
 
-def download_revisitop1m(root: str | os.PathLike, parts: Sequence[int] = range(1, REVISITOP1M_PARTS + 1), *,
-                         base_url: str = REVISITOP1M_BASE, n_parts: int = REVISITOP1M_PARTS,
-                         keep_archives: bool = False, progress: bool = True) -> Path:
+def download_revisitop1m(
+    root: str | os.PathLike,
+    parts: Sequence[int] = range(1, REVISITOP1M_PARTS + 1),
+    *,
+    base_url: str = REVISITOP1M_BASE,
+    n_parts: int = REVISITOP1M_PARTS,
+    keep_archives: bool = False,
+    progress: bool = True,
+) -> Path:
     """``<root>/revisitop1m/{revisitop1m.txt, jpg/<listed paths>}``: the 1M distractors of the revisited protocol.
 
     Each archive is fetched resumably (size checked against the server's), its gzip CRC checked, extracted without
@@ -373,27 +437,45 @@ def download_revisitop1m(root: str | os.PathLike, parts: Sequence[int] = range(1
     missing = [n for n in names if not (jpg / (n if Path(n).suffix else f"{n}.jpg")).is_file()]
     complete = all(_done_marker(folder, f"revisitop1m.{k}.tar.gz").exists() for k in range(1, n_parts + 1))
     if complete and missing:
-        raise DownloadError(f"{folder}: all {n_parts} archives are in, but {len(missing):,} of the {len(names):,} "
-                            f"images listed in revisitop1m.txt are not in jpg/ (e.g. {missing[:3]})")
-    print(f"revisitop1m: {len(names) - len(missing):,} of {len(names):,} listed images in {jpg}"
-          + ("" if complete else f" (parts {len(parts)} of {n_parts} asked for)"), file=sys.stderr)
+        raise DownloadError(
+            f"{folder}: all {n_parts} archives are in, but {len(missing):,} of the {len(names):,} "
+            f"images listed in revisitop1m.txt are not in jpg/ (e.g. {missing[:3]})"
+        )
+    print(
+        f"revisitop1m: {len(names) - len(missing):,} of {len(names):,} listed images in {jpg}"
+        + ("" if complete else f" (parts {len(parts)} of {n_parts} asked for)"),
+        file=sys.stderr,
+    )
     return folder
 
 
 def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], object] = print) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", choices=["roxford5k", "rparis6k", "gldv2", "revisitop1m"])
-    parser.add_argument("--root", default="data", help="parent folder (default: data, the repo's paths.data_dir)")
-    parser.add_argument("--parts", default=None, help=f"gldv2 image tars (default 0-{GLDV2_PARTS - 1}), e.g. 0-9 "
-                        f"or 0,5,7-9; revisitop1m archives (default 1-{REVISITOP1M_PARTS})")
-    parser.add_argument("--csv", default="train_clean.csv", help="gldv2 lists to fetch, comma-separated "
-                        "(train_clean.csv, train.csv)")
+    parser.add_argument(
+        "--root", default="data", help="parent folder (default: data, the repo's paths.data_dir)"
+    )
+    parser.add_argument(
+        "--parts",
+        default=None,
+        help=f"gldv2 image tars (default 0-{GLDV2_PARTS - 1}), e.g. 0-9 "
+        f"or 0,5,7-9; revisitop1m archives (default 1-{REVISITOP1M_PARTS})",
+    )
+    parser.add_argument(
+        "--csv",
+        default="train_clean.csv",
+        help="gldv2 lists to fetch, comma-separated (train_clean.csv, train.csv)",
+    )
     parser.add_argument("--keep-archives", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.dataset == "gldv2":
-        out = download_gldv2(args.root, parse_parts(args.parts or f"0-{GLDV2_PARTS - 1}"),
-                             csv_names=args.csv.split(","), keep_archives=args.keep_archives)
+        out = download_gldv2(
+            args.root,
+            parse_parts(args.parts or f"0-{GLDV2_PARTS - 1}"),
+            csv_names=args.csv.split(","),
+            keep_archives=args.keep_archives,
+        )
     elif args.dataset == "revisitop1m":
         parts = parse_parts(args.parts or f"1-{REVISITOP1M_PARTS}", REVISITOP1M_PARTS, first=1)
         out = download_revisitop1m(args.root, parts, keep_archives=args.keep_archives)

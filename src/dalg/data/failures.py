@@ -103,12 +103,19 @@ class FailureSummary:
         if self.new_images:
             shown = "; ".join(f"{p} ({r})" for p, r in list(self.new_images.items())[:examples])
             fate = "dropped before training" if dropped else "each replaced by another image of its class"
-            lines.append(f"{len(self.new_images)} unreadable or missing image(s) found "
-                         f"({self.total_images} of {self.n_samples} listed so far), {fate}; e.g. {shown}")
+            lines.append(
+                f"{len(self.new_images)} unreadable or missing image(s) found "
+                f"({self.total_images} of {self.n_samples} listed so far), {fate}; e.g. {shown}"
+            )
         if self.new_classes:
             names = ", ".join(list(self.new_classes)[:20])
             more = f" and {len(self.new_classes) - 20} more" if len(self.new_classes) > 20 else ""
-            fate = "are left out (no label)" if dropped else \
-                "are not trained on (their batches take images of other classes)"
-            lines.append(f"{len(self.new_classes)} class(es) have no readable image at all and {fate}: {names}{more}")
+            fate = (
+                "are left out (no label)"
+                if dropped
+                else "are not trained on (their batches take images of other classes)"
+            )
+            lines.append(
+                f"{len(self.new_classes)} class(es) have no readable image at all and {fate}: {names}{more}"
+            )
         return "\n".join(lines)

@@ -50,26 +50,44 @@ def list_images(directory: str | os.PathLike, extensions: Iterable[str] = IMAGE_
 class ImageFolderDataset(LabelledImages):
     """``<root>/<class name>/**/<image>``: one class per subfolder, labels in sorted class-name order."""
 
-    def __init__(self, root: str | os.PathLike, transform: Callable | None = None, min_images_per_class: int = 1,
-                 verify: str = "none", extensions: Iterable[str] = IMAGE_EXTENSIONS):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable | None = None,
+        min_images_per_class: int = 1,
+        verify: str = "none",
+        extensions: Iterable[str] = IMAGE_EXTENSIONS,
+    ):
         self.root = Path(os.path.expanduser(str(root)))
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {self.root} does not exist (expected <root>/<class>/<image>)")
+            raise FileNotFoundError(
+                f"image folder {self.root} does not exist (expected <root>/<class>/<image>)"
+            )
         groups: dict[str, list[str]] = {}
         for sub in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             images = list_images(sub, extensions)
             if images:
                 groups[sub.name] = [f"{sub.name}/{rel}" for rel in images]
             else:
-                log.warning("%s: class folder %s holds no image (%s) and is left out", self.root, sub.name,
-                            ", ".join(sorted(set(extensions))))
+                log.warning(
+                    "%s: class folder %s holds no image (%s) and is left out",
+                    self.root,
+                    sub.name,
+                    ", ".join(sorted(set(extensions))),
+                )
         loose = [p.name for p in self.root.iterdir() if p.is_file() and p.suffix.lower() in set(extensions)]
         if loose:
-            log.warning("%s: %d image(s) directly in the root are ignored (put them in a class subfolder), e.g. %s",
-                        self.root, len(loose), loose[:3])
+            log.warning(
+                "%s: %d image(s) directly in the root are ignored (put them in a class subfolder), e.g. %s",
+                self.root,
+                len(loose),
+                loose[:3],
+            )
         if not groups:
-            raise ValueError(f"image folder {self.root} has no class subfolder with images "
-                             f"(expected <root>/<class>/<image>)")
+            raise ValueError(
+                f"image folder {self.root} has no class subfolder with images "
+                f"(expected <root>/<class>/<image>)"
+            )
         super().__init__(groups, transform, min_images_per_class, verify, source=str(self.root))
 
     def path_of(self, key: str) -> Path:
@@ -116,13 +134,18 @@ def _parse_bbx(field: str | None, csv_path: Path, line: int) -> list[float] | No
     except ValueError:
         box = []
     if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
-        raise ValueError(f"{csv_path}, line {line}: bbx must be 'x1 y1 x2 y2' with x2 > x1 and y2 > y1, "
-                         f"got {field!r}")
+        raise ValueError(
+            f"{csv_path}, line {line}: bbx must be 'x1 y1 x2 y2' with x2 > x1 and y2 > y1, got {field!r}"
+        )
     return box
 
 
-def load_query_csv(images: str | os.PathLike, queries_csv: str | os.PathLike, name: str = "custom",
-                   extensions: Iterable[str] = IMAGE_EXTENSIONS) -> RevisitedGroundTruth:
+def load_query_csv(
+    images: str | os.PathLike,
+    queries_csv: str | os.PathLike,
+    name: str = "custom",
+    extensions: Iterable[str] = IMAGE_EXTENSIONS,
+) -> RevisitedGroundTruth:
     """A folder of images + a queries CSV -> the Revisited ground-truth structure (0-based database indices)."""
     image_dir = Path(os.path.expanduser(str(images)))
     csv_path = Path(os.path.expanduser(str(queries_csv)))
@@ -138,11 +161,15 @@ def load_query_csv(images: str | os.PathLike, queries_csv: str | os.PathLike, na
         reader.fieldnames = [c.strip().lower() for c in (reader.fieldnames or [])]
         missing = {"query", "positives"} - set(reader.fieldnames)
         if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {sorted(missing)}; columns are "
-                             f"query,positives[,hard][,junk][,bbx], got {reader.fieldnames}")
+            raise ValueError(
+                f"{csv_path}: missing column(s) {sorted(missing)}; columns are "
+                f"query,positives[,hard][,junk][,bbx], got {reader.fieldnames}"
+            )
         unknown = set(reader.fieldnames) - {"query", "positives", "hard", "junk", "bbx"}
         if unknown:
-            raise ValueError(f"{csv_path}: unknown column(s) {sorted(unknown)}; allowed: query,positives,hard,junk,bbx")
+            raise ValueError(
+                f"{csv_path}: unknown column(s) {sorted(unknown)}; allowed: query,positives,hard,junk,bbx"
+            )
         for row in reader:
             line = reader.line_num
             if not (row.get("query") or "").strip():
@@ -150,7 +177,10 @@ def load_query_csv(images: str | os.PathLike, queries_csv: str | os.PathLike, na
                     raise ValueError(f"{csv_path}, line {line}: empty query")
                 continue  # a blank line
             query = resolve(row["query"].strip(), line)
-            lists = {key: [resolve(n, line) for n in _split_names(row.get(key))] for key in ("positives", "hard", "junk")}
+            lists = {
+                key: [resolve(n, line) for n in _split_names(row.get(key))]
+                for key in ("positives", "hard", "junk")
+            }
             rows.append((line, query, lists, _parse_bbx(row.get("bbx"), csv_path, line)))
     if not rows:
         raise ValueError(f"{csv_path}: no query rows")
@@ -172,9 +202,13 @@ def load_query_csv(images: str | os.PathLike, queries_csv: str | os.PathLike, na
             entry[out] = sorted({index[n] for n in lists[key]})
         overlap = set(entry["easy"] + entry["hard"]) & set(entry["junk"])
         if overlap:
-            raise ValueError(f"{csv_path}, line {line}: {[database[i] for i in sorted(overlap)][:3]} are listed as "
-                             f"both positive and junk")
+            raise ValueError(
+                f"{csv_path}, line {line}: {[database[i] for i in sorted(overlap)][:3]} are listed as "
+                f"both positive and junk"
+            )
         if not entry["easy"] and not entry["hard"]:
-            log.warning("%s, line %d: query %s has no positive; it is skipped by every setup", csv_path, line, query)
+            log.warning(
+                "%s, line %d: query %s has no positive; it is skipped by every setup", csv_path, line, query
+            )
         gnd.append(entry)
     return RevisitedGroundTruth(name, image_dir, database, queries, gnd, suffix="", source=csv_path)

@@ -27,7 +27,9 @@ def read_gldv2_csv(csv_path: str | os.PathLike) -> dict[str, list[str]]:
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise FileNotFoundError(f"GLDv2 list {csv_path} does not exist (expected train_clean.csv or train.csv)")
+        raise FileNotFoundError(
+            f"GLDv2 list {csv_path} does not exist (expected train_clean.csv or train.csv)"
+        )
     groups: dict[str, list[str]] = {}
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
@@ -44,7 +46,9 @@ def read_gldv2_csv(csv_path: str | os.PathLike) -> dict[str, list[str]]:
                     raise ValueError(f"{csv_path}, line {reader.line_num}: empty id or landmark_id")
                 groups.setdefault(row["landmark_id"].strip(), []).append(row["id"].strip())
         else:
-            raise ValueError(f"{csv_path}: unknown columns {sorted(fields)}; expected landmark_id,images or id,url,landmark_id")
+            raise ValueError(
+                f"{csv_path}: unknown columns {sorted(fields)}; expected landmark_id,images or id,url,landmark_id"
+            )
     groups = {lid: list(dict.fromkeys(ids)) for lid, ids in groups.items() if ids}
     if not groups:
         raise ValueError(f"{csv_path}: lists no image")
@@ -62,8 +66,14 @@ class GLDv2Dataset(LabelledImages):
     :class:`~dalg.data.labelled.LabelledImages`.
     """
 
-    def __init__(self, root: str | os.PathLike, csv_name: str = "train_clean.csv", transform: Callable | None = None,
-                 min_images_per_class: int = 1, verify: str = "none"):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        csv_name: str = "train_clean.csv",
+        transform: Callable | None = None,
+        min_images_per_class: int = 1,
+        verify: str = "none",
+    ):
         self.root = Path(os.path.expanduser(str(root)))
         if not self.root.is_dir():
             raise FileNotFoundError(f"GLDv2 root {self.root} does not exist")

@@ -114,8 +114,12 @@ def _draft(img: Image.Image, need_side: float) -> None:
         img.draft(None, (img.width // factor, img.height // factor))
 
 
-def load_rgb(path: str | os.PathLike, fill: tuple[int, int, int] = ALPHA_BACKGROUND, max_pixels: int | None = None,
-             need_side: float | None = None) -> Image.Image:
+def load_rgb(
+    path: str | os.PathLike,
+    fill: tuple[int, int, int] = ALPHA_BACKGROUND,
+    max_pixels: int | None = None,
+    need_side: float | None = None,
+) -> Image.Image:
     """Decode ``path`` into an upright 8-bit RGB image (transparent pixels over ``fill``); raise
     :class:`ImageReadError` if that is impossible.
 
@@ -124,16 +128,24 @@ def load_rgb(path: str | os.PathLike, fill: tuple[int, int, int] = ALPHA_BACKGRO
     (kind ``too_large``) before its pixels are read, well below PIL's own guard (2 x ``Image.MAX_IMAGE_PIXELS``).
     """
     try:
-        with Image.open(path) as img:  # PIL's guard raises past 2 x Image.MAX_IMAGE_PIXELS (it only warns below)
+        with Image.open(
+            path
+        ) as img:  # PIL's guard raises past 2 x Image.MAX_IMAGE_PIXELS (it only warns below)
             full = img.size
             if need_side and img.format == "JPEG":
                 _draft(img, need_side)
             if max_pixels is not None and img.width * img.height > max_pixels:
-                raise ImageReadError(path, f"{img.width}x{img.height} = {img.width * img.height / 1e6:.1f} MP to "
-                                     f"decode, above the limit of {max_pixels / 1e6:.1f} MP (max_pixels)", "too_large")
+                raise ImageReadError(
+                    path,
+                    f"{img.width}x{img.height} = {img.width * img.height / 1e6:.1f} MP to "
+                    f"decode, above the limit of {max_pixels / 1e6:.1f} MP (max_pixels)",
+                    "too_large",
+                )
             img.load()
             out = to_rgb(_upright(img), fill)
-            if img.size != full:  # reduced: the test transform sizes by the full image, as the header scan does
+            if (
+                img.size != full
+            ):  # reduced: the test transform sizes by the full image, as the header scan does
                 out.info[SOURCE_SIZE] = full[::-1] if _orientation(img) in (5, 6, 7, 8) else full
             return out
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

@@ -113,9 +113,15 @@ class LabelledImages(Dataset):
         source: what the list came from, for messages.
     """
 
-    def __init__(self, groups: Mapping[str, Sequence[str]], transform: Callable | None = None,
-                 min_images_per_class: int = 1, verify: str = "none", source: str = "dataset",
-                 verify_threads: int = 16):
+    def __init__(
+        self,
+        groups: Mapping[str, Sequence[str]],
+        transform: Callable | None = None,
+        min_images_per_class: int = 1,
+        verify: str = "none",
+        source: str = "dataset",
+        verify_threads: int = 16,
+    ):
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         if min_images_per_class < 1:
@@ -162,7 +168,9 @@ class LabelledImages(Dataset):
         labels = self.samples.labels
         order = np.argsort(labels, kind="stable")  # sample indices grouped by class, in sample order
         starts = np.searchsorted(labels[order], np.arange(len(self.class_names) + 1))
-        self.class_index: list[np.ndarray] = [order[starts[c]:starts[c + 1]] for c in range(len(self.class_names))]
+        self.class_index: list[np.ndarray] = [
+            order[starts[c] : starts[c + 1]] for c in range(len(self.class_names))
+        ]
         position = np.empty(len(labels), np.int64)  # rank of each sample within its class
         position[order] = np.arange(len(labels)) - starts[labels[order]]
         self._position = position
@@ -192,22 +200,32 @@ class LabelledImages(Dataset):
         self.report_each = per_item
         summary = self.collect_failures()
         if summary:
-            log.warning("%s (pre-scan '%s' of %d files): %s", self.source, mode, len(flat),
-                        summary.message(dropped=True))
+            log.warning(
+                "%s (pre-scan '%s' of %d files): %s",
+                self.source,
+                mode,
+                len(flat),
+                summary.message(dropped=True),
+            )
         return {name: keys for name, keys in kept.items() if keys}
 
     # -------------------------------------------------------------------------------------- loading
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         label = int(self.samples.labels[index])
-        img = self._load_from_class(label, int(self._position[index])) if label not in self._dead_labels else None
+        img = (
+            self._load_from_class(label, int(self._position[index]))
+            if label not in self._dead_labels
+            else None
+        )
         if img is None:
             name = self.class_names[label]
             self._dead_labels.add(label)
             reason = f"none of its {len(self.class_index[label])} image(s) is readable"
             self._record_class(name, reason)
             if not self.substitute_empty_classes:
-                raise ImageReadError(self.path(index), f"no readable image left in class {label} (landmark {name}); "
-                                     f"{reason}")
+                raise ImageReadError(
+                    self.path(index), f"no readable image left in class {label} (landmark {name}); {reason}"
+                )
             img, label = self._substitute(label)
         return (self.transform(img) if self.transform else img), label
 
@@ -220,7 +238,9 @@ class LabelledImages(Dataset):
                 continue  # known broken in this process: do not pay for the failure twice
             self._tried += 1
             try:  # transparent areas: the model's mean
-                return load_rgb(path, fill_for(self.transform), max_pixels=self.max_pixels, need_side=self.decode_side)
+                return load_rgb(
+                    path, fill_for(self.transform), max_pixels=self.max_pixels, need_side=self.decode_side
+                )
             except ImageReadError as e:
                 self._unreadable += 1
                 self._record_image(e.path, e.reason)
@@ -229,14 +249,19 @@ class LabelledImages(Dataset):
 
     def _check_unreadable_share(self) -> None:
         limit = self.max_unreadable_fraction
-        if limit is None or self._tried < self.unreadable_check_after or self._unreadable <= limit * self._tried:
+        if (
+            limit is None
+            or self._tried < self.unreadable_check_after
+            or self._unreadable <= limit * self._tried
+        ):
             return
         shown = "; ".join(f"{p} ({r})" for p, r in list(self.failures.items())[:3])
         raise UnreadableDataError(
             f"{self.source}: {self._unreadable} of the {self._tried} images this loader process tried are unreadable "
             f"({self._unreadable / self._tried:.0%}), above data.max_unreadable_fraction={limit}; is data.root the "
             f"right folder? (data.verify=exists drops missing files before training; raise the limit to go on). "
-            f"e.g. {shown}")
+            f"e.g. {shown}"
+        )
 
     def _substitute(self, label: int):
         """An image of the next class (in label order) that still has a readable one, with that class's label."""
@@ -248,10 +273,13 @@ class LabelledImages(Dataset):
             if img is not None:
                 return img, other
             self._dead_labels.add(other)
-            self._record_class(self.class_names[other], f"none of its {len(self.class_index[other])} image(s) is "
-                                                        f"readable")
-        raise ImageReadError(self.path(0).parent,
-                             f"{self.source}: not one readable image in any of the {self.num_classes} classes")
+            self._record_class(
+                self.class_names[other], f"none of its {len(self.class_index[other])} image(s) is readable"
+            )
+        raise ImageReadError(
+            self.path(0).parent,
+            f"{self.source}: not one readable image in any of the {self.num_classes} classes",
+        )
 
     # ------------------------------------------------------------------------------------ reporting
     def _record_image(self, path: str, reason: str) -> None:
@@ -259,8 +287,12 @@ class LabelledImages(Dataset):
         self.failures.setdefault(path, reason)
         self.failure_log.record_image(path, reason)
         if new and self.report_each and get_worker_info() is None and len(self.failures) <= 5:
-            log.warning("cannot read image %r: %s (replaced by another image of its class; %d unreadable so far)",
-                        path, reason, len(self.failures))
+            log.warning(
+                "cannot read image %r: %s (replaced by another image of its class; %d unreadable so far)",
+                path,
+                reason,
+                len(self.failures),
+            )
 
     def _record_class(self, name: str, reason: str) -> None:
         new = name not in self.empty_classes
@@ -281,7 +313,9 @@ class LabelledImages(Dataset):
         new_images = dict(list(self.failures.items())[seen_i:])
         new_classes = dict(list(self.empty_classes.items())[seen_c:])
         self._reported = (len(self.failures), len(self.empty_classes))
-        return FailureSummary(new_images, new_classes, len(self.failures), len(self.empty_classes), self.n_listed)
+        return FailureSummary(
+            new_images, new_classes, len(self.failures), len(self.empty_classes), self.n_listed
+        )
 
     def report_failures(self, logger: logging.Logger = log) -> FailureSummary:
         """One warning with the count and a few example paths for everything new since the last report."""

@@ -59,15 +59,19 @@ def _check_bbx(pkl: Path, qi: int, query: str, bbx) -> list[float] | None:
     except (TypeError, ValueError):
         box = []
     if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
-        raise ValueError(f"{pkl}: query {qi} ({query}) has bbx {bbx!r}; expected [x1, y1, x2, y2] with x2 > x1, y2 > y1")
+        raise ValueError(
+            f"{pkl}: query {qi} ({query}) has bbx {bbx!r}; expected [x1, y1, x2, y2] with x2 > x1, y2 > y1"
+        )
     return box
 
 
 def load_ground_truth(data_dir: str | os.PathLike, name: str) -> RevisitedGroundTruth:
     pkl = find_ground_truth(data_dir, name)
     if pkl is None:
-        raise FileNotFoundError(f"ground truth {Path(data_dir) / f'gnd_{name}.pkl'} does not exist "
-                                f"(Revisited layout: <data_dir>/gnd_<name>.pkl + <data_dir>/jpg/)")
+        raise FileNotFoundError(
+            f"ground truth {Path(data_dir) / f'gnd_{name}.pkl'} does not exist "
+            f"(Revisited layout: <data_dir>/gnd_<name>.pkl + <data_dir>/jpg/)"
+        )
     data_dir = pkl.parent
     raw = load_plain_pickle(pkl, "ground-truth file")  # restricted: a downloaded gnd file runs no code
     if not isinstance(raw, dict):
@@ -80,18 +84,32 @@ def load_ground_truth(data_dir: str | os.PathLike, name: str) -> RevisitedGround
     n = len(raw["imlist"])
     for qi, g in enumerate(raw["gnd"]):
         if not isinstance(g, dict):
-            raise ValueError(f"{pkl}: gnd entry {qi} is a {type(g).__name__}, expected a dict with bbx/easy/hard/junk")
+            raise ValueError(
+                f"{pkl}: gnd entry {qi} is a {type(g).__name__}, expected a dict with bbx/easy/hard/junk"
+            )
         for key in ("easy", "hard", "junk"):
             bad = [j for j in g.get(key, []) if not 0 <= j < n]
             if bad:
-                raise ValueError(f"{pkl}: query {qi} ({raw['qimlist'][qi]}) has {key} indices outside "
-                                 f"0..{n - 1}: {bad[:5]} (is it the 1-based .mat version?)")
+                raise ValueError(
+                    f"{pkl}: query {qi} ({raw['qimlist'][qi]}) has {key} indices outside "
+                    f"0..{n - 1}: {bad[:5]} (is it the 1-based .mat version?)"
+                )
     # int()/str(): the official files may hold NumPy arrays and scalars
-    gnd = [{"bbx": _check_bbx(pkl, qi, raw["qimlist"][qi], g.get("bbx")),
-            **{key: [int(j) for j in g.get(key, [])] for key in ("easy", "hard", "junk")}}
-           for qi, g in enumerate(raw["gnd"])]
-    return RevisitedGroundTruth(name, data_dir / "jpg", [str(n) for n in raw["imlist"]],
-                                [str(n) for n in raw["qimlist"]], gnd, source=pkl)
+    gnd = [
+        {
+            "bbx": _check_bbx(pkl, qi, raw["qimlist"][qi], g.get("bbx")),
+            **{key: [int(j) for j in g.get(key, [])] for key in ("easy", "hard", "junk")},
+        }
+        for qi, g in enumerate(raw["gnd"])
+    ]
+    return RevisitedGroundTruth(
+        name,
+        data_dir / "jpg",
+        [str(n) for n in raw["imlist"]],
+        [str(n) for n in raw["qimlist"]],
+        gnd,
+        source=pkl,
+    )
 
 
 class RevisitedImages(Dataset):
@@ -101,7 +119,9 @@ class RevisitedImages(Dataset):
     is false (the variant many papers report; never mixed silently: the flag is logged with the results).
     """
 
-    def __init__(self, gt: RevisitedGroundTruth, transform: Callable | None = None, crop_queries: bool = True):
+    def __init__(
+        self, gt: RevisitedGroundTruth, transform: Callable | None = None, crop_queries: bool = True
+    ):
         self.gt = gt
         self.transform = transform
         self.crop_queries = crop_queries
@@ -120,15 +140,25 @@ class RevisitedImages(Dataset):
         try:
             width, height = image_size(self.paths[qi])
         except ImageReadError as e:
-            raise ImageReadError(e.path, f"{where} has a bbx but its image cannot be read: {e.reason}", e.kind) from e
+            raise ImageReadError(
+                e.path, f"{where} has a bbx but its image cannot be read: {e.reason}", e.kind
+            ) from e
         x0, y0, x1, y1 = (float(v) for v in box)
         clipped = [max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))]
         if round(clipped[2]) <= round(clipped[0]) or round(clipped[3]) <= round(clipped[1]):
-            raise ValueError(f"{where}: bbx {[x0, y0, x1, y1]} lies outside the {width}x{height} image "
-                             f"(no pixel of it is inside); fix the box")
+            raise ValueError(
+                f"{where}: bbx {[x0, y0, x1, y1]} lies outside the {width}x{height} image "
+                f"(no pixel of it is inside); fix the box"
+            )
         if clipped != [x0, y0, x1, y1]:
-            log.warning("%s: bbx %s extends past the %dx%d image; clipped to %s", where, [x0, y0, x1, y1], width,
-                        height, clipped)
+            log.warning(
+                "%s: bbx %s extends past the %dx%d image; clipped to %s",
+                where,
+                [x0, y0, x1, y1],
+                width,
+                height,
+                clipped,
+            )
         return clipped
 
     def __len__(self) -> int:
@@ -150,8 +180,12 @@ class RevisitedImages(Dataset):
         """The PIL image as the model sees it before the transform (query crop applied)."""
         box = self.crop_box(index)
         # reduced-size JPEG decoding only without a crop: the box is in the full image's pixels
-        img = load_rgb(self.paths[index], fill_for(self.transform), max_pixels=self.max_pixels,
-                       need_side=None if box else self.decode_side)
+        img = load_rgb(
+            self.paths[index],
+            fill_for(self.transform),
+            max_pixels=self.max_pixels,
+            need_side=None if box else self.decode_side,
+        )
         return img.crop(box) if box else img
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

@@ -24,8 +24,15 @@ class SizeBucketBatchSampler(BatchSampler):
       of batches and the gather places descriptors by their index, so nothing is duplicated or lost.
     """
 
-    def __init__(self, sizes: Sequence[tuple[int, int]], batch_size: int, rank: int = 0, world_size: int = 1,
-                 sampler: Iterable[int] | None = None, drop_last: bool = False):
+    def __init__(
+        self,
+        sizes: Sequence[tuple[int, int]],
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        sampler: Iterable[int] | None = None,
+        drop_last: bool = False,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -47,10 +54,10 @@ class SizeBucketBatchSampler(BatchSampler):
             for i in self.sampler:
                 buckets[self.sizes[i]].append(int(i))
             bs = self.batch_size
-            batches = [idx[k:k + bs] for _, idx in sorted(buckets.items()) for k in range(0, len(idx), bs)]
+            batches = [idx[k : k + bs] for _, idx in sorted(buckets.items()) for k in range(0, len(idx), bs)]
             # a distributed sampler already gave this rank its share: splitting again would lose images
             if not isinstance(self.sampler, DistributedSampler):
-                batches = batches[self.rank::self.world_size]
+                batches = batches[self.rank :: self.world_size]
             self._batches = batches
         return self._batches
 

@@ -59,7 +59,9 @@ def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, rng: np.random.Generator, box: tuple[float, float, float, float]) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, rng: np.random.Generator, box: tuple[float, float, float, float]
+) -> None:
     """One textured shape inside ``box``: polygon, ellipse, striped block or a 'window grid' facade."""
     x0, y0, x1, y1 = box
     colour, accent = _random_colour(rng), _random_colour(rng)
@@ -86,8 +88,15 @@ def _draw_shape(draw: ImageDraw.ImageDraw, rng: np.random.Generator, box: tuple[
         w, h = (x1 - x0) / cols, (y1 - y0) / rows
         for r in range(rows):
             for c in range(cols):
-                draw.rectangle((x0 + c * w + w * 0.25, y0 + r * h + h * 0.25, x0 + c * w + w * 0.75, y0 + r * h + h * 0.75),
-                               fill=accent)
+                draw.rectangle(
+                    (
+                        x0 + c * w + w * 0.25,
+                        y0 + r * h + h * 0.25,
+                        x0 + c * w + w * 0.75,
+                        y0 + r * h + h * 0.75,
+                    ),
+                    fill=accent,
+                )
     else:  # roof / gable: triangle on a block
         mid = (y0 + y1) / 2
         draw.rectangle((x0, mid, x1, y1), fill=colour)
@@ -121,8 +130,13 @@ def _perspective_coeffs(src: np.ndarray, dst: np.ndarray) -> list[float]:
     return np.linalg.solve(np.asarray(a, float), src.reshape(8)).tolist()
 
 
-def render_view(scene: Image.Image, rng: np.random.Generator, strength: float, size: tuple[int, int],
-                zoom_out: float = 1.0) -> tuple[Image.Image, tuple[float, float, float, float]]:
+def render_view(
+    scene: Image.Image,
+    rng: np.random.Generator,
+    strength: float,
+    size: tuple[int, int],
+    zoom_out: float = 1.0,
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
     """A new photograph of ``scene``; ``strength`` in [0, 1] scales every change.
 
     ``zoom_out`` > 1 shrinks the scene inside the frame (surrounded by clutter), as for a query whose
@@ -134,15 +148,22 @@ def render_view(scene: Image.Image, rng: np.random.Generator, strength: float, s
     crop = rng.uniform(1.0 - 0.45 * strength, 1.0)
     cx, cy = rng.uniform(-1, 1, 2) * (1 - crop) * s / 2 + s / 2
     half = crop * s / 2
-    src = np.array([[cx - half, cy - half], [cx + half, cy - half], [cx + half, cy + half], [cx - half, cy + half]])
+    src = np.array(
+        [[cx - half, cy - half], [cx + half, cy - half], [cx + half, cy + half], [cx - half, cy + half]]
+    )
     src += rng.normal(0, 0.12 * strength * s, src.shape)
     # place the scene into the frame; with zoom_out it covers only a centred-ish sub-rectangle
     fw, fh = W / zoom_out, H / zoom_out
     ox, oy = rng.uniform(0, W - fw), rng.uniform(0, H - fh)
     dst = np.array([[ox, oy], [ox + fw, oy], [ox + fw, oy + fh], [ox, oy + fh]])
     background = Image.new("RGB", (W, H), _random_colour(rng))
-    warped = scene.transform((W, H), Image.Transform.PERSPECTIVE, _perspective_coeffs(src, dst),
-                             Image.Resampling.BILINEAR, fillcolor=None)
+    warped = scene.transform(
+        (W, H),
+        Image.Transform.PERSPECTIVE,
+        _perspective_coeffs(src, dst),
+        Image.Resampling.BILINEAR,
+        fillcolor=None,
+    )
     mask = Image.new("L", (W, H), 0)
     ImageDraw.Draw(mask).rectangle((ox, oy, ox + fw, oy + fh), fill=255)
     img = Image.composite(warped, background, mask)
@@ -196,7 +217,9 @@ def _write_train(spec: SyntheticSpec, root: Path) -> None:
         landmark_id = 1000 + 7 * cls + int(rng.integers(0, 7))  # sparse ids, so relabelling is exercised
         ids = []
         for k in range(spec.images_per_class):
-            img, _ = render_view(scene, rng, strength=rng.uniform(0.2, 1.0), size=_view_size(rng, spec.image_size))
+            img, _ = render_view(
+                scene, rng, strength=rng.uniform(0.2, 1.0), size=_view_size(rng, spec.image_size)
+            )
             image_id = _image_id(spec.seed, "train", cls, k)
             _save(img, root / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg")
             ids.append(image_id)
@@ -260,8 +283,10 @@ def ensure_synthetic_landmarks(root: str | os.PathLike, **spec_kwargs) -> Path:
     if stamp.exists():
         if json.loads(stamp.read_text()).get("fingerprint") == spec.fingerprint():
             return root
-        raise FileExistsError(f"{root} holds a synthetic dataset made with other settings ({stamp}); "
-                              f"delete it or choose another data.root")
+        raise FileExistsError(
+            f"{root} holds a synthetic dataset made with other settings ({stamp}); "
+            f"delete it or choose another data.root"
+        )
     tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -20,9 +20,14 @@ from dalg.models.input_config import IMAGENET_MEAN, IMAGENET_STD, InputConfig  #
 
 ORIGINAL = "original"  # test_size value (also null): keep the image's own size
 _DEFAULT = InputConfig(source="ImageNet defaults (no model input config given)")
-_PIL_RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-                   "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
-                   "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
+_PIL_RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
 
 
 def _interpolation(config: InputConfig) -> T.InterpolationMode:
@@ -43,13 +48,21 @@ def _normalise(config: InputConfig) -> list:
     return [T.ToTensor(), T.Normalize(config.mean, config.std)]
 
 
-def train_transform(size: int, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
-                    hflip: float = 0.5, color_jitter: float = 0.2,
-                    input_config: InputConfig | None = None) -> ModelTransform:
+def train_transform(
+    size: int,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    color_jitter: float = 0.2,
+    input_config: InputConfig | None = None,
+) -> ModelTransform:
     """Random resized crop (DOLG's loader: area 0.08-1) + flip + light colour jitter, at ``size`` x ``size``."""
     config = input_config or _DEFAULT
-    ops: list = [T.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True,
-                                     interpolation=_interpolation(config))]
+    ops: list = [
+        T.RandomResizedCrop(
+            size, scale=tuple(scale), ratio=tuple(ratio), antialias=True, interpolation=_interpolation(config)
+        )
+    ]
     if hflip > 0:
         ops.append(T.RandomHorizontalFlip(hflip))
     if color_jitter > 0:
@@ -61,8 +74,11 @@ def holdout_transform(size: int, input_config: InputConfig | None = None) -> Mod
     """Deterministic view of a training-class image for the classification hold-out: the shorter side resized
     to ``size``, centre crop ``size`` x ``size`` (the training crops' shape, without their randomness)."""
     config = input_config or _DEFAULT
-    return ModelTransform([T.Resize(size, antialias=True, interpolation=_interpolation(config)),
-                           T.CenterCrop(size)] + _normalise(config), config)
+    return ModelTransform(
+        [T.Resize(size, antialias=True, interpolation=_interpolation(config)), T.CenterCrop(size)]
+        + _normalise(config),
+        config,
+    )
 
 
 def parse_test_size(value: object, where: str = "test_size") -> int | None:
@@ -74,8 +90,10 @@ def parse_test_size(value: object, where: str = "test_size") -> int | None:
     except (TypeError, ValueError):
         size = 0
     if isinstance(value, bool) or size <= 0 or size != value and str(size) != str(value).strip():
-        raise ValueError(f"{where}={value!r}: expected a positive number of pixels (the longer image side), "
-                         f"or null / {ORIGINAL!r} to keep each image's own size")
+        raise ValueError(
+            f"{where}={value!r}: expected a positive number of pixels (the longer image side), "
+            f"or null / {ORIGINAL!r} to keep each image's own size"
+        )
     return size
 
 
@@ -108,14 +126,17 @@ class EvalTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         # a JPEG decoded at reduced size is sized by its full size, as the batches' header scan sizes it
-        h, w = resized_shape(*img.info.get(SOURCE_SIZE, img.size), self.test_size, self.input_config.size_multiple)
+        h, w = resized_shape(
+            *img.info.get(SOURCE_SIZE, img.size), self.test_size, self.input_config.size_multiple
+        )
         if (w, h) != img.size:
             img = img.resize((w, h), self._resample, reducing_gap=None)
         return self._to_tensor(img)
 
     def __repr__(self) -> str:
-        return (f"EvalTransform(test_size={describe_test_size(self.test_size)}, "
-                f"{self.input_config.describe()})")
+        return (
+            f"EvalTransform(test_size={describe_test_size(self.test_size)}, {self.input_config.describe()})"
+        )
 
 
 def eval_transform(test_size: int | None, input_config: InputConfig | None = None) -> EvalTransform:

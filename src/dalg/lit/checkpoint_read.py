@@ -43,14 +43,20 @@ def read_checkpoint(path: str | os.PathLike, lightning: bool = True) -> dict[str
         found = re.search(r"[^\n:]*GLOBAL [\w.]+|Unsupported operand \d+", str(e))
         reason = found.group(0).strip() if found else str(e).strip().split(". ")[0][:200]
         if "GLOBAL" in reason:  # the safe unpickler stopped at a global it does not allow
-            raise CheckpointError(f"checkpoint {path} was refused: it holds Python objects beyond tensors and plain "
-                                  f"containers, and loading it could run code; nothing from it was run "
-                                  f"({reason[:200]})") from e
-        raise CheckpointError(f"checkpoint {path} is not a PyTorch checkpoint (random or damaged bytes, or a plain "
-                              f"pickle; {reason[:200]})") from e
+            raise CheckpointError(
+                f"checkpoint {path} was refused: it holds Python objects beyond tensors and plain "
+                f"containers, and loading it could run code; nothing from it was run "
+                f"({reason[:200]})"
+            ) from e
+        raise CheckpointError(
+            f"checkpoint {path} is not a PyTorch checkpoint (random or damaged bytes, or a plain "
+            f"pickle; {reason[:200]})"
+        ) from e
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or damaged?): "
-                              f"{type(e).__name__}: {str(e).strip().split('. ')[0][:200]}") from e
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read (truncated or damaged?): "
+            f"{type(e).__name__}: {str(e).strip().split('. ')[0][:200]}"
+        ) from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict")
     if lightning:
@@ -63,15 +69,21 @@ def check_lightning_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) ->
     if missing:
         tensors = ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
         what = "a plain state dict (weights only)" if tensors else f"a dict with keys {sorted(ckpt)[:8]}"
-        raise CheckpointError(f"checkpoint {path} is {what}, not a training checkpoint of this repository "
-                              f"(missing {missing}; written by src/train.py). Backbone weights go in "
-                              f"model.backbone.checkpoint=<file> instead")
+        raise CheckpointError(
+            f"checkpoint {path} is {what}, not a training checkpoint of this repository "
+            f"(missing {missing}; written by src/train.py). Backbone weights go in "
+            f"model.backbone.checkpoint=<file> instead"
+        )
     hp = ckpt["hyper_parameters"]
     if not isinstance(hp, dict) or not isinstance(hp.get("model_cfg"), dict):
-        raise CheckpointError(f"checkpoint {path}: hyper_parameters.model_cfg (the model config) is missing, "
-                              f"so the network cannot be rebuilt")
+        raise CheckpointError(
+            f"checkpoint {path}: hyper_parameters.model_cfg (the model config) is missing, "
+            f"so the network cannot be rebuilt"
+        )
     if not isinstance(ckpt["state_dict"], dict):
-        raise CheckpointError(f"checkpoint {path}: state_dict is a {type(ckpt['state_dict']).__name__}, not a dict")
+        raise CheckpointError(
+            f"checkpoint {path}: state_dict is a {type(ckpt['state_dict']).__name__}, not a dict"
+        )
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:

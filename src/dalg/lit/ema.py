@@ -28,7 +28,9 @@ class EMAWeights(pl.Callback):
         self._backup: dict[str, torch.Tensor] | None = None
 
     def _tensors(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in pl_module.net.state_dict(keep_vars=True).items() if v.dtype.is_floating_point}
+        return {
+            k: v for k, v in pl_module.net.state_dict(keep_vars=True).items() if v.dtype.is_floating_point
+        }
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         current = self._tensors(pl_module)
@@ -38,8 +40,9 @@ class EMAWeights(pl.Callback):
             self.shadow = {k: v.detach().clone() for k, v in current.items()}
 
     @torch.no_grad()
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step < self.start_step:
             for k, v in self._tensors(pl_module).items():
                 self.shadow[k].copy_(v.detach())
@@ -71,8 +74,9 @@ class EMAWeights(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_out(pl_module)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # the checkpoint's state_dict holds the raw weights even when saved during validation
         if self._backup is not None:
             prefix = "net."

@@ -27,10 +27,19 @@ class RetrievalModule(pl.LightningModule):
     descriptors and the retrieval callback ranks and scores them at the end of the epoch.
     """
 
-    def __init__(self, model_cfg: Mapping[str, Any], num_classes: int, optimizer: Mapping[str, Any],
-                 weight_decay: float = 1e-4, warmup_epochs: float = 1.0, min_lr_ratio: float = 0.0,
-                 layer_decay: float | None = None, eval_scales: Sequence[float] | None = None,
-                 input_config: Mapping[str, Any] | None = None, no_decay_bias_norm: bool = True):
+    def __init__(
+        self,
+        model_cfg: Mapping[str, Any],
+        num_classes: int,
+        optimizer: Mapping[str, Any],
+        weight_decay: float = 1e-4,
+        warmup_epochs: float = 1.0,
+        min_lr_ratio: float = 0.0,
+        layer_decay: float | None = None,
+        eval_scales: Sequence[float] | None = None,
+        input_config: Mapping[str, Any] | None = None,
+        no_decay_bias_norm: bool = True,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.net = hydra.utils.instantiate(dict(model_cfg), num_classes=num_classes)
@@ -65,23 +74,34 @@ class RetrievalModule(pl.LightningModule):
     def _raise_non_finite(self, loss: torch.Tensor, desc: torch.Tensor, logits: torch.Tensor) -> None:
         """Stop before the optimiser step: the weights stay as they were, and no checkpoint is written after this."""
         bad = [n for n, p in self.net.named_parameters() if not torch.isfinite(p).all()]
-        terms = {"loss (margin softmax cross-entropy)": loss.item(),
-                 "non-finite descriptors": int((~torch.isfinite(desc)).any(1).sum()),
-                 "non-finite logits": int((~torch.isfinite(logits)).sum()),
-                 "largest finite |logit|": float(logits[torch.isfinite(logits)].abs().max()) if torch.isfinite(
-                     logits).any() else float("nan")}
+        terms = {
+            "loss (margin softmax cross-entropy)": loss.item(),
+            "non-finite descriptors": int((~torch.isfinite(desc)).any(1).sum()),
+            "non-finite logits": int((~torch.isfinite(logits)).sum()),
+            "largest finite |logit|": float(logits[torch.isfinite(logits)].abs().max())
+            if torch.isfinite(logits).any()
+            else float("nan"),
+        }
         where = f"epoch {self.current_epoch}, global step {self.global_step}"
         detail = "; ".join(f"{k} = {v}" for k, v in terms.items())
         params = f"; non-finite weights already in {bad[:3]}" if bad else ""
-        written = [c.last_model_path for c in self.trainer.checkpoint_callbacks if getattr(c, "last_model_path", "")]
-        ckpt = max(written, key=lambda p: os.path.getmtime(p) if os.path.exists(p) else 0) if written else \
-            "none written yet"
-        raise FloatingPointError(f"non-finite training loss at {where}: {detail}{params}. Training stopped; "
-                                 f"the last good checkpoint is untouched ({ckpt}).")
+        written = [
+            c.last_model_path for c in self.trainer.checkpoint_callbacks if getattr(c, "last_model_path", "")
+        ]
+        ckpt = (
+            max(written, key=lambda p: os.path.getmtime(p) if os.path.exists(p) else 0)
+            if written
+            else "none written yet"
+        )
+        raise FloatingPointError(
+            f"non-finite training loss at {where}: {detail}{params}. Training stopped; "
+            f"the last good checkpoint is untouched ({ckpt})."
+        )
 
     # ---------------------------------------------------------------------------------------- evaluation
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int,
-                        dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+    def validation_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, torch.Tensor]:
         images, index = batch
         if dataloader_idx == self._classification_val_index():
             self._classification_val_step(images, index)
@@ -100,12 +120,18 @@ class RetrievalModule(pl.LightningModule):
         loss = F.cross_entropy(self.net.head(desc, labels), labels)
         acc = (self.net.head(desc).argmax(1) == labels).float().mean()
         for name, value in (("val/cls_loss", loss), ("val/cls_acc", acc)):
-            self.log(name, value, on_epoch=True, batch_size=len(labels), add_dataloader_idx=False, sync_dist=True)
+            self.log(
+                name, value, on_epoch=True, batch_size=len(labels), add_dataloader_idx=False, sync_dist=True
+            )
 
     @classmethod
-    def for_evaluation(cls, ckpt_path: str | os.PathLike, scales: Sequence[float] | None = None,
-                       inference: Mapping[str, Any] | InferenceOptions | None = None,
-                       scale_resize: Mapping[str, Any] | None = None) -> RetrievalModule:
+    def for_evaluation(
+        cls,
+        ckpt_path: str | os.PathLike,
+        scales: Sequence[float] | None = None,
+        inference: Mapping[str, Any] | InferenceOptions | None = None,
+        scale_resize: Mapping[str, Any] | None = None,
+    ) -> RetrievalModule:
         """A checkpoint ready for src/eval.py and src/extract.py: eval mode, optional test ``scales`` and
         ``inference`` options (dalg.inference.InferenceOptions fields: bf16, channels_last, compile), and
         optionally another per-scale resize rule than the model's (``scale_resize``: mode, antialias).
@@ -125,7 +151,11 @@ class RetrievalModule(pl.LightningModule):
         if scale_resize is not None:
             module.net.scale_resize = ScaleResize.from_mapping(scale_resize)
         if inference is not None:
-            options = inference if isinstance(inference, InferenceOptions) else InferenceOptions.from_mapping(inference)
+            options = (
+                inference
+                if isinstance(inference, InferenceOptions)
+                else InferenceOptions.from_mapping(inference)
+            )
             module._extractor = optimize_for_inference(module.net, options, inplace=True)
         return module.eval()
 
@@ -138,18 +168,24 @@ class RetrievalModule(pl.LightningModule):
         try:
             module = cls(**hp)
         except Exception as e:  # noqa: BLE001 - any config the network cannot be built from
-            raise CheckpointError(f"checkpoint {path}: its hyper_parameters do not build a {cls.__name__}: "
-                                  f"{type(e).__name__}: {e}") from e
+            raise CheckpointError(
+                f"checkpoint {path}: its hyper_parameters do not build a {cls.__name__}: "
+                f"{type(e).__name__}: {e}"
+            ) from e
         module.on_load_checkpoint(dict(ckpt))
         try:
             result = module.load_state_dict(ckpt["state_dict"], strict=False)
         except RuntimeError as e:  # tensors of another shape
-            raise CheckpointError(f"checkpoint {path}: state_dict does not fit the model its hyper_parameters "
-                                  f"describe: {str(e).strip()[:500]}") from e
+            raise CheckpointError(
+                f"checkpoint {path}: state_dict does not fit the model its hyper_parameters "
+                f"describe: {str(e).strip()[:500]}"
+            ) from e
         if result.missing_keys or result.unexpected_keys:
-            raise CheckpointError(f"checkpoint {path}: state_dict does not match the model its hyper_parameters "
-                                  f"describe; missing {result.missing_keys[:5]}, unexpected "
-                                  f"{result.unexpected_keys[:5]}")
+            raise CheckpointError(
+                f"checkpoint {path}: state_dict does not match the model its hyper_parameters "
+                f"describe; missing {result.missing_keys[:5]}, unexpected "
+                f"{result.unexpected_keys[:5]}"
+            )
         return module
 
     @property
@@ -169,17 +205,22 @@ class RetrievalModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("torch_rng_state")
-        stored = checkpoint_input_config(checkpoint.get("hyper_parameters") or {}, self.net.input_config,
-                                         "checkpoint")
+        stored = checkpoint_input_config(
+            checkpoint.get("hyper_parameters") or {}, self.net.input_config, "checkpoint"
+        )
         if stored == self.net.input_config:
             return
         if self._trainer is not None and self.trainer.state.fn == "fit":
             # resuming: the data loaders already normalise with this run's config; mixing both is never right
-            raise ValueError(f"the checkpoint to resume was trained with inputs {stored.describe()} "
-                             f"({stored.source}), this run's model expects {self.net.input_config.describe()}: "
-                             f"set model.backbone.mean={list(stored.mean)} model.backbone.std={list(stored.std)} "
-                             f"model.backbone.interpolation={stored.interpolation} to continue it")
-        self.net.input_config = stored  # an older checkpoint without one: the ImageNet values it was trained with
+            raise ValueError(
+                f"the checkpoint to resume was trained with inputs {stored.describe()} "
+                f"({stored.source}), this run's model expects {self.net.input_config.describe()}: "
+                f"set model.backbone.mean={list(stored.mean)} model.backbone.std={list(stored.std)} "
+                f"model.backbone.interpolation={stored.interpolation} to continue it"
+            )
+        self.net.input_config = (
+            stored  # an older checkpoint without one: the ImageNet values it was trained with
+        )
         self.hparams["input_config"] = stored.to_dict()
 
     def on_train_start(self) -> None:
@@ -188,7 +229,10 @@ class RetrievalModule(pl.LightningModule):
         # setup_data returns early). Hand it over here and restart the iterator, so a mid-epoch resume continues
         # the epoch's data order (dalg.lit.resumable_data) instead of starting a new one.
         fit_loop = self.trainer.fit_loop
-        if getattr(fit_loop, "_combined_loader_states_to_load", None) and fit_loop._combined_loader is not None:
+        if (
+            getattr(fit_loop, "_combined_loader_states_to_load", None)
+            and fit_loop._combined_loader is not None
+        ):
             fit_loop._load_combined_loader_states()
             iter(fit_loop._data_fetcher)
 
@@ -200,11 +244,17 @@ class RetrievalModule(pl.LightningModule):
     # ----------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
         factory = hydra.utils.instantiate(dict(self.hparams.optimizer), _partial_=True)
-        optimizer = build_optimizer(factory, self, self.hparams.weight_decay, self.hparams.layer_decay,
-                                    self.hparams.get("no_decay_bias_norm", True))
+        optimizer = build_optimizer(
+            factory,
+            self,
+            self.hparams.weight_decay,
+            self.hparams.layer_decay,
+            self.hparams.get("no_decay_bias_norm", True),
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(round(self.hparams.warmup_epochs * total / max(1, self.trainer.max_epochs or 1)))
         warmup = min(max(1, warmup), total)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: warmup_cosine(s, warmup, total, self.hparams.min_lr_ratio))
+            optimizer, lambda s: warmup_cosine(s, warmup, total, self.hparams.min_lr_ratio)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -93,25 +93,46 @@ class ResumableLoader(DataLoader):
     """The training loader; ``consumed_batches()`` tells how many batches of the current epoch were trained on
     (the trainer's counter, since the loader itself runs ahead by its prefetch)."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, drop_last: bool = True,
-                 consumed_batches: Callable[[], int] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        drop_last: bool = True,
+        consumed_batches: Callable[[], int] | None = None,
+        **kwargs: Any,
+    ):
         self.permutation = EpochPermutation(len(dataset), seed)  # type: ignore[arg-type]
         # worker seeds come from this generator, not from the global RNG (which the model's dropout uses)
         kwargs.setdefault("generator", torch.Generator().manual_seed(int(seed)))
-        super().__init__(SeededSamples(dataset), batch_sampler=BatchSampler(self.permutation, batch_size, drop_last),
-                         **kwargs)
+        super().__init__(
+            SeededSamples(dataset),
+            batch_sampler=BatchSampler(self.permutation, batch_size, drop_last),
+            **kwargs,
+        )
         self.consumed_batches = consumed_batches
 
     @classmethod
-    def wrap(cls, loader: DataLoader, seed: int, consumed_batches: Callable[[], int] | None = None
-             ) -> ResumableLoader:
+    def wrap(
+        cls, loader: DataLoader, seed: int, consumed_batches: Callable[[], int] | None = None
+    ) -> ResumableLoader:
         """The same dataset, batch size, workers and collate function as ``loader``, in resumable order."""
         if loader.batch_size is None:
-            raise ValueError("ResumableLoader.wrap: the training loader must use batch_size (no custom batch_sampler)")
-        return cls(loader.dataset, loader.batch_size, seed, drop_last=loader.drop_last,
-                   consumed_batches=consumed_batches, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                   pin_memory=loader.pin_memory, persistent_workers=loader.persistent_workers,
-                   worker_init_fn=loader.worker_init_fn)
+            raise ValueError(
+                "ResumableLoader.wrap: the training loader must use batch_size (no custom batch_sampler)"
+            )
+        return cls(
+            loader.dataset,
+            loader.batch_size,
+            seed,
+            drop_last=loader.drop_last,
+            consumed_batches=consumed_batches,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            persistent_workers=loader.persistent_workers,
+            worker_init_fn=loader.worker_init_fn,
+        )
 
     def state_dict(self) -> dict[str, int]:
         consumed = int(self.consumed_batches()) if self.consumed_batches else 0
@@ -119,8 +140,10 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if int(state.get("seed", self.permutation.seed)) != self.permutation.seed:
-            raise ValueError(f"checkpoint's data order seed {state['seed']} differs from this run's "
-                             f"seed {self.permutation.seed}: resume with the same seed")
+            raise ValueError(
+                f"checkpoint's data order seed {state['seed']} differs from this run's "
+                f"seed {self.permutation.seed}: resume with the same seed"
+            )
         consumed = int(state["consumed_batches"])
         if consumed >= len(self.batch_sampler):  # saved at the end of an epoch: the next one starts fresh
             self.permutation.epoch, self.permutation.skip = int(state["epoch"]) + 1, 0

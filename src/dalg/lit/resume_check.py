@@ -27,8 +27,11 @@ def _shape_differences(saved: Mapping[str, Any], model: nn.Module, limit: int = 
     own = model.state_dict()
     missing = sorted(set(own) - set(saved))
     unexpected = sorted(set(saved) - set(own))
-    shapes = [f"{k}: {tuple(saved[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(saved))
-              if hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k}: {tuple(saved[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(saved))
+        if hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(own[k].shape)
+    ]
     out = []
     if missing:
         out.append(f"{len(missing)} weights of this model are not in it (e.g. {missing[:limit]})")
@@ -60,5 +63,9 @@ def check_resume_model(ckpt_path: str | os.PathLike, module: nn.Module) -> None:
             "run_name (or resume=never) to start a new run."
         )
     if settings:
-        log.warning("resuming from %s with changed model settings (checkpoint vs this run): %s; the run continues "
-                    "with this run's values", ckpt_path, settings)
+        log.warning(
+            "resuming from %s with changed model settings (checkpoint vs this run): %s; the run continues "
+            "with this run's values",
+            ckpt_path,
+            settings,
+        )

@@ -34,7 +34,9 @@ CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 def model_from_config(name: str, overrides: list[str] | None = None) -> DALG:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         # random init, as the CLI says (a real-size backbone config asks for pretrained weights)
-        cfg = compose(config_name=f"model/{name}", overrides=["model.backbone.pretrained=false", *(overrides or [])])
+        cfg = compose(
+            config_name=f"model/{name}", overrides=["model.backbone.pretrained=false", *(overrides or [])]
+        )
     return hydra.utils.instantiate(cfg.model, num_classes=0)
 
 
@@ -48,11 +50,13 @@ def model_from_checkpoint(path: str | Path) -> DALG:
     model_cfg = without_weight_source(_plain(hp["model_cfg"]))  # the state dict below holds every weight
     model = hydra.utils.instantiate(model_cfg, num_classes=int(hp.get("num_classes", 0)))
     model.input_config = checkpoint_input_config(hp, model.input_config, str(path))  # as it was trained
-    sd = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    sd = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     result = model.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{path}: state dict does not match its model_cfg; missing {result.missing_keys[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
+        raise ValueError(
+            f"{path}: state dict does not match its model_cfg; missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
     return model
 
 
@@ -87,16 +91,20 @@ def attention_maps(model: DALG, image: Image.Image, size: int = 224) -> dict[str
     rgb = (x[0].permute(1, 2, 0) * torch.tensor(config.std) + torch.tensor(config.mean)).clamp(0, 1)
     maps: dict[str, np.ndarray] = {"image": (rgb.numpy() * 255).astype(np.uint8)}
     if out["spatial_attention"] is not None:
-        maps["spatial attention"] = _to_image_grid(out["spatial_attention"][0, 0], model.stride, height, width)
+        maps["spatial attention"] = _to_image_grid(
+            out["spatial_attention"][0, 0], model.stride, height, width
+        )
     fa = out["fusion_attention"]
     if fa is not None and out["local"] is not None:
         h, w = out["local"].shape[-2:]
         if fa.shape[2] == 1:  # global query over local tokens: one weight per local token
-            maps["cross-attention (g -> local)"] = _to_image_grid(fa[0].mean(0)[0].reshape(h, w), model.stride,
-                                                                  height, width)
+            maps["cross-attention (g -> local)"] = _to_image_grid(
+                fa[0].mean(0)[0].reshape(h, w), model.stride, height, width
+            )
         else:  # local queries over [g ; deep tokens]: how much each local token takes from g
-            maps["cross-attention (local -> g)"] = _to_image_grid(fa[0].mean(0)[:, 0].reshape(h, w), model.stride,
-                                                                  height, width)
+            maps["cross-attention (local -> g)"] = _to_image_grid(
+                fa[0].mean(0)[:, 0].reshape(h, w), model.stride, height, width
+            )
     return maps
 
 
@@ -127,19 +135,26 @@ def render(maps: dict[str, np.ndarray], out: Path, title: str = "") -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    ap = argparse.ArgumentParser(description="Render spatial and cross-attention maps over an image as a PNG.")
+    ap = argparse.ArgumentParser(
+        description="Render spatial and cross-attention maps over an image as a PNG."
+    )
     ap.add_argument("--image", type=Path, required=True)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--ckpt", type=Path, default=None, help="Lightning checkpoint of a trained model")
     src.add_argument("--model", default="dalg_tiny", help="model config name (random init) when no --ckpt")
     ap.add_argument("--size", type=int, default=224, help="longer side of the resized image, pixels")
-    ap.add_argument("--out", type=Path, default=None, help="PNG path (default outputs/attention/<image>_<model>.png)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="PNG path (default outputs/attention/<image>_<model>.png)"
+    )
     args = ap.parse_args(argv)
     if not args.image.is_file():
         raise SystemExit(f"image not found: {args.image}")
     model = model_from_checkpoint(args.ckpt) if args.ckpt else model_from_config(args.model)
     label = args.ckpt.stem if args.ckpt else f"{args.model} (random init)"
-    out = args.out or Path("outputs/attention") / f"{args.image.stem}_{args.ckpt.stem if args.ckpt else args.model}.png"
+    out = (
+        args.out
+        or Path("outputs/attention") / f"{args.image.stem}_{args.ckpt.stem if args.ckpt else args.model}.png"
+    )
     render(attention_maps(model, Image.open(args.image), args.size), out, title=f"{args.image.name}: {label}")
     print(f"wrote {out}")
     return out

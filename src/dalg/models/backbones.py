@@ -54,7 +54,9 @@ class ViTBackbone(nn.Module):
             **model_kwargs,
         )
         if not hasattr(self.vit, "blocks") or not hasattr(self.vit, "patch_embed"):
-            raise ValueError(f"ViTBackbone: timm model {name!r} is not a plain ViT (no .blocks / .patch_embed)")
+            raise ValueError(
+                f"ViTBackbone: timm model {name!r} is not a plain ViT (no .blocks / .patch_embed)"
+            )
         depth = len(self.vit.blocks)
         if local_block is None:
             local_block = round(2 / 3 * depth) - 1  # assumed (dalg.md): 2/3 of the depth, e.g. block 8 of 12
@@ -113,13 +115,21 @@ class ViTBackbone(nn.Module):
 class ResNetBackbone(nn.Module):
     """timm ResNet-50/101 (DOLG): stage 3 -> local (stride 16), stage 4 -> deep (stride 32)."""
 
-    def __init__(self, name: str = "resnet50", pretrained: bool = False, checkpoint: str | None = None,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 interpolation: str | None = None, **model_kwargs) -> None:
+    def __init__(
+        self,
+        name: str = "resnet50",
+        pretrained: bool = False,
+        checkpoint: str | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        interpolation: str | None = None,
+        **model_kwargs,
+    ) -> None:
         super().__init__()
         # a checkpoint wins over pretrained=true
-        self.cnn = timm.create_model(name, **pretrained_kwargs(name, pretrained, checkpoint), num_classes=0,
-                                     **model_kwargs)
+        self.cnn = timm.create_model(
+            name, **pretrained_kwargs(name, pretrained, checkpoint), num_classes=0, **model_kwargs
+        )
         for attr in ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             if not hasattr(self.cnn, attr):
                 raise ValueError(f"ResNetBackbone: timm model {name!r} is not a ResNet (no .{attr})")

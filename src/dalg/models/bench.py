@@ -34,8 +34,16 @@ def time_model(name: str, batch: int, size: int, iters: int = 5, overrides: list
         model.extract(x)
         extract.append(time.perf_counter() - t)
     step, ext = statistics.median(train[1:]), statistics.median(extract[1:])  # first call warms up
-    return {"model": name, "batch": batch, "size": size, "threads": torch.get_num_threads(),
-            "train_step_s": step, "train_img_per_s": batch / step, "extract_s": ext, "extract_img_per_s": batch / ext}
+    return {
+        "model": name,
+        "batch": batch,
+        "size": size,
+        "threads": torch.get_num_threads(),
+        "train_step_s": step,
+        "train_img_per_s": batch / step,
+        "extract_s": ext,
+        "extract_img_per_s": batch / ext,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,14 +52,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     r = time_model(args.model, args.batch, args.size, args.iters)
-    print(f"{r['model']}: batch {r['batch']} at {r['size']}x{r['size']}, {r['threads']} thread(s): "
-          f"train step {r['train_step_s']:.3f} s ({r['train_img_per_s']:.0f} img/s), "
-          f"extract {r['extract_s']:.3f} s ({r['extract_img_per_s']:.0f} img/s), median of {args.iters}")
+    print(
+        f"{r['model']}: batch {r['batch']} at {r['size']}x{r['size']}, {r['threads']} thread(s): "
+        f"train step {r['train_step_s']:.3f} s ({r['train_img_per_s']:.0f} img/s), "
+        f"extract {r['extract_s']:.3f} s ({r['extract_img_per_s']:.0f} img/s), median of {args.iters}"
+    )
 
 
 if __name__ == "__main__":

@@ -41,13 +41,13 @@ def _strip_prefixes(sd: dict[str, Tensor], model_keys: set[str]) -> dict[str, Te
     """Take the backbone out of a whole DALG state dict, or drop wrapper prefixes (DDP 'module.', 'vit.'...)."""
     for prefix in _SUBMODULE_PREFIXES:
         if any(k.startswith(prefix) for k in sd):
-            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     changed = True
     while changed:
         changed = False
         for prefix in _STRIP_PREFIXES:
             if sd and all(k.startswith(prefix) for k in sd) and not (set(sd) & model_keys):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                sd = {k[len(prefix) :]: v for k, v in sd.items()}
                 changed = True
     return sd
 
@@ -69,8 +69,11 @@ def load_backbone_checkpoint(model: nn.Module, path: str | Path, max_keys: int =
         sd["pos_embed"] = _resample_pos_embed(model, sd["pos_embed"], own["pos_embed"])
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    mismatched = [f"{k}: {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in sd and sd[k].shape != own[k].shape]
+    mismatched = [
+        f"{k}: {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
     if missing or unexpected or mismatched:
         parts = []
         if missing:
@@ -79,7 +82,9 @@ def load_backbone_checkpoint(model: nn.Module, path: str | Path, max_keys: int =
             parts.append(f"{len(unexpected)} unexpected (first: {unexpected[:max_keys]})")
         if mismatched:
             parts.append(f"{len(mismatched)} with another shape (first: {mismatched[:max_keys]})")
-        raise ValueError(f"backbone checkpoint {path} does not match {type(model).__name__}: " + "; ".join(parts))
+        raise ValueError(
+            f"backbone checkpoint {path} does not match {type(model).__name__}: " + "; ".join(parts)
+        )
     model.load_state_dict(sd, strict=True)
 
 

@@ -27,11 +27,18 @@ def _fusion_class(factory: Callable[..., Fusion]) -> type:
 
 
 class DALG(nn.Module):
-    def __init__(self, backbone: nn.Module, global_branch: Callable[..., nn.Module] | None,
-                 local_branch: Callable[..., nn.Module] | None, fusion: Callable[..., Fusion],
-                 head: Callable[..., MarginHead] | None = None, num_classes: int = 0, embed_dim: int = 512,
-                 scales: Sequence[float] = (1.0,),
-                 scale_resize: Mapping[str, Any] | ScaleResize | None = None) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        global_branch: Callable[..., nn.Module] | None,
+        local_branch: Callable[..., nn.Module] | None,
+        fusion: Callable[..., Fusion],
+        head: Callable[..., MarginHead] | None = None,
+        num_classes: int = 0,
+        embed_dim: int = 512,
+        scales: Sequence[float] = (1.0,),
+        scale_resize: Mapping[str, Any] | ScaleResize | None = None,
+    ) -> None:
         super().__init__()
         fusion_cls = _fusion_class(fusion)
         self.backbone = backbone
@@ -41,18 +48,23 @@ class DALG(nn.Module):
         self.scale_resize = ScaleResize.from_mapping(scale_resize)  # how extract() resizes for each scale
         # mean/std/interpolation/size multiple its inputs need; RetrievalModule replaces it by a checkpoint's own
         self.input_config: InputConfig = getattr(backbone, "input_config", None) or InputConfig(
-            size_multiple=self.stride, source="backbone without an input config: ImageNet defaults")
+            size_multiple=self.stride, source="backbone without an input config: ImageNet defaults"
+        )
         if fusion_cls.uses_global and global_branch is None:
             raise ValueError(f"DALG: {fusion_cls.__name__} needs a global_branch")
         if fusion_cls.uses_local and local_branch is None:
             raise ValueError(f"DALG: {fusion_cls.__name__} needs a local_branch")
         self.global_branch = global_branch(in_dim=backbone.deep_dim) if fusion_cls.uses_global else None
         self.local_branch = local_branch(in_dim=backbone.local_dim) if fusion_cls.uses_local else None
-        self.fusion = fusion(global_dim=self.global_branch.out_dim if self.global_branch is not None else 0,
-                             local_dim=self.local_branch.out_dim if self.local_branch is not None else 0,
-                             deep_dim=backbone.deep_dim)
+        self.fusion = fusion(
+            global_dim=self.global_branch.out_dim if self.global_branch is not None else 0,
+            local_dim=self.local_branch.out_dim if self.local_branch is not None else 0,
+            deep_dim=backbone.deep_dim,
+        )
         self.descriptor = nn.Linear(self.fusion.out_dim, self.embed_dim)
-        self.head = head(embed_dim=self.embed_dim, num_classes=num_classes) if head and num_classes > 0 else None
+        self.head = (
+            head(embed_dim=self.embed_dim, num_classes=num_classes) if head and num_classes > 0 else None
+        )
 
     def forward_features(self, x: Tensor) -> dict[str, Tensor | None]:
         """All intermediate outputs; `descriptor` is L2-normalised, (B, embed_dim)."""
@@ -61,8 +73,13 @@ class DALG(nn.Module):
         local, att = self.local_branch(out.local) if self.local_branch is not None else (None, None)
         fused = self.fusion(g, local, deep=out.deep)
         desc = F.normalize(self.descriptor(fused.fused), p=2, dim=-1)
-        return {"descriptor": desc, "global": g, "local": local, "spatial_attention": att,
-                "fusion_attention": fused.attention}
+        return {
+            "descriptor": desc,
+            "global": g,
+            "local": local,
+            "spatial_attention": att,
+            "fusion_attention": fused.attention,
+        }
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_features(x)["descriptor"]
@@ -71,5 +88,10 @@ class DALG(nn.Module):
     def extract(self, x: Tensor, scales: Sequence[float] | None = None) -> Tensor:
         """Descriptor averaged over image scales (DOLG's protocol) and L2-normalised; one scale = forward.
         Each scale is resized by ``self.scale_resize`` to sides that are multiples of the input size multiple."""
-        return multiscale_descriptor(self.forward, x, self.scales if scales is None else scales, self.scale_resize,
-                                     self.input_config.size_multiple)
+        return multiscale_descriptor(
+            self.forward,
+            x,
+            self.scales if scales is None else scales,
+            self.scale_resize,
+            self.input_config.size_multiple,
+        )

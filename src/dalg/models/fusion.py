@@ -45,8 +45,11 @@ def fourier_pos_2d(h: int, w: int, n_freq: int, device: torch.device) -> Tensor:
     u = ((i + 0.5) / h, (j + 0.5) / w): a point of the image gets the same features at every grid size. The
     highest frequency has a period of 2^(2 - n_freq) of the side (1/4 for 4), resolvable on an 8-token side."""
     omega = math.pi * 2.0 ** torch.arange(n_freq, device=device, dtype=torch.float32)
-    ys, xs = torch.meshgrid((torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h,
-                            (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w, indexing="ij")
+    ys, xs = torch.meshgrid(
+        (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h,
+        (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w,
+        indexing="ij",
+    )
     ys, xs = ys.reshape(-1, 1) * omega, xs.reshape(-1, 1) * omega
     return torch.cat([ys.sin(), ys.cos(), xs.sin(), xs.cos()], dim=1)
 
@@ -61,8 +64,14 @@ class CrossAttention(nn.Module):
         self.heads = heads
         self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
 
-    def forward(self, q: Tensor, kv: Tensor, q_pos: Tensor | None = None, k_pos: Tensor | None = None,
-                k_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        q: Tensor,
+        kv: Tensor,
+        q_pos: Tensor | None = None,
+        k_pos: Tensor | None = None,
+        k_bias: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """q_pos / k_pos ((n_q | n_k, dim)) are added to the projected queries / keys only, never to the values;
         k_bias (n_k,) is added to every query's logits."""
         b, nq, c = q.shape
@@ -100,26 +109,44 @@ class CrossAttentionFusion(Fusion):
     their sum, independently of their number.
     """
 
-    def __init__(self, global_dim: int, local_dim: int, deep_dim: int | None = None, heads: int = 8,
-                 direction: str = "global_to_local", mlp_ratio: float = 4.0, pos_encoding: bool = True,
-                 pos_frequencies: int = 4) -> None:
+    def __init__(
+        self,
+        global_dim: int,
+        local_dim: int,
+        deep_dim: int | None = None,
+        heads: int = 8,
+        direction: str = "global_to_local",
+        mlp_ratio: float = 4.0,
+        pos_encoding: bool = True,
+        pos_frequencies: int = 4,
+    ) -> None:
         super().__init__(global_dim, local_dim, deep_dim)
         if direction not in ("global_to_local", "local_to_global"):
-            raise ValueError(f"CrossAttentionFusion: direction must be global_to_local or local_to_global, "
-                             f"got {direction!r}")
+            raise ValueError(
+                f"CrossAttentionFusion: direction must be global_to_local or local_to_global, "
+                f"got {direction!r}"
+            )
         if direction == "local_to_global" and not deep_dim:
-            raise ValueError("CrossAttentionFusion(direction=local_to_global) needs deep_dim (the deep map width)")
+            raise ValueError(
+                "CrossAttentionFusion(direction=local_to_global) needs deep_dim (the deep map width)"
+            )
         if pos_encoding and pos_frequencies < 1:
             raise ValueError(f"CrossAttentionFusion: pos_frequencies must be >= 1, got {pos_frequencies}")
         self.direction, self.pos_encoding, self.pos_frequencies = direction, pos_encoding, pos_frequencies
         n_feat = 4 * pos_frequencies
         self.key_pos = nn.Linear(n_feat, local_dim, bias=False) if pos_encoding else None
-        self.query_pos = nn.Linear(n_feat, local_dim, bias=False) \
-            if pos_encoding and direction == "local_to_global" else None
+        self.query_pos = (
+            nn.Linear(n_feat, local_dim, bias=False)
+            if pos_encoding and direction == "local_to_global"
+            else None
+        )
         self.g_proj = nn.Linear(global_dim, local_dim)
         self.deep_proj = nn.Linear(deep_dim, local_dim) if direction == "local_to_global" else None
-        self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(local_dim), nn.LayerNorm(local_dim), \
-            nn.LayerNorm(local_dim)
+        self.norm_q, self.norm_kv, self.norm_mlp = (
+            nn.LayerNorm(local_dim),
+            nn.LayerNorm(local_dim),
+            nn.LayerNorm(local_dim),
+        )
         self.attn = CrossAttention(local_dim, heads)
         self.mlp = Mlp(local_dim, int(local_dim * mlp_ratio))
         self.out_dim = global_dim + local_dim
@@ -229,4 +256,3 @@ class LocalOnlyFusion(Fusion):
     def forward(self, g: Tensor | None, local: Tensor | None, deep: Tensor | None = None) -> FusionOutput:
         assert local is not None
         return FusionOutput(local.mean(dim=(2, 3)), None)
-

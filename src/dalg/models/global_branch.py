@@ -49,25 +49,40 @@ class GlobalBranch(nn.Module):
     """Pooling (gem | gem_proj | mean | cls) of the deep map [concatenated with the CLS token when use_cls]
     -> Linear -> g."""
 
-    def __init__(self, in_dim: int, out_dim: int = 1024, p: float = 3.0, learn_p: bool = True,
-                 use_cls: bool = False, pooling: str = "gem", proj_act: str = "softplus") -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 1024,
+        p: float = 3.0,
+        learn_p: bool = True,
+        use_cls: bool = False,
+        pooling: str = "gem",
+        proj_act: str = "softplus",
+    ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"GlobalBranch: pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         if pooling == "cls" and use_cls:
             raise ValueError("GlobalBranch: pooling=cls with use_cls=true would use the CLS token twice")
         if proj_act not in ACTIVATIONS:
-            raise ValueError(f"GlobalBranch: proj_act must be one of {', '.join(ACTIVATIONS)}, got {proj_act!r}")
+            raise ValueError(
+                f"GlobalBranch: proj_act must be one of {', '.join(ACTIVATIONS)}, got {proj_act!r}"
+            )
         self.pooling, self.use_cls, self.out_dim = pooling, use_cls, out_dim
-        self.pre = nn.Sequential(nn.Conv2d(in_dim, in_dim, 1), ACTIVATIONS[proj_act]()) \
-            if pooling == "gem_proj" else None
+        self.pre = (
+            nn.Sequential(nn.Conv2d(in_dim, in_dim, 1), ACTIVATIONS[proj_act]())
+            if pooling == "gem_proj"
+            else None
+        )
         self.pool = GeM(p=p, learn_p=learn_p) if pooling in ("gem", "gem_proj") else None
         self.proj = nn.Linear(in_dim * (2 if use_cls else 1), out_dim)
 
     def _cls(self, cls: Tensor | None) -> Tensor:
         if cls is None:
-            raise ValueError(f"GlobalBranch(pooling={self.pooling}, use_cls={self.use_cls}) needs a CLS token; "
-                             "this backbone gives none (CNN?)")
+            raise ValueError(
+                f"GlobalBranch(pooling={self.pooling}, use_cls={self.use_cls}) needs a CLS token; "
+                "this backbone gives none (CNN?)"
+            )
         return cls
 
     def pooled(self, deep: Tensor, cls: Tensor | None) -> Tensor:

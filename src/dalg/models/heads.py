@@ -19,12 +19,20 @@ from torch import Tensor, nn
 class MarginHead(nn.Module):
     """Base: cosine logits against L2-normalised class weights; subclasses define `margin_logits`."""
 
-    def __init__(self, embed_dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.15,
-                 centers_per_class: int = 1) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_classes: int,
+        scale: float = 30.0,
+        margin: float = 0.15,
+        centers_per_class: int = 1,
+    ) -> None:
         super().__init__()
         if num_classes <= 0 or embed_dim <= 0:
-            raise ValueError(f"{type(self).__name__}: need num_classes > 0 and embed_dim > 0, "
-                             f"got {num_classes}, {embed_dim}")
+            raise ValueError(
+                f"{type(self).__name__}: need num_classes > 0 and embed_dim > 0, "
+                f"got {num_classes}, {embed_dim}"
+            )
         self.embed_dim, self.num_classes, self.k = embed_dim, num_classes, centers_per_class
         self.scale, self.margin = float(scale), float(margin)
         self.weight = nn.Parameter(torch.empty(num_classes * centers_per_class, embed_dim))
@@ -42,15 +50,19 @@ class MarginHead(nn.Module):
 
     def forward(self, emb: Tensor, labels: Tensor | None = None) -> Tensor:
         if labels is not None and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"{type(self).__name__}: labels must lie in [0, {self.num_classes}), "
-                             f"got [{int(labels.min())}, {int(labels.max())}]")
+            raise ValueError(
+                f"{type(self).__name__}: labels must lie in [0, {self.num_classes}), "
+                f"got [{int(labels.min())}, {int(labels.max())}]"
+            )
         with torch.autocast(device_type=emb.device.type, enabled=False):
             cos = self.cosine(emb)
             return self.scale * (cos if labels is None else self.margin_logits(cos, labels))
 
     def extra_repr(self) -> str:
-        return f"embed_dim={self.embed_dim}, num_classes={self.num_classes}, k={self.k}, " \
-               f"scale={self.scale}, margin={self.margin}"
+        return (
+            f"embed_dim={self.embed_dim}, num_classes={self.num_classes}, k={self.k}, "
+            f"scale={self.scale}, margin={self.margin}"
+        )
 
 
 def _additive_angular(cos_y: Tensor, m: float) -> Tensor:
@@ -92,8 +104,14 @@ class CurricularFace(MarginHead):
     use, as the paper and DOLG's release). Under torch.distributed the mean is over all processes' batches, so that
     every process keeps the same t (otherwise each drifts with its own batches and DDP replicas diverge)."""
 
-    def __init__(self, embed_dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.15,
-                 momentum: float = 0.01) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_classes: int,
+        scale: float = 30.0,
+        margin: float = 0.15,
+        momentum: float = 0.01,
+    ) -> None:
         super().__init__(embed_dim, num_classes, scale, margin)
         self.momentum = momentum
         self.register_buffer("t", torch.zeros(()))
@@ -102,7 +120,8 @@ class CurricularFace(MarginHead):
         cos_y = cos.gather(1, labels[:, None])
         phi = _additive_angular(cos_y, self.margin)
         cos_theta_m = cos_y * math.cos(self.margin) - (1.0 - cos_y.pow(2)).clamp(min=1e-12).sqrt() * math.sin(
-            self.margin)
+            self.margin
+        )
         if self.training:
             with torch.no_grad():
                 self.t.mul_(1 - self.momentum).add_(self.momentum * _global_mean(cos_y))
@@ -114,6 +133,7 @@ class CurricularFace(MarginHead):
 class SubCenterArcFace(ArcFace):
     """Deng et al., ECCV 2020: k centres per class, cos = max over a class's centres, then ArcFace."""
 
-    def __init__(self, embed_dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.15,
-                 k: int = 3) -> None:
+    def __init__(
+        self, embed_dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.15, k: int = 3
+    ) -> None:
         super().__init__(embed_dim, num_classes, scale, margin, centers_per_class=k)

@@ -51,9 +51,14 @@ class InputConfig:
         object.__setattr__(self, "mean", _triple(self.mean, "mean", positive=False))
         object.__setattr__(self, "std", _triple(self.std, "std", positive=True))
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"input interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
-        if isinstance(self.size_multiple, bool) or int(self.size_multiple) != self.size_multiple \
-                or self.size_multiple < 1:
+            raise ValueError(
+                f"input interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
+            )
+        if (
+            isinstance(self.size_multiple, bool)
+            or int(self.size_multiple) != self.size_multiple
+            or self.size_multiple < 1
+        ):
             raise ValueError(f"input size_multiple must be an integer >= 1, got {self.size_multiple!r}")
         object.__setattr__(self, "size_multiple", int(self.size_multiple))
 
@@ -68,15 +73,21 @@ class InputConfig:
         return d
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | InputConfig, where: str = "input config") -> InputConfig:
+    def from_mapping(
+        cls, values: Mapping[str, Any] | InputConfig, where: str = "input config"
+    ) -> InputConfig:
         if isinstance(values, InputConfig):
             return values
         known = {"mean", "std", "interpolation", "size_multiple", "source"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(known)}")
-        return cls(**{k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v)
-                      for k, v in values.items()})
+        return cls(
+            **{
+                k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v)
+                for k, v in values.items()
+            }
+        )
 
     def describe(self) -> str:
         mean = ", ".join(f"{v:g}" for v in self.mean)
@@ -84,8 +95,13 @@ class InputConfig:
         return f"mean ({mean}), std ({std}), {self.interpolation}, sides multiple of {self.size_multiple}"
 
 
-def resolve_input_config(timm_model: Any, size_multiple: int, mean: Sequence[float] | float | None = None,
-                         std: Sequence[float] | float | None = None, interpolation: str | None = None) -> InputConfig:
+def resolve_input_config(
+    timm_model: Any,
+    size_multiple: int,
+    mean: Sequence[float] | float | None = None,
+    std: Sequence[float] | float | None = None,
+    interpolation: str | None = None,
+) -> InputConfig:
     """The one place the input config is decided: timm's data config of ``timm_model`` (from its
     ``pretrained_cfg``, whether or not the weights were loaded), with any given value overriding it."""
     from timm.data import resolve_model_data_config
@@ -94,18 +110,30 @@ def resolve_input_config(timm_model: Any, size_multiple: int, mean: Sequence[flo
     cfg = getattr(timm_model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture") or type(timm_model).__name__
     tag = f"{arch}.{cfg['tag']}" if cfg.get("tag") else arch
-    overridden = [k for k, v in (("mean", mean), ("std", std), ("interpolation", interpolation)) if v is not None]
-    source = f"timm data config of {tag}" + (f"; {', '.join(overridden)} from model.backbone" if overridden else "")
-    return InputConfig(mean=mean if mean is not None else data["mean"],  # a number: the same for R, G and B
-                       std=std if std is not None else data["std"],
-                       interpolation=str(interpolation if interpolation is not None else data["interpolation"]),
-                       size_multiple=size_multiple, source=source)
+    overridden = [
+        k for k, v in (("mean", mean), ("std", std), ("interpolation", interpolation)) if v is not None
+    ]
+    source = f"timm data config of {tag}" + (
+        f"; {', '.join(overridden)} from model.backbone" if overridden else ""
+    )
+    return InputConfig(
+        mean=mean if mean is not None else data["mean"],  # a number: the same for R, G and B
+        std=std if std is not None else data["std"],
+        interpolation=str(interpolation if interpolation is not None else data["interpolation"]),
+        size_multiple=size_multiple,
+        source=source,
+    )
 
 
 def legacy_input_config(size_multiple: int) -> InputConfig:
     """What every model was trained with before input configs were resolved: ImageNet mean/std, bilinear."""
-    return InputConfig(IMAGENET_MEAN, IMAGENET_STD, "bilinear", size_multiple,
-                       source="ImageNet defaults (checkpoint written before input configs were stored)")
+    return InputConfig(
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "bilinear",
+        size_multiple,
+        source="ImageNet defaults (checkpoint written before input configs were stored)",
+    )
 
 
 def checkpoint_input_config(hparams: Mapping[str, Any], built: InputConfig, where: str) -> InputConfig:
@@ -116,6 +144,10 @@ def checkpoint_input_config(hparams: Mapping[str, Any], built: InputConfig, wher
     if stored is not None:
         return InputConfig.from_mapping(stored, where=f"{where}: hyper_parameters.input_config")
     legacy = legacy_input_config(built.size_multiple)
-    log.warning("%s has no stored input config (written before they were recorded): using the ImageNet "
-                "mean/std and bilinear resizing it was trained with (%s)", where, legacy.describe())
+    log.warning(
+        "%s has no stored input config (written before they were recorded): using the ImageNet "
+        "mean/std and bilinear resizing it was trained with (%s)",
+        where,
+        legacy.describe(),
+    )
     return legacy

@@ -17,13 +17,16 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
-MASK_VALUE = -1e4  # additive mask: exp(-1e4) == 0 in fp32/fp16/bf16, and finite so fully masked rows stay finite
+MASK_VALUE = (
+    -1e4
+)  # additive mask: exp(-1e4) == 0 in fp32/fp16/bf16, and finite so fully masked rows stay finite
 
 
 def _relative_index(wh: int, ww: int, window: int, device: torch.device | None = None) -> Tensor:
     """(wh*ww, wh*ww) indices into the (2*window-1)^2 relative-bias table for a wh x ww window (wh, ww <= window)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device),
-                                        indexing="ij")).flatten(1)
+    coords = torch.stack(
+        torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device), indexing="ij")
+    ).flatten(1)
     rel = coords[:, :, None] - coords[:, None, :] + (window - 1)  # (2, N, N), >= 0
     return rel[0] * (2 * window - 1) + rel[1]
 
@@ -46,8 +49,11 @@ class WindowAttention(nn.Module):
         """x: (B*nW, N, C); mask: (nW, N, N) additive, or None; size: the (wh, ww) window, default square."""
         bw, n, c = x.shape
         q, k, v = self.qkv(x).reshape(bw, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        index = self.rel_index if size is None or size == (self.window, self.window) else \
-            _relative_index(*size, self.window, x.device)
+        index = (
+            self.rel_index
+            if size is None or size == (self.window, self.window)
+            else _relative_index(*size, self.window, x.device)
+        )
         bias = self.rel_bias[index.view(-1)].view(n, n, self.heads).permute(2, 0, 1)  # (heads, N, N)
         bias = bias.unsqueeze(0).to(q.dtype)
         if mask is not None:
@@ -76,16 +82,24 @@ def _shift_regions(n: int, win: int, shift: int, device: torch.device) -> Tensor
     the others (1); they must not attend to each other."""
     lab = torch.zeros(n, device=device)
     if shift:
-        lab[n - win:n - shift] = 1
-        lab[n - shift:] = 2
+        lab[n - win : n - shift] = 1
+        lab[n - shift :] = 2
     return lab
 
 
 class WindowBlock(nn.Module):
     """Pre-norm Transformer block with (shifted) window attention on a (B, h, w, C) map."""
 
-    def __init__(self, dim: int, heads: int, window: int, shift: int = 0, mlp_ratio: float = 4.0,
-                 drop_path: float = 0.0, mask_padding: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        window: int,
+        shift: int = 0,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        mask_padding: bool = True,
+    ) -> None:
         super().__init__()
         if not 0 <= shift < window:
             raise ValueError(f"WindowBlock: shift={shift} must be in [0, window={window})")
@@ -97,13 +111,23 @@ class WindowBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def _mask(self, hp: int, wp: int, h: int, w: int, win: tuple[int, int], shift: tuple[int, int],
-              device: torch.device) -> Tensor | None:
+    def _mask(
+        self,
+        hp: int,
+        wp: int,
+        h: int,
+        w: int,
+        win: tuple[int, int],
+        shift: tuple[int, int],
+        device: torch.device,
+    ) -> Tensor | None:
         """Additive (nW, N, N) mask: shifted-window regions (Swin) and padded keys."""
         (wh, ww), (sh, sw) = win, shift
         mask = None
         if sh or sw:
-            region = _shift_regions(hp, wh, sh, device)[:, None] * 3 + _shift_regions(wp, ww, sw, device)[None, :]
+            region = (
+                _shift_regions(hp, wh, sh, device)[:, None] * 3 + _shift_regions(wp, ww, sw, device)[None, :]
+            )
             rw = _windows(region[None, ..., None], wh, ww)[..., 0]  # (nW, N) region label per token
             mask = (rw[:, :, None] != rw[:, None, :]).float() * MASK_VALUE
         if self.mask_padding and (hp != h or wp != w):
@@ -144,10 +168,14 @@ class MultiAtrous(nn.Module):
     1x1, ReLU. As DOLG's release (ASPP in core/model/dolg_model.py), except that the pooled branch comes last in
     the concatenation here (a permutation of `fuse`'s input channels)."""
 
-    def __init__(self, in_dim: int, out_dim: int, branch_dim: int = 512, rates: Sequence[int] = (6, 12, 18)) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, branch_dim: int = 512, rates: Sequence[int] = (6, 12, 18)
+    ) -> None:
         super().__init__()
-        self.branches = nn.ModuleList([nn.Conv2d(in_dim, branch_dim, 1)] + [
-            nn.Conv2d(in_dim, branch_dim, 3, padding=r, dilation=r) for r in rates])
+        self.branches = nn.ModuleList(
+            [nn.Conv2d(in_dim, branch_dim, 1)]
+            + [nn.Conv2d(in_dim, branch_dim, 3, padding=r, dilation=r) for r in rates]
+        )
         self.pool_conv = nn.Conv2d(in_dim, branch_dim, 1)
         self.fuse = nn.Conv2d(branch_dim * (len(rates) + 2), out_dim, 1)
 
@@ -180,10 +208,21 @@ class LocalBranch(nn.Module):
     attention.  context="none": projection and spatial attention only (ablation).
     """
 
-    def __init__(self, in_dim: int, dim: int = 512, context: str = "window", window: int = 7, blocks: int = 2,
-                 heads: int = 8, shift: bool = True, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 atrous_rates: Sequence[int] = (6, 12, 18), atrous_dim: int = 512,
-                 mask_padding: bool = True) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int = 512,
+        context: str = "window",
+        window: int = 7,
+        blocks: int = 2,
+        heads: int = 8,
+        shift: bool = True,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        atrous_rates: Sequence[int] = (6, 12, 18),
+        atrous_dim: int = 512,
+        mask_padding: bool = True,
+    ) -> None:
         super().__init__()
         if context not in ("window", "atrous", "none"):
             raise ValueError(f"LocalBranch: context must be window, atrous or none, got {context!r}")
@@ -196,10 +235,20 @@ class LocalBranch(nn.Module):
         n_blocks = blocks if context == "window" else 0
         if n_blocks and window < 1:
             raise ValueError(f"LocalBranch: window must be >= 1, got {window}")
-        self.window_blocks = nn.ModuleList([
-            WindowBlock(dim, heads, window, shift=(window // 2 if shift and i % 2 else 0), mlp_ratio=mlp_ratio,
-                        drop_path=drop_path, mask_padding=mask_padding)
-            for i in range(n_blocks)])
+        self.window_blocks = nn.ModuleList(
+            [
+                WindowBlock(
+                    dim,
+                    heads,
+                    window,
+                    shift=(window // 2 if shift and i % 2 else 0),
+                    mlp_ratio=mlp_ratio,
+                    drop_path=drop_path,
+                    mask_padding=mask_padding,
+                )
+                for i in range(n_blocks)
+            ]
+        )
         self.attention = SpatialAttention(dim, dim)
 
     def forward(self, local: Tensor) -> tuple[Tensor, Tensor]:

@@ -69,8 +69,13 @@ def check_scales(scales: Sequence[float], where: str) -> tuple[float, ...]:
     return scales
 
 
-def multiscale_descriptor(forward: Callable[[Tensor], Tensor], x: Tensor, scales: Sequence[float],
-                          resize: ScaleResize, size_multiple: int = 1) -> Tensor:
+def multiscale_descriptor(
+    forward: Callable[[Tensor], Tensor],
+    x: Tensor,
+    scales: Sequence[float],
+    resize: ScaleResize,
+    size_multiple: int = 1,
+) -> Tensor:
     """Sum of ``forward`` (L2-normalised descriptors) over the scales, L2-normalised (DOLG's protocol)."""
     acc = None
     for s in check_scales(scales, "multi-scale extraction"):

@@ -89,11 +89,13 @@ def _unreachable(cfg: Any) -> str | None:
 
 
 def unavailable_message(name: str, source: str, reason: str) -> str:
-    return (f"model.backbone.pretrained=true needs timm's pretrained weights for {name!r} ({source}): they are "
-            f"not in the local cache and cannot be downloaded ({reason}). Offline, either give the weights as a "
-            f"file, model.backbone.checkpoint=<state dict | .safetensors | .ckpt>, or train from random weights, "
-            f"model.backbone.pretrained=false. (Or fill the cache on a machine with a network: python -c "
-            f"\"import timm; timm.create_model('{name}', pretrained=True)\", then copy ~/.cache/huggingface.)")
+    return (
+        f"model.backbone.pretrained=true needs timm's pretrained weights for {name!r} ({source}): they are "
+        f"not in the local cache and cannot be downloaded ({reason}). Offline, either give the weights as a "
+        f"file, model.backbone.checkpoint=<state dict | .safetensors | .ckpt>, or train from random weights, "
+        f"model.backbone.pretrained=false. (Or fill the cache on a machine with a network: python -c "
+        f"\"import timm; timm.create_model('{name}', pretrained=True)\", then copy ~/.cache/huggingface.)"
+    )
 
 
 def locate_pretrained(name: str) -> dict[str, str]:

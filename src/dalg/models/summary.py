@@ -64,15 +64,21 @@ def count_flops(model: nn.Module, x: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def build_model(name: str, overrides: list[str] | None = None, device: str = "meta", conf_dir: Path = CONF_DIR):
+def build_model(
+    name: str, overrides: list[str] | None = None, device: str = "meta", conf_dir: Path = CONF_DIR
+):
     """The architecture of model config ``name`` with random weights (sizes and costs need no pretrained ones)."""
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        cfg = compose(config_name=f"model/{name}", overrides=["model.backbone.pretrained=false", *(overrides or [])])
+        cfg = compose(
+            config_name=f"model/{name}", overrides=["model.backbone.pretrained=false", *(overrides or [])]
+        )
     with torch.device(device):
         return hydra.utils.instantiate(cfg.model, num_classes=0)
 
 
-def model_stats(name: str, size: int = 512, overrides: list[str] | None = None, device: str = "meta") -> ModelStats:
+def model_stats(
+    name: str, size: int = 512, overrides: list[str] | None = None, device: str = "meta"
+) -> ModelStats:
     model = build_model(name, overrides, device)
     params = sum(p.numel() for p in model.parameters())
     bb = sum(p.numel() for p in model.backbone.parameters())
@@ -80,8 +86,17 @@ def model_stats(name: str, size: int = 512, overrides: list[str] | None = None, 
     for s in sorted(set(model.scales) | {1.0}):
         side = scaled_side(size, s, model.input_config.size_multiple)  # the size extract() gives it
         flops[s] = count_flops(model, torch.zeros(1, 3, side, side, device=device))
-    return ModelStats(name, params / 1e6, bb / 1e6, flops[1.0] / 1e9, sum(flops[s] for s in model.scales) / 1e9,
-                      tuple(model.scales), model.embed_dim, model.input_config.mean, model.input_config.std)
+    return ModelStats(
+        name,
+        params / 1e6,
+        bb / 1e6,
+        flops[1.0] / 1e9,
+        sum(flops[s] for s in model.scales) / 1e9,
+        tuple(model.scales),
+        model.embed_dim,
+        model.input_config.mean,
+        model.input_config.std,
+    )
 
 
 def all_model_names(conf_dir: Path = CONF_DIR) -> list[str]:
@@ -93,24 +108,32 @@ def _triple(values: tuple[float, ...]) -> str:
 
 
 def markdown_table(rows: list[ModelStats], size: int) -> str:
-    head = (f"| model | params (M) | backbone params (M) | GFLOPs @{size}x{size}, 1 scale | "
-            f"GFLOPs @{size}, its test scales | test scales | descriptor dim | input mean | input std |\n"
-            "|---|---:|---:|---:|---:|---|---:|---|---|\n")
+    head = (
+        f"| model | params (M) | backbone params (M) | GFLOPs @{size}x{size}, 1 scale | "
+        f"GFLOPs @{size}, its test scales | test scales | descriptor dim | input mean | input std |\n"
+        "|---|---:|---:|---:|---:|---|---:|---|---|\n"
+    )
     body = "".join(
         f"| {r.name} | {r.params_m:.2f} | {r.backbone_params_m:.2f} | {r.gflops:.2f} | {r.gflops_all_scales:.2f} | "
         f"{', '.join(f'{s:g}' for s in r.scales)} | {r.descriptor_dim} | {_triple(r.input_mean)} | "
-        f"{_triple(r.input_std)} |\n" for r in rows)
-    note = ("\nGFLOPs = 2 x multiply-adds (torch.utils.flop_counter.FlopCounterMode: matmuls, convolutions, "
-            "attention), per image, inference; parameters exclude the margin head (it depends on the number "
-            "of training classes). Input mean/std: the normalisation each model's images get, from its backbone's "
-            "timm data config unless model.backbone.mean/std override it.\n")
+        f"{_triple(r.input_std)} |\n"
+        for r in rows
+    )
+    note = (
+        "\nGFLOPs = 2 x multiply-adds (torch.utils.flop_counter.FlopCounterMode: matmuls, convolutions, "
+        "attention), per image, inference; parameters exclude the margin head (it depends on the number "
+        "of training classes). Input mean/std: the normalisation each model's images get, from its backbone's "
+        "timm data config unless model.backbone.mean/std override it.\n"
+    )
     return head + body + note
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512, help="square input side in pixels (default 512)")
-    ap.add_argument("--models", nargs="*", default=None, help="model config names (default: all in conf/model)")
+    ap.add_argument(
+        "--models", nargs="*", default=None, help="model config names (default: all in conf/model)"
+    )
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table to this file")
     args = ap.parse_args(argv)
     names = args.models or all_model_names()

@@ -169,7 +169,9 @@ class RetrievalEvalCallback(pl.Callback):
             if self.keep_features:
                 self.features[eval_set.name] = feats
             scores, ranks, protocol = self._rank_and_score_once(trainer, feats, eval_set)
-            protocol.update(crop_queries=eval_set.crop_queries, test_size=describe_test_size(eval_set.test_size))
+            protocol.update(
+                crop_queries=eval_set.crop_queries, test_size=describe_test_size(eval_set.test_size)
+            )
             self.results[eval_set.name] = scores
             self.protocols[eval_set.name] = protocol
             for key, value in scores.as_dict().items():

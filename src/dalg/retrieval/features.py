@@ -124,7 +124,9 @@ def load_features(path: str | os.PathLike, mmap: bool = True) -> FeatureStore:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"feature store {json_p} cannot be read: {e}") from e
     if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") != VERSION:
-        found = f"{info.get('format')} v{info.get('version')}" if isinstance(info, dict) else type(info).__name__
+        found = (
+            f"{info.get('format')} v{info.get('version')}" if isinstance(info, dict) else type(info).__name__
+        )
         raise ValueError(f"{json_p} is not a {FORMAT} v{VERSION} store: {found}")
     try:  # allow_pickle stays False: a store from elsewhere never unpickles objects
         feats = np.load(arr_p, mmap_mode="r" if mmap else None, allow_pickle=False)
@@ -196,15 +198,27 @@ def fingerprint_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> l
     """``["test_size: 512 vs 224", ...]`` (old vs new) for every key, nested ones dotted, that differs."""
     a, b = _flat(_jsonable(old)), _flat(_jsonable(new))
     missing = "(not recorded)"
-    return [f"{k}: {a.get(k, missing)!r} vs {b.get(k, missing)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k, missing) != b.get(k, missing)]
+    return [
+        f"{k}: {a.get(k, missing)!r} vs {b.get(k, missing)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, missing) != b.get(k, missing)
+    ]
 
 
-def store_fingerprint(settings: Mapping[str, Any], names: Sequence[str], dim: int, dtype: str) -> dict[str, Any]:
+def store_fingerprint(
+    settings: Mapping[str, Any], names: Sequence[str], dim: int, dtype: str
+) -> dict[str, Any]:
     """The fingerprint a store records: ``settings`` (what determines a descriptor) + image list hash, dim, dtype."""
     list_sha = hashlib.sha256("".join(f"{n}\n" for n in names).encode("utf-8")).hexdigest()
-    return _jsonable({**settings, "image_list_sha256": list_sha, "images": len(names), "dim": int(dim),
-                      "dtype": str(dtype)})
+    return _jsonable(
+        {
+            **settings,
+            "image_list_sha256": list_sha,
+            "images": len(names),
+            "dim": int(dim),
+            "dtype": str(dtype),
+        }
+    )
 
 
 class FeatureWriter:
@@ -235,7 +249,9 @@ class FeatureWriter:
         self.names = list(names)
         self._row_of = {n: i for i, n in enumerate(self.names)}
         if len(self._row_of) != len(self.names):
-            raise ValueError(f"{len(self.names) - len(self._row_of)} duplicate image names in the list to extract")
+            raise ValueError(
+                f"{len(self.names) - len(self._row_of)} duplicate image names in the list to extract"
+            )
         self.meta = meta or {}
         self.fingerprint = store_fingerprint(fingerprint or {}, self.names, self.dim, self.dtype.name)
         self.array_path, self.names_path, self.json_path = store_paths(path)
@@ -269,7 +285,9 @@ class FeatureWriter:
         try:
             return np.array([self._row_of[n] for n in names], dtype=np.int64)
         except KeyError as e:
-            raise ValueError(f"{where}: image {e.args[0]!r} is not in the list this store is written for") from None
+            raise ValueError(
+                f"{where}: image {e.args[0]!r} is not in the list this store is written for"
+            ) from None
 
     def _scan(self, repair: bool) -> dict[Path, np.ndarray]:
         """The complete shards on disk -> their rows. ``repair``: remove half-written ones (one file of the two),
@@ -284,8 +302,14 @@ class FeatureWriter:
             span = _shard_range(arr)
             rows = self._rows_of(_read_names(names_p), f"shard {names_p}")
             n = np.load(arr, mmap_mode="r").shape
-            if span is None or len(n) != 2 or n[0] != len(rows) or n[1] != self.dim or not len(rows) \
-                    or (int(rows.min()), int(rows.max())) != span:
+            if (
+                span is None
+                or len(n) != 2
+                or n[0] != len(rows)
+                or n[1] != self.dim
+                or not len(rows)
+                or (int(rows.min()), int(rows.max())) != span
+            ):
                 raise ValueError(
                     f"corrupt shard {arr}: array {n}, {len(rows)} names of rows {row_ranges(rows)}; "
                     f"delete it to extract its rows again"
@@ -342,8 +366,12 @@ class FeatureWriter:
         order = np.argsort(rows, kind="stable")
         rows, feats = rows[order], feats[order]
         arr = shard_file(self.partial, int(rows[0]), int(rows[-1]))
-        if arr.exists() or arr.with_suffix(".names.txt").exists():  # only possible if another writer runs here
-            raise FileExistsError(f"shard {arr} already exists: is another extraction writing {self.partial}?")
+        if (
+            arr.exists() or arr.with_suffix(".names.txt").exists()
+        ):  # only possible if another writer runs here
+            raise FileExistsError(
+                f"shard {arr} already exists: is another extraction writing {self.partial}?"
+            )
         atomic_replace(lambda f: np.save(f, feats), arr)
         # written second: marks the shard done
         _write_names([self.names[r] for r in rows.tolist()], arr.with_suffix(".names.txt"))
@@ -365,12 +393,16 @@ class FeatureWriter:
         if len(missing) or len(repeated):
             problems = []
             if len(missing):
-                problems.append(f"{len(missing)} rows are in no shard: {row_ranges(missing, self.names)} "
-                                f"(rerun the extraction to extract them again)")
+                problems.append(
+                    f"{len(missing)} rows are in no shard: {row_ranges(missing, self.names)} "
+                    f"(rerun the extraction to extract them again)"
+                )
             if len(repeated):
                 files = sorted(p.name for p, rows in shards.items() if np.isin(rows, repeated).any())
-                problems.append(f"{len(repeated)} rows are in more than one shard: "
-                                f"{row_ranges(repeated, self.names)} (files {files[:6]})")
+                problems.append(
+                    f"{len(repeated)} rows are in more than one shard: "
+                    f"{row_ranges(repeated, self.names)} (files {files[:6]})"
+                )
             raise ValueError(f"cannot assemble {self.array_path} from {self.partial}: " + "; ".join(problems))
         final_row = np.full(len(self.names), -1, dtype=np.int64)
         keep = np.flatnonzero(~skipped)
@@ -397,8 +429,10 @@ class FeatureWriter:
                 os.unlink(tmp)
             raise
         _write_names([self.names[r] for r in keep.tolist()], self.names_path)
-        skipped_list = [{"name": k, "reason": v} for k, v in sorted(self.skipped.items(),
-                                                                     key=lambda kv: self._row_of[kv[0]])]
+        skipped_list = [
+            {"name": k, "reason": v}
+            for k, v in sorted(self.skipped.items(), key=lambda kv: self._row_of[kv[0]])
+        ]
         meta = {**self.meta, "fingerprint": self.fingerprint, "skipped": skipped_list}
         _write_json(self.json_path, n, self.dim, self.dtype, meta)
         shutil.rmtree(self.partial)

@@ -21,7 +21,10 @@ def fusion_choices(conf_dir: Path = REPO_ROOT / "conf") -> dict[str, str]:
     """``{name: _target_}`` of the shipped fusion configs (``conf/model/fusion/<name>.yaml``)."""
     from omegaconf import OmegaConf
 
-    return {p.stem: str(OmegaConf.load(p).get("_target_")) for p in sorted((conf_dir / "model" / "fusion").glob("*.yaml"))}
+    return {
+        p.stem: str(OmegaConf.load(p).get("_target_"))
+        for p in sorted((conf_dir / "model" / "fusion").glob("*.yaml"))
+    }
 
 
 def check_fusion(cfg: DictConfig) -> None:
@@ -31,16 +34,24 @@ def check_fusion(cfg: DictConfig) -> None:
     choices = fusion_choices()
     target = fusion.get("_target_")
     if target not in choices.values():
-        raise ConfigError(f"model.fusion._target_={target!r} is not a known fusion; allowed: model/fusion="
-                          f"{{{','.join(choices)}}} ({', '.join(sorted(set(choices.values())))})")
+        raise ConfigError(
+            f"model.fusion._target_={target!r} is not a known fusion; allowed: model/fusion="
+            f"{{{','.join(choices)}}} ({', '.join(sorted(set(choices.values())))})"
+        )
 
 
 def check_paths(cfg: DictConfig) -> None:
     data = cfg.data
     root = data.get("root")
-    if root is not None and data.get("generator") is None and not Path(os.path.expanduser(str(root))).is_dir():
-        raise ConfigError(f"data.root={root} does not exist: set data.root=<folder with {data.get('csv_name')}> "
-                          f"(or data=synthetic for the generated set)")
+    if (
+        root is not None
+        and data.get("generator") is None
+        and not Path(os.path.expanduser(str(root))).is_dir()
+    ):
+        raise ConfigError(
+            f"data.root={root} does not exist: set data.root=<folder with {data.get('csv_name')}> "
+            f"(or data=synthetic for the generated set)"
+        )
     for name, spec in (data.get("eval_sets") or {}).items():
         if spec is None:
             continue
@@ -49,8 +60,10 @@ def check_paths(cfg: DictConfig) -> None:
         required = spec.get("required", False)
         generated = data.get("generator") is not None and str(spec.data_dir).startswith(str(root))
         if required and not generated and not gnd.is_file():
-            raise ConfigError(f"data.eval_sets.{name}.data_dir={spec.data_dir}: {gnd.name} not found there "
-                              f"(required: true); point it at the folder holding {gnd.name} and jpg/")
+            raise ConfigError(
+                f"data.eval_sets.{name}.data_dir={spec.data_dir}: {gnd.name} not found there "
+                f"(required: true); point it at the folder holding {gnd.name} and jpg/"
+            )
 
 
 def check_image_sizes(cfg: DictConfig, stride: int) -> None:
@@ -71,8 +84,10 @@ def check_image_sizes(cfg: DictConfig, stride: int) -> None:
     for key, size in sizes.items():
         if size is not None and int(size) % stride:
             lo, hi = int(size) // stride * stride, (int(size) // stride + 1) * stride
-            raise ConfigError(f"{key}={size} is not a multiple of the backbone's patch size {stride}: allowed are "
-                              f"multiples of {stride}, e.g. {lo or stride} or {hi}")
+            raise ConfigError(
+                f"{key}={size} is not a multiple of the backbone's patch size {stride}: allowed are "
+                f"multiples of {stride}, e.g. {lo or stride} or {hi}"
+            )
 
 
 def check_wandb(cfg: DictConfig) -> None:
@@ -88,14 +103,18 @@ def check_wandb(cfg: DictConfig) -> None:
             return
     except (FileNotFoundError, netrc.NetrcParseError):
         pass
-    raise ConfigError("logger.wandb.offline=false needs W&B credentials (WANDB_API_KEY or `wandb login`); "
-                      "allowed: logger.wandb.offline=true (default, sync later with `wandb sync`) or set the key")
+    raise ConfigError(
+        "logger.wandb.offline=false needs W&B credentials (WANDB_API_KEY or `wandb login`); "
+        "allowed: logger.wandb.offline=true (default, sync later with `wandb sync`) or set the key"
+    )
 
 
 def check_run_options(cfg: DictConfig) -> None:
     if cfg.get("resume", "auto") not in RESUME_MODES:
-        raise ConfigError(f"resume={cfg.get('resume')!r}; allowed: {', '.join(RESUME_MODES)} "
-                          f"(or ckpt_path=<file> for an explicit checkpoint)")
+        raise ConfigError(
+            f"resume={cfg.get('resume')!r}; allowed: {', '.join(RESUME_MODES)} "
+            f"(or ckpt_path=<file> for an explicit checkpoint)"
+        )
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None and not Path(str(ckpt)).is_file():
         raise ConfigError(f"ckpt_path={ckpt} does not exist")
@@ -110,8 +129,10 @@ def check_backbone_weights(cfg: DictConfig) -> None:
     ckpt = backbone.get("checkpoint")
     if ckpt:
         if not Path(os.path.expanduser(str(ckpt))).is_file():
-            raise ConfigError(f"model.backbone.checkpoint={ckpt} does not exist; give a state dict, .safetensors or "
-                              f".ckpt file, or model.backbone.checkpoint=null")
+            raise ConfigError(
+                f"model.backbone.checkpoint={ckpt} does not exist; give a state dict, .safetensors or "
+                f".ckpt file, or model.backbone.checkpoint=null"
+            )
         return
     if backbone.get("pretrained"):
         from dalg.models.pretrained import PretrainedWeightsUnavailable, locate_pretrained
@@ -128,9 +149,11 @@ def check_training_batches(num_images: int, batch_size: int, world_size: int = 1
     per_process = -(-num_images // max(1, world_size))  # each process's share, padded as the sampler pads it
     if per_process < batch_size:
         over = f" over {world_size} processes ({per_process} each)" if world_size > 1 else ""
-        raise ConfigError(f"data.batch_size={batch_size} is larger than the {num_images} training images{over}: "
-                          f"not one training batch (incomplete batches are dropped). Allowed: data.batch_size <= "
-                          f"{per_process}, or more training images")
+        raise ConfigError(
+            f"data.batch_size={batch_size} is larger than the {num_images} training images{over}: "
+            f"not one training batch (incomplete batches are dropped). Allowed: data.batch_size <= "
+            f"{per_process}, or more training images"
+        )
 
 
 # numeric config values: (key, kind, low, high, null allowed). Kinds: int (rejects "abc", 2.5 and true alike),

@@ -47,7 +47,9 @@ def _acquire(path: Path, what: str) -> int:
             raise LockHeldError(
                 f"{what} is in use by another process ({holder}; lock file {path}). Wait for it to finish or "
                 f"stop it; a lock whose holder has died is released by the system and does not block.",
-                path, holder) from None
+                path,
+                holder,
+            ) from None
         except BaseException:
             os.close(fd)
             raise

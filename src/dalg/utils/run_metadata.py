@@ -19,17 +19,22 @@ from dalg.utils.config import REPO_ROOT
 
 def git_state(repo: Path = REPO_ROOT) -> dict[str, Any]:
     """``{"commit", "dirty", "branch"}``; ``commit`` is None outside a git checkout (e.g. an installed wheel)."""
+
     def git(*args: str) -> str | None:
         try:
-            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10,
-                                  check=True).stdout.strip()
+            return subprocess.run(
+                ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return None
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None,
-            "branch": git("rev-parse", "--abbrev-ref", "HEAD")}
+    return {
+        "commit": commit,
+        "dirty": bool(status) if status is not None else None,
+        "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+    }
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -42,10 +47,14 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def dataset_fingerprint(files: Mapping[str, Path | None]) -> dict[str, Any]:
     """sha256 of each list file and one combined digest over ``name:sha`` in name order (missing files: None)."""
-    per_file = {name: (file_sha256(p) if p is not None and Path(p).is_file() else None) for name, p in files.items()}
+    per_file = {
+        name: (file_sha256(p) if p is not None and Path(p).is_file() else None) for name, p in files.items()
+    }
     combined = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(per_file.items())).encode()).hexdigest()
-    return {"files": {k: {"path": str(files[k]) if files[k] else None, "sha256": v} for k, v in per_file.items()},
-            "sha256": combined}
+    return {
+        "files": {k: {"path": str(files[k]) if files[k] else None, "sha256": v} for k, v in per_file.items()},
+        "sha256": combined,
+    }
 
 
 def datamodule_list_files(datamodule: Any) -> dict[str, Path | None]:
@@ -70,11 +79,17 @@ def run_metadata(datamodule: Any, extra: Mapping[str, Any] | None = None) -> dic
         "command": [sys.executable, *sys.argv],
         "host": socket.gethostname(),
         "git": git_state(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "pytorch_lightning": pytorch_lightning.__version__, "timm": timm.__version__},
-        "data": {**dataset_fingerprint(datamodule_list_files(datamodule)),
-                 "train_images": len(train_set) if train_set is not None else None,
-                 "train_classes": getattr(train_set, "num_classes", None)},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "pytorch_lightning": pytorch_lightning.__version__,
+            "timm": timm.__version__,
+        },
+        "data": {
+            **dataset_fingerprint(datamodule_list_files(datamodule)),
+            "train_images": len(train_set) if train_set is not None else None,
+            "train_classes": getattr(train_set, "num_classes", None),
+        },
         **dict(extra or {}),
     }
 

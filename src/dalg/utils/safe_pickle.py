@@ -23,8 +23,13 @@ _NUMPY = {
 _ALLOWED = {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
-    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytes"), ("builtins", "bytearray"),
-    ("__builtin__", "set"), ("__builtin__", "frozenset"), ("__builtin__", "bytes"),  # protocols 0-2
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "bytes"),
+    ("builtins", "bytearray"),
+    ("__builtin__", "set"),
+    ("__builtin__", "frozenset"),
+    ("__builtin__", "bytes"),  # protocols 0-2
 }
 _NUMPY_CORE_PACKAGES = ("numpy.core", "numpy._core")
 
@@ -42,8 +47,10 @@ class _PlainDataUnpickler(pickle.Unpickler):
             if package == "numpy.core":  # NumPy 1.x files: the same functions live in numpy._core in NumPy 2
                 module = _numpy_core_module(sub)
             return super().find_class(module, name)
-        raise UnsafePickleError(f"refused global {module}.{name}: only builtin containers, numbers, strings "
-                                f"and NumPy arrays are allowed")
+        raise UnsafePickleError(
+            f"refused global {module}.{name}: only builtin containers, numbers, strings "
+            f"and NumPy arrays are allowed"
+        )
 
 
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
@@ -79,9 +86,21 @@ def load_plain_pickle(path: str | os.PathLike, what: str = "pickle") -> Any:
     try:
         return loads_plain_pickle(data)
     except UnsafePickleError as e:
-        raise ValueError(f"{what} {path} was refused: it holds more than plain data, and unpickling it could run "
-                         f"code ({e}); nothing from it was run") from e
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            MemoryError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} {path} is not a readable pickle (truncated or another format?): "
-                         f"{type(e).__name__}: {e}") from e
+        raise ValueError(
+            f"{what} {path} was refused: it holds more than plain data, and unpickling it could run "
+            f"code ({e}); nothing from it was run"
+        ) from e
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        MemoryError,
+        UnicodeDecodeError,
+    ) as e:
+        raise ValueError(
+            f"{what} {path} is not a readable pickle (truncated or another format?): {type(e).__name__}: {e}"
+        ) from e

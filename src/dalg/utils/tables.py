@@ -8,8 +8,12 @@ from rich.console import Console
 from rich.table import Table
 
 
-def print_scores_table(results: Mapping[str, object], title: str, options: Mapping[str, str] | None = None,
-                       console: Console | None = None) -> None:
+def print_scores_table(
+    results: Mapping[str, object],
+    title: str,
+    options: Mapping[str, str] | None = None,
+    console: Console | None = None,
+) -> None:
     """One row per (set, setup): mAP and mP@k in percent, as in the Revisited papers' tables."""
     table = Table(title=title)
     for col in ("set", "setup", "mAP", "mP@1", "mP@5", "mP@10", "options"):
@@ -17,14 +21,22 @@ def print_scores_table(results: Mapping[str, object], title: str, options: Mappi
     for name, scores in results.items():
         for setup in ("E", "M", "H"):
             mpk = scores.mpk[setup]
-            table.add_row(name if setup == "E" else "", setup, f"{scores.map[setup]:.2f}",
-                          *(f"{mpk[k]:.2f}" for k in (1, 5, 10)),
-                          (options or {}).get(name, "") if setup == "E" else "")
+            table.add_row(
+                name if setup == "E" else "",
+                setup,
+                f"{scores.map[setup]:.2f}",
+                *(f"{mpk[k]:.2f}" for k in (1, 5, 10)),
+                (options or {}).get(name, "") if setup == "E" else "",
+            )
     (console or Console()).print(table)
 
 
-def print_comparison_table(before: Mapping[str, Mapping[str, float]], after: Mapping[str, Mapping[str, float]],
-                           title: str, console: Console | None = None) -> None:
+def print_comparison_table(
+    before: Mapping[str, Mapping[str, float]],
+    after: Mapping[str, Mapping[str, float]],
+    title: str,
+    console: Console | None = None,
+) -> None:
     """mAP E/M/H of two states of one model (e.g. untrained vs trained), side by side."""
     table = Table(title=title)
     for col in ("set", "metric", "untrained", "trained", "change"):

@@ -33,6 +33,8 @@ def check_writable_dir(directory: str | os.PathLike, key: str, what: str | None 
         with tempfile.TemporaryFile(dir=directory, prefix=".dalg-write-check-"):
             pass
     except OSError as e:
-        raise OutputNotWritableError(f"{what} cannot be written ({directory}: {e.strerror or e}); choose another "
-                                     f"path before anything is computed") from e
+        raise OutputNotWritableError(
+            f"{what} cannot be written ({directory}: {e.strerror or e}); choose another "
+            f"path before anything is computed"
+        ) from e
     return directory
