@@ -10,7 +10,9 @@ import torch
 
 class EMAWeights(pl.Callback):
     """Keeps ``ema = decay * ema + (1 - decay) * w`` for every floating-point tensor of ``pl_module.net``
-    (parameters and buffers) after each optimiser step, from ``start_step`` on.
+    (parameters and buffers) after each optimiser step, from ``start_step`` on. Under gradient accumulation
+    (``trainer.accumulate_grad_batches``) a micro-batch that does not step the optimiser leaves the average alone:
+    the update runs when ``trainer.global_step`` has advanced, so ``decay`` is per optimiser step.
 
     Validation (the retrieval callback) runs on the averaged weights; training resumes with the raw ones. The
     average is part of the checkpoint (callback state), so a resumed run continues it; at the end of ``fit`` the
@@ -26,6 +28,7 @@ class EMAWeights(pl.Callback):
         self.apply_at_end = apply_at_end
         self.shadow: dict[str, torch.Tensor] = {}
         self._backup: dict[str, torch.Tensor] | None = None
+        self._stepped_at: int | None = None  # trainer.global_step at the last update
 
     def _tensors(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
         return {
@@ -38,11 +41,15 @@ class EMAWeights(pl.Callback):
             self.shadow = {k: v.to(current[k].device) for k, v in self.shadow.items()}
         else:
             self.shadow = {k: v.detach().clone() for k, v in current.items()}
+        self._stepped_at = trainer.global_step
 
     @torch.no_grad()
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if trainer.global_step == self._stepped_at:  # an accumulation micro-batch: no optimiser step yet
+            return
+        self._stepped_at = trainer.global_step
         if trainer.global_step < self.start_step:
             for k, v in self._tensors(pl_module).items():
                 self.shadow[k].copy_(v.detach())
