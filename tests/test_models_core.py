@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from dalg.models.dalg import DALG
+from dalg.models.composer import DALG
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 

@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from dalg.factory import instantiate_model
 from dalg.inference import InferenceOptions, optimize_for_inference
 from dalg.lit.checkpoint_read import CheckpointError, read_checkpoint
 from dalg.lit.optim import build_optimizer, warmup_cosine
@@ -42,7 +43,7 @@ class RetrievalModule(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.net = hydra.utils.instantiate(dict(model_cfg), num_classes=num_classes)
+        self.net = instantiate_model(model_cfg, num_classes)
         self.eval_scales = tuple(eval_scales) if eval_scales else None
         if input_config is not None:  # rebuilt from a checkpoint: the values the network was trained with
             self.net.input_config = InputConfig.from_mapping(input_config, where="input_config")

@@ -24,7 +24,7 @@ from PIL import Image
 
 from dalg.data.transforms import EvalTransform
 from dalg.lit.checkpoint_read import read_checkpoint
-from dalg.models.dalg import DALG
+from dalg.models.composer import DALG
 from dalg.models.input_config import checkpoint_input_config
 from dalg.models.pretrained import without_weight_source
 
