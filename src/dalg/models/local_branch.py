@@ -43,17 +43,15 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rel_bias = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
         nn.init.trunc_normal_(self.rel_bias, std=0.02)
-        self.register_buffer("rel_index", _relative_index(window, window, window), persistent=False)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, size: tuple[int, int] | None = None) -> Tensor:
         """x: (B*nW, N, C); mask: (nW, N, N) additive, or None; size: the (wh, ww) window, default square."""
         bw, n, c = x.shape
         q, k, v = self.qkv(x).reshape(bw, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        index = (
-            self.rel_index
-            if size is None or size == (self.window, self.window)
-            else _relative_index(*size, self.window, x.device)
-        )
+        # built per call (a few aranges) rather than cached for the square window: one path for every window
+        # size keeps the graph free of shape-dependent branches (ONNX export with dynamic height/width)
+        wh, ww = size if size is not None else (self.window, self.window)
+        index = _relative_index(wh, ww, self.window, x.device)
         bias = self.rel_bias[index.view(-1)].view(n, n, self.heads).permute(2, 0, 1)  # (heads, N, N)
         bias = bias.unsqueeze(0).to(q.dtype)
         if mask is not None:
@@ -79,12 +77,22 @@ def _unwindows(x: Tensor, wh: int, ww: int, b: int, h: int, wd: int) -> Tensor:
 
 def _shift_regions(n: int, win: int, shift: int, device: torch.device) -> Tensor:
     """Swin's region labels along one rolled axis: the last window joins tokens rolled in from the start (2) with
-    the others (1); they must not attend to each other."""
-    lab = torch.zeros(n, device=device)
-    if shift:
-        lab[n - win : n - shift] = 1
-        lab[n - shift :] = 2
-    return lab
+    the others (1); they must not attend to each other. Without a shift every window holds one label (the last
+    window 1, the others 0; ``n`` is a multiple of ``win``), so the mask is empty: no branch on ``shift``."""
+    idx = torch.arange(n, device=device)
+    return (idx >= n - win).float() + (idx >= n - shift).float()
+
+
+def _roll(x: Tensor, shifts: Sequence[int], dims: Sequence[int]) -> Tensor:
+    """``torch.roll`` by shifts in [-size, size] as gathers along each dim (the same values): ONNX export takes a
+    roll only by constant shifts, and the shift here depends on the map's size (0 along a side no longer than the
+    window). The wrap-around is two `where`s: a remainder by a size-dependent number does not export either."""
+    for shift, dim in zip(shifts, dims):
+        n = x.shape[dim]
+        idx = torch.arange(n, device=x.device) - shift
+        idx = torch.where(idx < 0, idx + n, torch.where(idx >= n, idx - n, idx))
+        x = x.index_select(dim, idx)
+    return x
 
 
 class WindowBlock(nn.Module):
@@ -120,24 +128,19 @@ class WindowBlock(nn.Module):
         win: tuple[int, int],
         shift: tuple[int, int],
         device: torch.device,
-    ) -> Tensor | None:
-        """Additive (nW, N, N) mask: shifted-window regions (Swin) and padded keys."""
+    ) -> Tensor:
+        """Additive (nW, N, N) mask: shifted-window regions (Swin) and padded keys. All zeros where there is
+        neither, and computed anyway: one graph for every input size (adding zeros leaves the bias as it was)."""
         (wh, ww), (sh, sw) = win, shift
-        mask = None
-        if sh or sw:
-            region = (
-                _shift_regions(hp, wh, sh, device)[:, None] * 3 + _shift_regions(wp, ww, sw, device)[None, :]
-            )
-            rw = _windows(region[None, ..., None], wh, ww)[..., 0]  # (nW, N) region label per token
-            mask = (rw[:, :, None] != rw[:, None, :]).float() * MASK_VALUE
-        if self.mask_padding and (hp != h or wp != w):
-            pad = torch.ones(hp, wp, device=device)
-            pad[:h, :w] = 0
-            if sh or sw:
-                pad = torch.roll(pad, shifts=(-sh, -sw), dims=(0, 1))
+        region = _shift_regions(hp, wh, sh, device)[:, None] * 3 + _shift_regions(wp, ww, sw, device)[None, :]
+        rw = _windows(region[None, ..., None], wh, ww)[..., 0]  # (nW, N) region label per token
+        mask = (rw[:, :, None] != rw[:, None, :]).float() * MASK_VALUE
+        if self.mask_padding:  # a setting of the module, not of the input
+            rows = torch.arange(hp, device=device) >= h
+            cols = torch.arange(wp, device=device) >= w
+            pad = _roll((rows[:, None] | cols[None, :]).float(), (-sh, -sw), (0, 1))
             pw = _windows(pad[None, ..., None], wh, ww)[..., 0]  # (nW, N): 1 at padded tokens
-            key_mask = pw[:, None, :].expand(-1, wh * ww, -1) * MASK_VALUE
-            mask = key_mask if mask is None else mask + key_mask
+            mask = mask + pw[:, None, :] * MASK_VALUE
         return mask
 
     def forward(self, x: Tensor) -> Tensor:
@@ -145,20 +148,19 @@ class WindowBlock(nn.Module):
         ws = self.window
         shortcut = x
         x = self.norm1(x)
-        # Swin's rule per axis: along a side no longer than the window, the window is the side and is not shifted
-        wh, ww = min(h, ws), min(w, ws)
-        sh, sw = (self.shift if h > ws else 0), (self.shift if w > ws else 0)
+        # Swin's rule per axis: along a side no longer than the window, the window is the side and is not shifted.
+        # No Python branch on the map's size (sym_min and arithmetic; padding and rolls by 0 are no-ops), so that
+        # torch.export / ONNX keep height and width dynamic instead of specialising to the traced size.
+        wh, ww = torch.sym_min(h, ws), torch.sym_min(w, ws)
+        sh = torch.sym_min(self.shift, (h - wh) * self.shift)  # = shift if h > ws else 0
+        sw = torch.sym_min(self.shift, (w - ww) * self.shift)
         ph, pw = (-h) % wh, (-w) % ww
-        if ph or pw:
-            x = F.pad(x, (0, 0, 0, pw, 0, ph), value=self.pad_value)
+        x = F.pad(x, (0, 0, 0, pw, 0, ph), value=self.pad_value)
         hp, wp = h + ph, w + pw
-        if sh or sw:
-            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        x = _roll(x, (-sh, -sw), (1, 2))
         mask = self._mask(hp, wp, h, w, (wh, ww), (sh, sw), x.device)
         x = _unwindows(self.attn(_windows(x, wh, ww), mask, size=(wh, ww)), wh, ww, b, hp, wp)
-        if sh or sw:
-            x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
-        x = x[:, :h, :w]
+        x = _roll(x, (sh, sw), (1, 2))[:, :h, :w]
         x = shortcut + self.drop_path(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
