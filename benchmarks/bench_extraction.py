@@ -4,7 +4,7 @@ Every variant (model x scales x inference options) extracts the same real photog
 ratios (longer side = test size), once per round, variants interleaved (A, B, C, A, B, C, ...); medians
 over rounds.  The dense matmul GFLOP/s of this machine is measured between rounds, so the fraction of peak
 is computed against a figure taken under the same load.  FLOPs come from FlopCounterMode on the meta device
-(dalg.models.summary.count_flops conventions: 2 per multiply-add; matmuls, convolutions, attention).
+(dalg.tools.model_table.count_flops conventions: 2 per multiply-add; matmuls, convolutions, attention).
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from measure import interleaved, matmul_gflops, median, timed
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import dalg.models.summary  # noqa: F401  (registers the CPU SDPA FLOP formula)
 from dalg.data.transforms import eval_transform
 from dalg.inference import InferenceModel, InferenceOptions, extract_images, optimize_for_inference
-from dalg.models.input_config import InputConfig
-from dalg.models.summary import build_model
+from dalg.tools.model_table import build_model  # also registers the CPU SDPA FLOP formula
+from dalg.utils.input_config import InputConfig
 
 DOLG_SCALES = (0.3535, 0.5, 0.7071, 1.0, 1.4142)
 # (tokens, width, 4 x width): ViT-S/16's MLP input GEMM for one 384 x 512 image, the practical ceiling of its layers

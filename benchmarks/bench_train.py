@@ -22,13 +22,12 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from measure import PeakRSS, median, process_peak_rss_bytes, sync, timed
 
-import dalg.utils.config  # noqa: F401  (registers ${repo_root:})
 from dalg.lit.optim import build_optimizer
-from dalg.models.summary import CONF_DIR
+from dalg.utils.config import REPO_ROOT  # also registers ${repo_root:}
 
 
 def train_config(model: str, overrides: list[str] | None = None):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
         # random weights: a step costs the same, and the bench needs no network
         return compose(
             config_name="train",

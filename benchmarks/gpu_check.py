@@ -173,10 +173,10 @@ def _recipe(experiment: str, model: str, extra: list[str] | None = None):
 def _build_net(model: str, device: str):
     import torch
 
-    from dalg.models.summary import build_model
+    from dalg.tools.model_table import build_model
 
     torch.manual_seed(0)
-    return build_model(model, ["model.backbone.pretrained=false"], device=device).eval()
+    return build_model(model, device=device).eval()  # random weights
 
 
 def _test_images(n: int, size: int, seed: int = 0) -> list:

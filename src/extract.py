@@ -33,7 +33,6 @@ from dalg.data.images import ImageReadError, fill_for, image_size, load_rgb
 from dalg.data.sampling import SizeBucketBatchSampler
 from dalg.data.transforms import describe_test_size, eval_transform, parse_test_size, resized_shape
 from dalg.lit.module import RetrievalModule
-from dalg.models.input_config import InputConfig
 from dalg.retrieval.features import (
     FeatureWriter,
     fingerprint_differences,
@@ -42,6 +41,7 @@ from dalg.retrieval.features import (
     store_paths,
 )
 from dalg.utils.atomic import write_text_atomic
+from dalg.utils.input_config import InputConfig
 from dalg.utils.lock import exclusive_lock
 from dalg.utils.run_metadata import file_sha256
 

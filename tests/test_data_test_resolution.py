@@ -23,7 +23,7 @@ from dalg.data.datamodules import RetrievalDataModule
 from dalg.data.transforms import describe_test_size, eval_transform, parse_test_size, resized_shape
 from dalg.models.composer import DALG
 from dalg.models.multiscale import ScaleResize
-from dalg.models.summary import build_model
+from dalg.tools.model_table import build_model
 from dalg.utils.config_checks import ConfigError, check_image_sizes
 from tests.conftest import CONF, REPO, compose_train
 

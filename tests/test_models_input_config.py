@@ -22,8 +22,8 @@ from dalg.data.datamodules import RetrievalDataModule
 from dalg.data.images import load_rgb
 from dalg.data.transforms import eval_transform, holdout_transform, train_transform
 from dalg.lit.module import RetrievalModule
-from dalg.models.input_config import IMAGENET_MEAN, IMAGENET_STD, InputConfig
-from dalg.models.summary import main as model_table
+from dalg.tools.model_table import main as model_table
+from dalg.utils.input_config import IMAGENET_MEAN, IMAGENET_STD, InputConfig
 from tests.conftest import CONF, TINY_SYNTHETIC, compose_train
 
 BACKBONES = sorted(p.stem for p in (CONF / "model" / "backbone").glob("*.yaml"))
@@ -106,6 +106,7 @@ def test_datamodule_hands_the_models_config_to_every_transform(tiny_synthetic: P
         val_fraction=0.25,
         eval_sets={
             "h": {
+                "_target_": "dalg.data.revisited.RevisitedSet",
                 "data_dir": str(tiny_synthetic / "heldout"),
                 "gnd_name": "synthetic-heldout",
                 "test_size": 40,

@@ -285,7 +285,7 @@ def test_extract_refuses_hostile_checkpoint(tmp_path):
 
 
 def test_visualize_attention_refuses_hostile_checkpoint_without_retry(tmp_path):
-    from dalg.models.attention_viz import main
+    from dalg.tools.attention_maps import main
 
     marker = tmp_path / "ran"
     ckpt = _hostile_checkpoint(tmp_path / "evil.ckpt", marker)

@@ -26,8 +26,8 @@ from dalg.data.transforms import (
     resized_shape,
     train_transform,
 )
-from dalg.models.input_config import InputConfig
 from dalg.utils.atomic import write_json_atomic
+from dalg.utils.input_config import InputConfig
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class RetrievalDataModule(pl.LightningDataModule):
     A ``test_size`` of null (or ``original``) keeps each image's own size (the revisited protocol).
     ``generator`` (optional) is called as ``generator(root=root)`` in ``prepare_data`` to create the data first.
     ``monitor_set`` names the set whose ``mAP_M`` selects checkpoints (the config's ``optimized_metric``).
-    ``input_config`` (dalg.models.input_config.InputConfig or its dict) is the model's input normalisation,
+    ``input_config`` (dalg.utils.input_config.InputConfig or its dict) is the model's input normalisation,
     interpolation and size multiple; every transform uses it. The training pipeline builds the data before the
     model (the model needs the number of classes), so it hands the model's config over with
     ``set_input_config`` before any loader is made; without one the ImageNet defaults apply.

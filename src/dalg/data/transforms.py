@@ -1,4 +1,4 @@
-"""Train and test transforms, normalised with the model's input config (dalg.models.input_config).
+"""Train and test transforms, normalised with the model's input config (dalg.utils.input_config).
 
 Test images keep their aspect ratio: the longer side becomes ``test_size``, or, with ``test_size`` null
 ("original"), the image keeps its own size (the revisited protocol and DOLG's release scale the original image).
@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from dalg.data.images import SOURCE_SIZE
-from dalg.models.input_config import IMAGENET_MEAN, IMAGENET_STD, InputConfig  # noqa: F401  (re-exported)
+from dalg.utils.input_config import IMAGENET_MEAN, IMAGENET_STD, InputConfig  # noqa: F401  (re-exported)
 
 ORIGINAL = "original"  # test_size value (also null): keep the image's own size
 _DEFAULT = InputConfig(source="ImageNet defaults (no model input config given)")

@@ -16,9 +16,9 @@ from dalg.factory import instantiate_model
 from dalg.inference import InferenceOptions, optimize_for_inference
 from dalg.lit.checkpoint_read import CheckpointError, read_checkpoint
 from dalg.lit.optim import build_optimizer, warmup_cosine
-from dalg.models.input_config import InputConfig, checkpoint_input_config
 from dalg.models.multiscale import ScaleResize
 from dalg.models.pretrained import without_weight_source
+from dalg.utils.input_config import InputConfig, checkpoint_input_config
 
 
 class RetrievalModule(pl.LightningModule):
@@ -52,7 +52,7 @@ class RetrievalModule(pl.LightningModule):
 
     @property
     def input_config(self) -> InputConfig:
-        """Mean/std, interpolation and size multiple of the network's inputs (dalg.models.input_config)."""
+        """Mean/std, interpolation and size multiple of the network's inputs (dalg.utils.input_config)."""
         return self.net.input_config
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from dalg.models.checkpoint import load_backbone_checkpoint
-from dalg.models.input_config import resolve_input_config
 from dalg.models.pretrained import pretrained_kwargs
+from dalg.utils.input_config import resolve_input_config
 
 
 @dataclass

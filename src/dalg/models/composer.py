@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from dalg.models.fusion import Fusion
 from dalg.models.heads import MarginHead
-from dalg.models.input_config import InputConfig
 from dalg.models.multiscale import ScaleResize, check_scales, multiscale_descriptor
+from dalg.utils.input_config import InputConfig
 
 
 def _fusion_class(factory: Callable[..., Fusion]) -> type:

@@ -16,7 +16,7 @@ AttentionFn = Callable[[Image.Image], Mapping[str, np.ndarray]]
 
 def model_attention(net: object, size: int) -> AttentionFn:
     """Attention maps of ``net`` (a DALG/DOLG network) over an image resized to the longer side ``size``."""
-    from dalg.models.attention_viz import attention_maps  # the only place the report touches the model code
+    from dalg.tools.attention_maps import attention_maps  # the only place the report touches the model code
 
     return lambda image: attention_maps(net, image, size)
 

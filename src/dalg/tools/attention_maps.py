@@ -3,67 +3,38 @@
     python src/visualize_attention.py --image photo.jpg [--ckpt run.ckpt | --model dalg_tiny] [--size 224]
                                       [--out outputs/attention/photo_dalg_tiny.png]
 
-With --ckpt (a Lightning checkpoint whose `hyper_parameters` hold `model_cfg` and `num_classes`, and whose
-state dict holds the network under `net.`) the trained network is shown; without it, a randomly initialised
-model built from the config `--model`.
+With --ckpt (a training checkpoint, read and rebuilt as evaluation does: dalg.lit) the trained network is
+shown; without it, a randomly initialised model built from the config `--model` (dalg.create_model).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
-from typing import Any
 
-import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from dalg.data.transforms import EvalTransform
-from dalg.lit.checkpoint_read import read_checkpoint
+from dalg.factory import create_model
 from dalg.models.composer import DALG
-from dalg.models.input_config import checkpoint_input_config
-from dalg.models.pretrained import without_weight_source
-
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+from dalg.utils.atomic import atomic_replace
 
 
-def model_from_config(name: str, overrides: list[str] | None = None) -> DALG:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        # random init, as the CLI says (a real-size backbone config asks for pretrained weights)
-        cfg = compose(
-            config_name=f"model/{name}", overrides=["model.backbone.pretrained=false", *(overrides or [])]
-        )
-    return hydra.utils.instantiate(cfg.model, num_classes=0)
+def model_from_config(name: str, **overrides) -> DALG:
+    """Random init, as the CLI says (``dalg.create_model``'s overrides)."""
+    return create_model(name, pretrained=False, **overrides)
 
 
 def model_from_checkpoint(path: str | Path) -> DALG:
-    """Rebuild the DALG held by a Lightning checkpoint (hyper_parameters.model_cfg, state dict under `net.`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = read_checkpoint(path)  # weights_only, never retried unsafely; errors name the file
-    hp: Any = ckpt["hyper_parameters"]
-    model_cfg = without_weight_source(_plain(hp["model_cfg"]))  # the state dict below holds every weight
-    model = hydra.utils.instantiate(model_cfg, num_classes=int(hp.get("num_classes", 0)))
-    model.input_config = checkpoint_input_config(hp, model.input_config, str(path))  # as it was trained
-    sd = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    result = model.load_state_dict(sd, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{path}: state dict does not match its model_cfg; missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
-    return model
+    """The network of a training checkpoint, with the input config it was trained with: the lit module's one
+    safe reader and rebuild (weights only, never retried unsafely; errors name the file)."""
+    from dalg.lit.checkpoint_read import read_checkpoint
+    from dalg.lit.module import RetrievalModule
 
-
-def _plain(cfg: Any) -> Any:
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    return RetrievalModule.from_checkpoint_dict(read_checkpoint(path), path).net
 
 
 def _to_image_grid(att: torch.Tensor, stride: int, height: int, width: int) -> np.ndarray:
@@ -126,11 +97,10 @@ def render(maps: dict[str, np.ndarray], out: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        atomic_replace(lambda f: fig.savefig(f, format="png", dpi=100), out)
+    finally:
+        plt.close(fig)
     return out
 
 

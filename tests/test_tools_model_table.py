@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import nn
 
-from dalg.models.summary import build_model, count_flops, main, model_stats
+from dalg.tools.model_table import build_model, count_flops, main, model_stats
 
 
 def test_flop_counter_convention_is_two_per_mac() -> None:
@@ -42,6 +42,10 @@ def test_stats_and_cli(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     assert s.descriptor_dim == 512 and s.scales == (0.7071, 1.0)
     assert s.gflops_all_scales > s.gflops > 0
     assert s.params_m > s.backbone_params_m > 0
+    narrow = model_stats("dolg_tiny", size=128, overrides={"embed_dim": 64, "scales": [1.0]})
+    assert (
+        narrow.descriptor_dim == 64 and narrow.scales == (1.0,) and narrow.gflops_all_scales == narrow.gflops
+    )
     out = tmp_path / "t.md"
     main(["--size", "64", "--models", "dalg_tiny", "dolg_tiny", "--out", str(out)])
     printed = capsys.readouterr().out

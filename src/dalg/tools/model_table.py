@@ -1,4 +1,4 @@
-"""Parameters, GFLOPs and descriptor size of every model config: `python src/model_table.py` (or `make models`).
+"""Parameters, GFLOPs and descriptor size of every model config: `python src/model_table.py` (`make models`).
 
 FLOPs are counted by torch.utils.flop_counter.FlopCounterMode, which counts matrix multiplications,
 convolutions and attention (2 FLOPs per multiply-add; element-wise ops, norms and softmax are not counted,
@@ -9,20 +9,19 @@ even ResNet-101 at five scales is counted in seconds.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import hydra
 import torch
-from hydra import compose, initialize_config_dir
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
+from dalg.factory import create_model, model_names
 from dalg.models.multiscale import scaled_side
-
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+from dalg.utils.atomic import write_text_atomic
 
 
 def _register_cpu_sdpa() -> None:
@@ -50,7 +49,7 @@ class ModelStats:
     gflops_all_scales: float  # one image, summed over the config's test scales
     scales: tuple[float, ...]
     descriptor_dim: int
-    input_mean: tuple[float, float, float]  # the normalisation its inputs get (dalg.models.input_config)
+    input_mean: tuple[float, float, float]  # the normalisation its inputs get (dalg.utils.input_config)
     input_std: tuple[float, float, float]
 
 
@@ -64,20 +63,15 @@ def count_flops(model: nn.Module, x: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def build_model(
-    name: str, overrides: list[str] | None = None, device: str = "meta", conf_dir: Path = CONF_DIR
-):
-    """The architecture of model config ``name`` with random weights (sizes and costs need no pretrained ones)."""
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        cfg = compose(
-            config_name=f"model/{name}", overrides=["model.backbone.pretrained=false", *(overrides or [])]
-        )
+def build_model(name: str, overrides: Mapping[str, Any] | None = None, device: str = "meta") -> nn.Module:
+    """The architecture of model config ``name`` with random weights (sizes and costs need no pretrained ones),
+    its tensors on ``device``; ``overrides`` are ``dalg.create_model``'s keyword arguments."""
     with torch.device(device):
-        return hydra.utils.instantiate(cfg.model, num_classes=0)
+        return create_model(name, pretrained=False, **dict(overrides or {}))
 
 
 def model_stats(
-    name: str, size: int = 512, overrides: list[str] | None = None, device: str = "meta"
+    name: str, size: int = 512, overrides: Mapping[str, Any] | None = None, device: str = "meta"
 ) -> ModelStats:
     model = build_model(name, overrides, device)
     params = sum(p.numel() for p in model.parameters())
@@ -97,10 +91,6 @@ def model_stats(
         model.input_config.mean,
         model.input_config.std,
     )
-
-
-def all_model_names(conf_dir: Path = CONF_DIR) -> list[str]:
-    return sorted(p.stem for p in (conf_dir / "model").glob("*.yaml"))
 
 
 def _triple(values: tuple[float, ...]) -> str:
@@ -136,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table to this file")
     args = ap.parse_args(argv)
-    names = args.models or all_model_names()
+    names = args.models or model_names()
     rows = []
     for name in names:
         rows.append(model_stats(name, args.size))
@@ -144,10 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown_table(rows, args.size)
     print(table)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(table)
-        os.replace(tmp, args.out)
+        write_text_atomic(table, args.out)
         print(f"wrote {args.out}")
 
 

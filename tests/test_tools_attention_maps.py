@@ -1,4 +1,4 @@
-"""Attention PNG: from a config (random init) and from a Lightning-style checkpoint."""
+"""Attention PNG: from a config (random init) and from a training checkpoint."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
-from dalg.models.attention_viz import attention_maps, main, model_from_checkpoint, model_from_config
+from dalg.tools.attention_maps import attention_maps, main, model_from_checkpoint, model_from_config
+from tests.conftest import compose_train
 
 
 def _image(path: Path, w: int = 150, h: int = 100) -> Path:
@@ -38,7 +38,7 @@ def test_cli_from_config_writes_png(tmp_path: Path) -> None:
             "--image",
             str(_image(tmp_path / "a.jpg")),
             "--model",
-            "dalg_tiny_heuristic",
+            "dolg_tiny",
             "--size",
             "96",
             "--out",
@@ -50,24 +50,16 @@ def test_cli_from_config_writes_png(tmp_path: Path) -> None:
 
 
 def test_checkpoint_rebuilds_trained_weights(tmp_path: Path) -> None:
-    from hydra import compose, initialize_config_dir
+    from dalg.train_pipeline import build_module
 
-    from dalg.models.summary import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="model/dalg_tiny")
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     torch.manual_seed(5)
-    net = model_from_config("dalg_tiny")
-    ckpt = {
-        "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
-        "hyper_parameters": {"model_cfg": model_cfg, "num_classes": 0},
-    }
+    module = build_module(compose_train(["model=dalg_tiny", "model.backbone.mean=0.25"], tmp_path), 3)
     path = tmp_path / "run.ckpt"
-    torch.save(ckpt, path)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
     loaded = model_from_checkpoint(path)
-    for k, v in net.state_dict().items():
+    for k, v in module.net.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
+    assert loaded.input_config.mean == (0.25, 0.25, 0.25)  # the normalisation it was trained with
     out = main(
         [
             "--image",
