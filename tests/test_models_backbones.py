@@ -43,6 +43,28 @@ def test_vit_local_tap_is_the_configured_block() -> None:
         tiny_vit(local_block=3)
 
 
+@pytest.mark.parametrize("hw", [(64, 48), (50, 70)])
+def test_vit_taps_equal_timms_own_forward(hw: tuple[int, int]) -> None:
+    """The backbone reads the ViT through timm's public forward_intermediates: its deep map and CLS token are
+    forward_features' tokens, its local map the output of block local_block (a forward hook), bit for bit."""
+    torch.manual_seed(0)
+    bb = tiny_vit(local_block=1, reg_tokens=2).eval()  # register tokens: prefix tokens besides the CLS
+    x = torch.randn(2, 3, *hw)
+    captured = {}
+    bb.vit.blocks[1].register_forward_hook(lambda m, i, o: captured.setdefault("local", o))
+    with torch.no_grad():
+        out = bb(x)
+        captured.pop("local")
+        final = bb.vit.forward_features(x)
+    h, w = -(-hw[0] // 16), -(-hw[1] // 16)
+    npt = bb.num_prefix_tokens
+    assert npt == 3
+    as_map = lambda t: t[:, npt:].reshape(2, h, w, 32).permute(0, 3, 1, 2)  # noqa: E731
+    torch.testing.assert_close(out.deep, as_map(final), rtol=0, atol=0)
+    torch.testing.assert_close(out.cls, final[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(out.local, as_map(captured["local"]), rtol=0, atol=0)
+
+
 def test_resnet_stage_maps() -> None:
     bb = ResNetBackbone("resnet26").eval()
     with torch.no_grad():
@@ -81,6 +103,22 @@ def test_checkpoint_wrapped_prefixed_and_with_classifier(tmp_path: Path) -> None
     bb = tiny_vit(checkpoint=str(path))
     torch.testing.assert_close(bb.vit.blocks[2].mlp.fc2.weight, full.blocks[2].mlp.fc2.weight, rtol=0, atol=0)
     assert bb.vit.pos_embed.shape == (1, 17, 32)  # 6x6 grid resampled to the model's 4x4
+
+
+@pytest.mark.parametrize("outer", ["net.", "ema.net.", ""])
+def test_backbone_found_inside_a_whole_networks_checkpoint(tmp_path: Path, outer: str) -> None:
+    """A training checkpoint holds the backbone under the path of the network in the LightningModule; the
+    loader finds that prefix from the keys (it knows no attribute names) and ignores the network's other parts."""
+    from dalg.factory import create_model
+
+    torch.manual_seed(4)
+    net = create_model("dalg_tiny", num_classes=3)
+    path = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {f"{outer}{k}": v for k, v in net.state_dict().items()}, "epoch": 1}, path)
+    model = create_model("dalg_tiny", **{"backbone.checkpoint": str(path)})
+    for k, v in net.backbone.vit.state_dict().items():
+        torch.testing.assert_close(model.backbone.vit.state_dict()[k], v, rtol=0, atol=0)
+    assert not torch.equal(model.descriptor.weight, net.descriptor.weight)  # only the backbone was loaded
 
 
 def test_missing_and_mismatched_keys_name_file_and_keys(tmp_path: Path) -> None:

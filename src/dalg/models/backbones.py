@@ -90,26 +90,15 @@ class ViTBackbone(nn.Module):
         return self.num_layers - 1
 
     def forward(self, x: Tensor) -> BackboneOutput:
-        vit = self.vit
-        tokens = vit.patch_embed(x)  # (B, h, w, C) with dynamic_img_size
-        b, h, w, c = tokens.shape
-        tokens = vit._pos_embed(tokens)
-        tokens = vit.patch_drop(tokens)
-        tokens = vit.norm_pre(tokens)
+        # timm's public tap: every block runs; the local tap is block `local_block`'s raw output as a
+        # (B, C, h, w) map, the final tokens come after the final norm (prefix tokens first)
+        tokens, (local,) = self.vit.forward_intermediates(
+            x, indices=[self.local_block], norm=False, output_fmt="NCHW"
+        )
+        b, c, h, w = local.shape
         npt = self.num_prefix_tokens
-        local = None
-        for i, blk in enumerate(vit.blocks):
-            tokens = blk(tokens)
-            if i == self.local_block:
-                local = tokens[:, npt:]
-        tokens = vit.norm(tokens)
-        assert local is not None
-        cls = tokens[:, 0] if self.has_cls else None
-
-        def to_map(t: Tensor) -> Tensor:
-            return t.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
-
-        return BackboneOutput(local=to_map(local), deep=to_map(tokens[:, npt:]), cls=cls)
+        deep = tokens[:, npt:].reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+        return BackboneOutput(local=local, deep=deep, cls=tokens[:, 0] if self.has_cls else None)
 
 
 class ResNetBackbone(nn.Module):

@@ -8,9 +8,6 @@ import torch
 from torch import Tensor, nn
 
 _WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
-_STRIP_PREFIXES = ("module.", "model.", "vit.", "cnn.", "backbone.")
-# the backbone inside a whole DALG network (our Lightning checkpoints hold it as `net`)
-_SUBMODULE_PREFIXES = ("net.backbone.vit.", "net.backbone.cnn.", "backbone.vit.", "backbone.cnn.")
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -38,18 +35,19 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 
 def _strip_prefixes(sd: dict[str, Tensor], model_keys: set[str]) -> dict[str, Tensor]:
-    """Take the backbone out of a whole DALG state dict, or drop wrapper prefixes (DDP 'module.', 'vit.'...)."""
-    for prefix in _SUBMODULE_PREFIXES:
-        if any(k.startswith(prefix) for k in sd):
-            return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _STRIP_PREFIXES:
-            if sd and all(k.startswith(prefix) for k in sd) and not (set(sd) & model_keys):
-                sd = {k[len(prefix) :]: v for k, v in sd.items()}
-                changed = True
-    return sd
+    """The model's own entries out of a state dict that holds them under some key prefix: none (a timm state
+    dict), a wrapper's (DDP ``module.``), or the path of the backbone inside a whole network (a training
+    checkpoint's ``<...>.backbone.vit.``). The prefix is found, not listed: the one under which the most of the
+    model's keys are present; entries outside it are other parts of that network."""
+    coverage: dict[str, int] = {}
+    for key in sd:
+        for i in [-1] + [i for i, ch in enumerate(key) if ch == "."]:
+            if key[i + 1 :] in model_keys:
+                coverage[key[: i + 1]] = coverage.get(key[: i + 1], 0) + 1
+    if not coverage:
+        return sd  # nothing in common: reported as missing and unexpected keys
+    prefix = max(coverage, key=lambda p: (coverage[p], -len(p)))
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def load_backbone_checkpoint(model: nn.Module, path: str | Path, max_keys: int = 5) -> None:
