@@ -1,4 +1,8 @@
-"""Exact inner-product search over L2-normalised descriptors (FAISS ``IndexFlatIP``), chunked over the database.
+"""Exact inner-product search over L2-normalised descriptors, chunked over the database.
+
+CPU top-k: ``dalg.retrieval.topk_search`` (fp32 GEMM per block in threads, thresholded running top-k; equal to
+any fp32 ranking up to the rounding of near-ties, ~1e-7). GPU top-k: FAISS ``IndexFlatIP``. Full rankings and
+similarity matrices: BLAS products per chunk.
 
 Tie-breaking (documented contract): items with equal similarity are ranked by ascending database index.
 This holds for full rankings (``k=None``) and for top-k rankings, including ties straddling the k-th
@@ -21,6 +25,8 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+
+from dalg.retrieval.topk_search import BLOCK_ROWS, Part, topk_search
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +255,24 @@ class _FaissBlasSettings:
             )
 
 
+def _topk_parts(parts: list[np.ndarray]) -> list[Part]:
+    """The database parts as topk_search reads them: a whole-file memory map by plain file reads."""
+    out, offset = [], 0
+    for t, p in enumerate(parts):
+        if (
+            isinstance(p, np.memmap)
+            and isinstance(p.base, mmap.mmap)  # the original map: .offset is the file offset
+            and p.filename is not None
+            and p.flags.c_contiguous
+            and p.dtype in (np.float16, np.float32)
+        ):
+            out.append(Part(p, offset, str(p.filename), path=str(p.filename), offset=int(p.offset)))
+        else:
+            out.append(Part(p, offset, getattr(p, "filename", None) or f"database part {t}"))
+        offset += p.shape[0]
+    return out
+
+
 def _release_pages(database: np.ndarray, start: int, stop: int) -> None:
     """Tell the kernel we are done with the pages of a memory-mapped chunk, so RSS stays bounded."""
     mm = getattr(database, "_mmap", None)
@@ -306,6 +330,8 @@ def search(
     if use_gpu and k > _GPU_MAX_K:
         warnings.warn(f"k={k} exceeds FAISS GPU's limit of {_GPU_MAX_K}; searching on CPU", stacklevel=2)
         use_gpu = False
+    if not use_gpu:  # CPU: blocked fp32 GEMM in threads with a thresholded running top-k (topk_search.py)
+        return topk_search(queries, _topk_parts(parts), k, block_rows=min(chunk_size, BLOCK_ROWS))
     index = _FlatIP(queries.shape[1], use_gpu)
 
     best_s = np.full((nq, 0), -np.inf, dtype=np.float32)
