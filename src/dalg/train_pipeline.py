@@ -28,19 +28,71 @@ from dalg.lit.csv_logger import ResumableCSVLogger
 from dalg.lit.module import RetrievalModule
 from dalg.lit.resumable_data import ResumableLoader
 from dalg.lit.resume_check import check_resume_model
+from dalg.lit.validation_history import ValidationHistory
+from dalg.lit.wandb_logging import wandb_run_args
 from dalg.retrieval.callback import RetrievalEvalCallback
+from dalg.sweeps.job_names import current_job
 from dalg.utils.atomic import write_json_atomic
 from dalg.utils.config import save_config
 from dalg.utils.config_checks import check_before_data, check_image_sizes, check_training_batches
 from dalg.utils.lock import exclusive_lock
 from dalg.utils.run_metadata import run_metadata
 from dalg.utils.tables import print_comparison_table
+from dalg.utils.transcript import transcript
 
 log = logging.getLogger(__name__)
 
 
 def _instantiate_all(cfg: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in (cfg or {}).values() if c is not None and "_target_" in c]
+
+
+def instantiate_loggers(cfg: DictConfig, job: dict[str, Any]) -> list[Any]:
+    """``cfg.logger``'s loggers; a W&B logger's unset name / group / tags / job_type come from the run and its
+    sweep (:func:`dalg.lit.wandb_logging.wandb_run_args`)."""
+    loggers = []
+    for c in (cfg.get("logger") or {}).values():
+        if c is None or "_target_" not in c:
+            continue
+        extra: dict[str, Any] = {}
+        if issubclass(hydra.utils.get_class(c._target_), WandbLogger):
+            auto = wandb_run_args(str(cfg.run_name), str(cfg.task_name), job)
+            extra = {k: v for k, v in auto.items() if c.get(k) in (None, "")}
+        loggers.append(hydra.utils.instantiate(c, **extra))
+    return loggers
+
+
+def landmarks_mini_hint(cfg: DictConfig, evaluated: Any) -> str | None:
+    """The closing remark on landmarks-mini's numbers, only when it applies: the model was trained on the
+    generated synthetic scenes (``data.generator``) and landmarks-mini was evaluated."""
+    if "landmarks_mini" not in evaluated or cfg.data.get("generator") is None:
+        return None
+    scratch = not OmegaConf.select(cfg, "model.backbone.pretrained", default=False) and not OmegaConf.select(
+        cfg, "model.backbone.weights", default=None
+    )
+    return (
+        "landmarks-mini holds real photos with hard changes (day/night, season, thermal); a model trained on "
+        f"synthetic scenes only{' from scratch' if scratch else ''} is not expected to do well there. "
+        "Its numbers are reported as they are."
+    )
+
+
+def objective(result: dict[str, Any], metric: str | None) -> float | None:
+    """What Hydra sweepers (Optuna) maximise: ``metric`` at the best validation (the best checkpoint's), the last
+    value when no validation during training recorded it."""
+    if not metric:
+        return None
+    best = (result.get("best") or {}).get("metrics") or {}
+    value = best.get(metric, result["metrics"].get(metric))
+    return float(value) if value is not None else None
+
+
+def _entry(entry: dict[str, Any] | None, **extra: Any) -> dict[str, Any] | None:
+    return (
+        {"step": entry["step"], "epoch": entry["epoch"], **extra, "metrics": entry["metrics"]}
+        if entry
+        else None
+    )
 
 
 def build_module(cfg: DictConfig, num_classes: int) -> RetrievalModule:
@@ -80,10 +132,10 @@ def make_train_loader_resumable(
 
 @rank_zero_only
 def _save_run_files(
-    cfg: DictConfig, out_dir: Path, datamodule: Any, loggers: list, resumed_from: str | None
+    cfg: DictConfig, out_dir: Path, datamodule: Any, loggers: list, resumed_from: str | None, job: dict
 ) -> dict[str, Any]:
     save_config(cfg, out_dir)
-    meta = run_metadata(datamodule, {"resumed_from": resumed_from})
+    meta = run_metadata(datamodule, {"resumed_from": resumed_from, "job": job})
     name = (
         "run_meta.json"
         if resumed_from is None
@@ -95,6 +147,7 @@ def _save_run_files(
             {
                 **OmegaConf.to_container(cfg, resolve=True),
                 "run": {
+                    "job": job,
                     "git": meta["git"],
                     "data_sha256": meta["data"]["sha256"],
                     "resumed_from": resumed_from,
@@ -130,7 +183,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         else nullcontext()
     )
     with lock:
-        return _train(cfg)
+        if not _launching_process():
+            return _train(cfg)
+        with transcript(out_dir / "train.log"):  # the console, tables included, beside Hydra's log records
+            return _train(cfg)
 
 
 def _train(cfg: DictConfig) -> dict[str, Any]:
@@ -160,7 +216,15 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path:  # before anything is written: a checkpoint of another model must not rewrite config.yaml
         check_resume_model(ckpt_path, module)
     callbacks = _instantiate_all(cfg.get("callbacks"))
-    loggers = _instantiate_all(cfg.get("logger"))
+    # every validation's metrics and the best one, by the checkpoint's monitor: metrics.json, Optuna, W&B best/
+    history = next((c for c in callbacks if isinstance(c, ValidationHistory)), None)
+    if history is None:
+        history = ValidationHistory()
+        callbacks.append(history)
+    job = current_job()
+    loggers = instantiate_loggers(cfg, job)
+    # the full config goes to the loggers once (_save_run_files); not a second, flat copy of the module's hparams
+    module._log_hyperparams = False
     for lg in loggers:
         if isinstance(lg, ResumableCSVLogger):
             lg.resume_step = resume_step
@@ -172,7 +236,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         check_training_batches(len(datamodule.train_set), int(cfg.data.batch_size), trainer.world_size)
     retrieval = next((c for c in callbacks if isinstance(c, RetrievalEvalCallback)), None)
 
-    _save_run_files(cfg, out_dir, datamodule, loggers, ckpt_path)
+    _save_run_files(cfg, out_dir, datamodule, loggers, ckpt_path, job)
     label_map = rank_zero_only(datamodule.save_label_map)(out_dir / "checkpoints")
 
     before: dict[str, dict[str, float]] = {}
@@ -198,12 +262,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         print_comparison_table(
             before, after, title="untrained vs trained (revisited mAP, %)", console=console
         )
-    if "landmarks_mini" in after and trainer.is_global_zero:
-        console.print(
-            "[yellow]landmarks-mini holds real photos with hard changes (day/night, season, thermal); a model "
-            "trained for minutes on synthetic scenes from scratch on a CPU is not expected to do well there. "
-            "Its numbers are reported as they are."
-        )
+    hint = landmarks_mini_hint(cfg, after)
+    if hint and trainer.is_global_zero:
+        console.print(f"[yellow]{hint}")
 
     ckpt = trainer.checkpoint_callback
     where = {
@@ -214,6 +275,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "resolved config": out_dir / "config.yaml",
         "run metadata": out_dir / "run_meta.json",
         "final metrics": out_dir / "metrics.json",
+        "transcript": out_dir / "train.log",
         "result grids": getattr(retrieval, "last_grid", None) and Path(retrieval.last_grid).parent,
     }
     for lg in loggers:
@@ -223,10 +285,27 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         for k, v in where.items():
             console.print(f"{k:>18}: {v}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    best = _entry(
+        history.best,
+        value=history.best["metrics"].get(history.monitor) if history.best else None,
+        checkpoint=getattr(ckpt, "best_model_path", None) or None,
+    )
+    last = _entry(history.last)
+    if trainer.is_global_zero and best and last:
+        console.print(
+            f"{history.monitor}: best {best['value']:.2f} (step {best['step']}), "
+            f"last {last['metrics'].get(history.monitor, float('nan')):.2f} (step {last['step']})"
+        )
     _finish_wandb(loggers)
     if trainer.is_global_zero:
         write_json_atomic(
             {
+                # best: the validation the best checkpoint holds (by monitor, as ModelCheckpoint); last: the final
+                # one; metrics: every value of the end of training (last validation, last epoch's training)
+                "monitor": history.monitor,
+                "mode": history.mode,
+                "best": best,
+                "last": last,
                 "metrics": metrics,
                 "global_step": trainer.global_step,
                 "resumed_from": ckpt_path,
@@ -236,6 +315,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         )
     return {
         "metrics": metrics,
+        "best": best,
+        "last": last,
         "before": before,
         "after": after,
         "output_dir": str(out_dir),

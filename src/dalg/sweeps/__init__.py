@@ -1,0 +1,1 @@
+"""Hydra multiruns: short job folder names, the varying overrides, and the summary written after every sweep."""
