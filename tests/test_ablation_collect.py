@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -74,7 +75,7 @@ def test_collect_merges_seeds_into_mean_and_std(tmp_path):
     # cross-attention: held-out M = 41, 43, 45 -> 43.0 ± 2.0; orthogonal ran one seed -> plain value
     assert "| cross_attention | 43.0 ± 2.0 | 42.0 ± 2.0 | 33.0 ± 2.0 | 32.0 ± 2.0 |" in md
     assert "| orthogonal | 31.00 | 30.00 | 21.00 | 20.00 |" in md
-    assert "seeds 0, 1, 2" in md and "median over cells: synthetic held-out mAP_M 2.0" in md
+    assert "seeds 0, 1, 2" in md and "median over cells: synthetic_heldout mAP_M 2.0" in md
     assert len(json.loads(made["json"].read_text())) == 4
 
 
@@ -88,3 +89,71 @@ def test_collect_refuses_runs_that_are_not_one_ablation(tmp_path):
     _job(tmp_path / "c", 0, "CrossAttentionFusion", *vit, 31.0, seed=0)
     with pytest.raises(SystemExit, match="repeats a/0"):
         mod.collect([tmp_path / "a", tmp_path / "c"], tmp_path / "out")
+
+
+def _new_job(folder, fusion, m_best, m_last, sets=("roxford5k", "synthetic_heldout")):
+    """A job as src/train.py now writes it: metrics.json with best and last; a short tagged folder."""
+    folder.mkdir(parents=True)
+    cfg = {
+        "seed": 42,
+        "trainer": {"max_epochs": 2},
+        "model": {
+            "fusion": {"_target_": f"dalg.models.fusion.{fusion}"},
+            "backbone": {"name": "vit_tiny_patch16_224", "depth": 6, "embed_dim": 128},
+        },
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+    def vals(m):
+        return {f"val/{s}/mAP_{k}": m + i for i, s in enumerate(sets) for k in ("M", "H")}
+
+    metrics = {
+        "metrics": vals(m_last),
+        "best": {"step": 4, "epoch": 0, "metrics": vals(m_best)},
+        "last": {"step": 8, "epoch": 1, "metrics": vals(m_last)},
+        "global_step": 8,
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_collect_reads_nested_new_folders_sets_from_the_metrics_and_best_on_request(tmp_path):
+    mod = _collect_module()
+    root = tmp_path / "ablation" / "multiruns"
+    _new_job(
+        root / "s42" / "0_fusion-cross_attention_ablation_backbone-vit6x128", "CrossAttentionFusion", 50, 40
+    )
+    _new_job(root / "s42" / "1_fusion-hadamard_ablation_backbone-vit6x128", "HadamardFusion", 30, 35)
+    made = mod.collect(root, tmp_path / "out")  # the parent of the sweeps: jobs two levels down
+    md = made["table"].read_text()
+    assert "vit6x128 roxford5k M" in md and "vit6x128 synthetic_heldout H" in md  # no fixed list of sets
+    assert "| cross_attention | 40.00 | 40.00 | 41.00 | 41.00 |" in md and "at the last validation" in md
+    assert "| hadamard | 35.00 | 35.00 | 36.00 | 36.00 |" in md  # a fusion from conf/model/fusion, by class
+    best = mod.collect(root, tmp_path / "out_best", value="best")["table"].read_text()
+    assert "| cross_attention | 50.00 | 50.00 | 51.00 | 51.00 |" in best and "at the best validation" in best
+
+
+def test_ablate_writes_outside_experiments_unless_asked(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(REPO / "experiments" / "ablation"))
+    spec = importlib.util.spec_from_file_location(
+        "ablation_run", REPO / "experiments" / "ablation" / "run.py"
+    )
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    calls = {}
+    monkeypatch.setattr(
+        run, "collect", lambda dirs, out, **kw: calls.update(out=out) or {"table": out, "plot": out}
+    )
+    monkeypatch.setattr(
+        sys, "argv", ["run.py", "--collect-only", "--log-dir", str(tmp_path), "--name", "small"]
+    )
+    run.main()
+    assert calls["out"] == tmp_path / "ablation" / "multiruns" / "small"
+    assert "experiments" not in str(calls["out"].relative_to(tmp_path))
+    monkeypatch.setattr(
+        sys, "argv", ["run.py", "--collect-only", "--log-dir", str(tmp_path), "--out", "here"]
+    )
+    run.main()
+    assert calls["out"] == Path("here")

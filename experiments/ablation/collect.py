@@ -1,10 +1,14 @@
 """Collect fusion x backbone multiruns into a markdown table, a JSON file and a bar chart of mAP_M / mAP_H.
 
-    python experiments/ablation/collect.py <sweep dir> [<sweep dir> ...] [--out experiments/ablation]
+    python experiments/ablation/collect.py <sweep dir> [<sweep dir> ...] [--out DIR] [--value last|best]
 
-Each job folder of a sweep holds ``config.yaml`` (resolved), ``metrics.json`` (final metrics) and
-``run_meta.json`` (git commit, data fingerprint), all written by ``src/train.py``. Several sweeps (e.g. one per
-seed) are merged when they share the budget and data; a cell run with several seeds shows mean ± standard deviation.
+Each job folder of a sweep holds ``config.yaml`` (resolved), ``metrics.json`` (best and last validation) and
+``run_meta.json`` (git commit, data fingerprint), all written by ``src/train.py``; jobs are found at any depth and
+read by the sweep summary (:mod:`dalg.sweeps.summary`, which also reads folders written before ``metrics.json``
+held the best validation). Fusion names come from ``conf/model/fusion/*.yaml`` (:func:`dalg.factory.fusion_names`),
+evaluation sets from the metrics. Several sweeps (e.g. one per seed) are merged when they share the budget and
+data; a cell run with several seeds shows mean ± standard deviation. The table holds the last validation (every
+cell after the same number of steps) unless ``--value best``. ``--out`` defaults to the first sweep folder.
 """
 
 from __future__ import annotations
@@ -12,28 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
+from dalg.factory import fusion_name_by_class, fusion_names
+from dalg.sweeps.summary import eval_sets, load_jobs
 
 REPO = Path(__file__).resolve().parents[2]
-FUSIONS = ["cross_attention", "orthogonal", "concat", "hadamard", "global_only", "local_only"]
-SETS = {"synthetic_heldout": "synthetic held-out", "landmarks_mini": "landmarks-mini"}
-FUSION_CLASSES = {
-    "CrossAttentionFusion": "cross_attention",
-    "OrthogonalFusion": "orthogonal",
-    "ConcatFusion": "concat",
-    "HadamardFusion": "hadamard",
-    "GlobalOnlyFusion": "global_only",
-    "LocalOnlyFusion": "local_only",
-}
+FUSIONS = fusion_names()  # conf/model/fusion/*.yaml
+SETS: dict[str, str] = {}  # evaluation sets of the runs being collected (name -> label), set by load_runs
 
 
 def fusion_name(target: str) -> str:
     cls = target.rsplit(".", 1)[-1]
-    return FUSION_CLASSES.get(cls, cls)
+    return fusion_name_by_class().get(cls, cls)
 
 
 def backbone_label(bb: dict[str, Any]) -> str:
@@ -45,39 +41,40 @@ def backbone_label(bb: dict[str, Any]) -> str:
     return f"{family}{bb.get('depth', '?')}x{bb.get('embed_dim', '?')}"
 
 
-def load_runs(sweep_dirs: Path | list[Path]) -> list[dict[str, Any]]:
+def load_runs(sweep_dirs: Path | list[Path], value: str = "last") -> list[dict[str, Any]]:
+    """One row per finished job under the sweep folders (any depth); ``value``: the ``last`` or ``best``
+    validation's metrics."""
+    if value not in ("last", "best"):
+        raise SystemExit(f"--value must be last or best, got {value!r}")
     sweep_dirs = [sweep_dirs] if isinstance(sweep_dirs, Path) else list(sweep_dirs)
-    runs = []
-    for sweep_dir in sweep_dirs:
-        if not sweep_dir.is_dir():
-            raise SystemExit(f"sweep folder {sweep_dir} does not exist")
-        for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "config.yaml").is_file()):
-            cfg = yaml.safe_load((job / "config.yaml").read_text())
-            metrics_file = job / "metrics.json"
-            if not metrics_file.is_file():
-                print(f"[collect] {job}: no metrics.json (run unfinished?) - left out", file=sys.stderr)
-                continue
-            final = json.loads(metrics_file.read_text())
-            meta = (
-                json.loads((job / "run_meta.json").read_text()) if (job / "run_meta.json").is_file() else {}
-            )
-            row = {
-                "job": f"{sweep_dir.name}/{job.name}",
-                "fusion": fusion_name(cfg["model"]["fusion"]["_target_"]),
-                "backbone": backbone_label(cfg["model"]["backbone"]),
-                "seed": cfg["seed"],
-                "epochs": cfg["trainer"]["max_epochs"],
-                "global_step": final.get("global_step"),
-                "elapsed_s": final.get("elapsed_s"),
-                "git": meta.get("git", {}).get("commit"),
-                "data_sha256": meta.get("data", {}).get("sha256"),
-            }
-            for s in SETS:
-                for k in ("mAP_M", "mAP_H"):
-                    row[f"{s}/{k}"] = final["metrics"].get(f"val/{s}/{k}")
-            runs.append(row)
-    if not runs:
+    for d in sweep_dirs:
+        if not d.is_dir():
+            raise SystemExit(f"sweep folder {d} does not exist")
+    jobs = [j for j in load_jobs(sweep_dirs) if "model" in j.config and "seed" in j.config]
+    if not jobs:
         raise SystemExit(f"no finished runs under {', '.join(map(str, sweep_dirs))}")
+    SETS.clear()
+    SETS.update({s: s for s in eval_sets(jobs)})
+    runs = []
+    for job in jobs:
+        cfg, meta = job.config, job.meta
+        values = job.best if value == "best" else job.last
+        row = {
+            "job": job.job,
+            "fusion": fusion_name(cfg["model"]["fusion"]["_target_"]),
+            "backbone": backbone_label(cfg["model"]["backbone"]),
+            "seed": cfg["seed"],
+            "epochs": cfg.get("trainer", {}).get("max_epochs"),
+            "global_step": job.global_step,
+            "elapsed_s": job.elapsed_s,
+            "git": meta.get("git", {}).get("commit"),
+            "data_sha256": meta.get("data", {}).get("sha256"),
+            "value": value,
+        }
+        for s in SETS:
+            for k in ("mAP_M", "mAP_H"):
+                row[f"{s}/{k}"] = values.get(f"val/{s}/{k}")
+        runs.append(row)
     _check_comparable(runs)
     return runs
 
@@ -212,9 +209,13 @@ def bar_chart(runs: list[dict[str, Any]], out: Path) -> Path:
 
 
 def collect(
-    sweep_dirs: Path | list[Path], out_dir: Path, command: str | None = None, wall_s: float | None = None
+    sweep_dirs: Path | list[Path],
+    out_dir: Path,
+    command: str | None = None,
+    wall_s: float | None = None,
+    value: str = "last",
 ) -> dict[str, Path]:
-    runs = load_runs(sweep_dirs)
+    runs = load_runs(sweep_dirs, value)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = bar_chart(runs, out_dir / "results.png")
     (out_dir / "results.json").write_text(json.dumps(runs, indent=1))
@@ -229,8 +230,9 @@ def collect(
         f"{', '.join(map(str, seeds))}), {r0['global_step']} optimiser steps of 64 images each, from scratch, "
         f"embedded synthetic data (sha256 {str(r0['data_sha256'])[:12]}), "
         f"git {', '.join(sorted({str(r['git'])[:10] for r in runs}))}",
-        "- metrics: revisited mAP (%), Medium (M) and Hard (H) setups; synthetic held-out = classes never "
-        "trained on; landmarks-mini = real photos (tiny, noisy: a few queries, from-scratch CPU models)"
+        f"- metrics: revisited mAP (%) at the {value} validation, Medium (M) and Hard (H) setups; sets: "
+        f"{', '.join(SETS)} (synthetic_heldout = classes never trained on; landmarks_mini = real photos, tiny "
+        "and noisy: a few queries, from-scratch CPU models)"
         + ("; mean ± sample standard deviation over the seeds" if len(seeds) > 1 else ""),
         "- per-run time: "
         + ", ".join(
@@ -280,9 +282,10 @@ def collect(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep_dirs", type=Path, nargs="+")
-    ap.add_argument("--out", type=Path, default=REPO / "experiments" / "ablation")
+    ap.add_argument("--out", type=Path, default=None, help="default: the first sweep folder")
+    ap.add_argument("--value", choices=("last", "best"), default="last", help="which validation's metrics")
     args = ap.parse_args()
-    collect(args.sweep_dirs, args.out)
+    collect(args.sweep_dirs, args.out or args.sweep_dirs[0], value=args.value)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 The sweep folder is logs/ablation/multiruns/<NAME> (default: ablation), so running the same command again after an
 interruption resumes every unfinished cell from its last.ckpt (resume=auto) and re-evaluates finished ones.
 ``--merge`` adds the finished runs of other sweeps with the same budget and data (e.g. other seeds) to the table:
-cells with several seeds show mean ± std. Outputs: experiments/ablation/results.{md,png,json} and command.txt.
+cells with several seeds show mean ± std. Outputs: results.{md,png,json} and command.txt in the sweep folder, or
+in ``--out`` (the committed table: ``--out experiments/ablation``, only for a run at the ablation's full budget).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ def sweep_command(
         f"+experiment/ablation_backbone={','.join(backbones)}",
         f"run_name={name}",
         f"paths.log_dir={log_dir}",
-        "hydra.sweep.subdir=${hydra:job.num}",
         *extra,
     ]
 
@@ -47,7 +47,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="ablation", help="sweep folder name under logs/ablation/multiruns/")
     ap.add_argument("--log-dir", type=Path, default=REPO / "logs")
-    ap.add_argument("--out", type=Path, default=REPO / "experiments" / "ablation")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="table folder (default: the sweep folder; never the committed one)",
+    )
     ap.add_argument("--collect-only", action="store_true")
     ap.add_argument(
         "--merge", default="", help="comma-separated names of other sweeps to put in the same table"
@@ -56,6 +61,7 @@ def main() -> None:
     ap.add_argument("--backbones", default=",".join(BACKBONES), help="comma-separated subset")
     args, overrides = ap.parse_known_args()
     sweep_dir = args.log_dir / "ablation" / "multiruns" / args.name
+    out = args.out or sweep_dir
     cmd = sweep_command(
         args.name, overrides, args.log_dir, args.fusions.split(","), args.backbones.split(",")
     )
@@ -68,12 +74,12 @@ def main() -> None:
         subprocess.run(cmd, cwd=REPO, check=True)
         wall = time.time() - t0
     merged = [args.log_dir / "ablation" / "multiruns" / m for m in args.merge.split(",") if m]
-    made = collect([*merged, sweep_dir], args.out, command=shown, wall_s=wall)
+    made = collect([*merged, sweep_dir], out, command=shown, wall_s=wall)
     print(f"[ablate] table {made['table']}\n[ablate] plot  {made['plot']}")
     if args.collect_only:  # command.txt keeps the command that ran the sweep
         return
     user_cmd = "make ablate" + (f" ARGS={shlex.quote(' '.join(sys.argv[1:]))}" if sys.argv[1:] else "")
-    (args.out / "command.txt").write_text(f"{user_cmd}\n# = {shown}\n# wall time {wall:.0f} s\n")
+    (out / "command.txt").write_text(f"{user_cmd}\n# = {shown}\n# wall time {wall:.0f} s\n")
 
 
 if __name__ == "__main__":
