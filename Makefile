@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp
 PYTHON ?= python3
 ARGS ?=
+# the torch / torchvision pins of pyproject.toml (a test checks they agree)
+TORCH_VERSION := 2.14.1
+TORCHVISION_VERSION := 0.29.1
 
 .PHONY: install install-gpu run test test-slow lint format ablate bench eval models clean
 
@@ -15,12 +18,19 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch/torchvision first, pinned to the wheels on this machine's disk (pip takes them from there)
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) torchvision==$(TORCHVISION_VERSION)
 	$(PY) -m pip install -q -e '.[dev,sweep]'
 	@touch $(STAMP)
 
-# CUDA machines: FAISS with GPU support instead of faiss-cpu (both provide the `faiss` module)
+# CUDA machines: the CUDA build of the pinned torch/torchvision from PyTorch's wheel index (TORCH_CUDA=cu128 by
+# default; cu126 for older drivers, see https://pytorch.org/get-started/locally), replacing the CPU build, then
+# FAISS with GPU support instead of faiss-cpu (both provide the `faiss` module). Fails if torch has no CUDA after.
+TORCH_CUDA ?= cu128
 install-gpu: install
+	$(PY) -m pip install -q --force-reinstall --no-deps torch==$(TORCH_VERSION) torchvision==$(TORCHVISION_VERSION) \
+		--index-url https://download.pytorch.org/whl/$(TORCH_CUDA)
+	$(PY) -c 'import torch; assert torch.version.cuda, f"torch {torch.__version__} is a CPU build"; \
+		print("torch", torch.__version__, "CUDA", torch.version.cuda, "GPU visible:", torch.cuda.is_available())'
 	$(PY) -m pip uninstall -y -q faiss-cpu
 	$(PY) -m pip install -q -e '.[gpu]'
 
@@ -39,8 +49,14 @@ lint: install
 format: install
 	$(VENV)/bin/ruff format src tests experiments benchmarks
 
-ablate: install  ## fusion x backbone sweep on the embedded data, then the table + plot in experiments/ablation
+ablate: install  ## fusion x backbone sweep on the embedded data, then the table + plot in its sweep folder
 	$(PY) experiments/ablation/run.py $(ARGS)
+
+# rebuild a sweep's summary (written after every -m sweep): summary.{md,csv,json,png} in DIR, printed
+.PHONY: sweep-summary
+sweep-summary: install  ## make sweep-summary DIR=logs/train/multiruns/<run_name> [ARGS="--metrics mAP_E,mAP_M"]
+	@test -n "$(DIR)" || { echo "usage: make sweep-summary DIR=<sweep folder>"; exit 2; }
+	$(PY) -m dalg.sweeps.summary $(DIR) $(ARGS)
 
 bench: install  ## efficiency benchmarks: prints figures, writes experiments/bench/*.json and a table
 	$(PY) benchmarks/run_all.py $(ARGS)
