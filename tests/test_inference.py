@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import hydra
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from dalg.factory import create_model
 from dalg.inference import (
     InferenceOptions,
     LowPrecisionIsland,
@@ -14,7 +16,8 @@ from dalg.inference import (
     is_cnn,
     optimize_for_inference,
 )
-from tests.conftest import compose_train
+from dalg.lit.module import RetrievalModule
+from dalg.models.multiscale import effective_scales
 
 _MODELS: dict[str, torch.nn.Module] = {}
 
@@ -23,9 +26,8 @@ def _model(name: str, tmp_path) -> torch.nn.Module:
     """Built once per module (optimize_for_inference works on a copy, so tests cannot change it)."""
     if name in _MODELS:
         return _MODELS[name]
-    cfg = compose_train([f"model={name}"], tmp_path)
     torch.manual_seed(0)
-    model = hydra.utils.instantiate(cfg.model, num_classes=0).eval()
+    model = create_model(name).eval()
     # non-trivial BatchNorm statistics, so that a wrong eval/train mode would show
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -136,3 +138,16 @@ def test_compile_keeps_compiling_past_dynamos_default_of_eight_shapes():
         x = torch.randn(1, 3, side, side + 1)
         torch.testing.assert_close(fast(x), net(x), atol=1e-5, rtol=1e-4)
     assert counters["stats"]["unique_graphs"] - before == 10  # no silent fall-back to eager after 8
+
+
+def test_one_scale_fallback() -> None:
+    """Given scales win, else the model's own, else 1 alone: for extract, inference and evaluation alike."""
+    net = SimpleNamespace(scales=(0.5, 1.0))
+    assert effective_scales(None, net) == (0.5, 1.0)
+    assert effective_scales([2, 1], net) == (2.0, 1.0)
+    assert effective_scales(None, object()) == (1.0,)
+    with pytest.raises(ValueError, match="scales"):
+        effective_scales([], net)
+    test_scales = RetrievalModule.test_scales.fget
+    assert test_scales(SimpleNamespace(eval_scales=None, net=net)) == (0.5, 1.0)
+    assert test_scales(SimpleNamespace(eval_scales=(0.7071,), net=net)) == (0.7071,)

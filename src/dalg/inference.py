@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dalg.models.multiscale import ScaleResize, multiscale_descriptor
+from dalg.models.multiscale import ScaleResize, effective_scales, multiscale_descriptor
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -150,7 +150,7 @@ class InferenceModel:
     def __init__(self, model: nn.Module, options: InferenceOptions) -> None:
         self.model = model
         self.options = options
-        self.scales: tuple[float, ...] = tuple(getattr(model, "scales", (1.0,)))
+        self.scales: tuple[float, ...] = effective_scales(None, model)
         self._memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
         self._forward: Callable[[Tensor], Tensor] = model.forward
         if options.compile:
@@ -191,7 +191,7 @@ class InferenceModel:
             return multiscale_descriptor(
                 self.forward,
                 x.to(self.device),
-                self.scales if scales is None else scales,
+                self.scales if scales is None else effective_scales(scales, self.model),
                 resize,
                 config.size_multiple if config is not None else 1,
             )

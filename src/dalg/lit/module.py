@@ -16,7 +16,7 @@ from dalg.factory import instantiate_model
 from dalg.inference import InferenceOptions, optimize_for_inference
 from dalg.lit.checkpoint_read import CheckpointError, read_checkpoint
 from dalg.lit.optim import build_optimizer, warmup_cosine
-from dalg.models.multiscale import ScaleResize
+from dalg.models.multiscale import ScaleResize, check_scales, effective_scales
 from dalg.models.pretrained import without_weight_source
 from dalg.utils.input_config import InputConfig, checkpoint_input_config
 
@@ -54,6 +54,11 @@ class RetrievalModule(pl.LightningModule):
     def input_config(self) -> InputConfig:
         """Mean/std, interpolation and size multiple of the network's inputs (dalg.utils.input_config)."""
         return self.net.input_config
+
+    @property
+    def test_scales(self) -> tuple[float, ...]:
+        """The scales evaluation extracts at: ``eval_scales`` when set, else the network's own."""
+        return effective_scales(self.eval_scales, self.net)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -108,7 +113,7 @@ class RetrievalModule(pl.LightningModule):
             self._classification_val_step(images, index)
             return None
         extractor = getattr(self, "_extractor", None) or self.net
-        return {"descriptors": extractor.extract(images, self.eval_scales).float(), "index": index}
+        return {"descriptors": extractor.extract(images, self.test_scales).float(), "index": index}
 
     def _classification_val_index(self) -> int | None:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -145,10 +150,7 @@ class RetrievalModule(pl.LightningModule):
             raise FileNotFoundError(f"checkpoint {path} does not exist (set ckpt_path=...)")
         module = cls.from_checkpoint_dict(read_checkpoint(path), path)
         if scales is not None:
-            scales = tuple(float(s) for s in scales)
-            if not scales or min(scales) <= 0:
-                raise ValueError(f"scales must be positive factors, got {list(scales)}")
-            module.eval_scales = scales
+            module.eval_scales = check_scales(scales, "scales")
         if scale_resize is not None:
             module.net.scale_resize = ScaleResize.from_mapping(scale_resize)
         if inference is not None:

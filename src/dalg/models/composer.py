@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from dalg.models.fusion import Fusion
 from dalg.models.heads import MarginHead
-from dalg.models.multiscale import ScaleResize, check_scales, multiscale_descriptor
+from dalg.models.multiscale import ScaleResize, check_scales, effective_scales, multiscale_descriptor
 from dalg.utils.input_config import InputConfig
 
 
@@ -91,7 +91,7 @@ class DALG(nn.Module):
         return multiscale_descriptor(
             self.forward,
             x,
-            self.scales if scales is None else scales,
+            effective_scales(scales, self),
             self.scale_resize,
             self.input_config.size_multiple,
         )

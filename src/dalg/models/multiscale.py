@@ -69,6 +69,13 @@ def check_scales(scales: Sequence[float], where: str) -> tuple[float, ...]:
     return scales
 
 
+def effective_scales(scales: Sequence[float] | None, model: object) -> tuple[float, ...]:
+    """The scales an extraction runs at: ``scales`` when given, else the model's own (``model.scales``), else
+    1 alone. The one fallback, for ``DALG.extract``, ``dalg.inference`` and the Lightning module's test scales."""
+    chosen = scales if scales is not None else (getattr(model, "scales", None) or (1.0,))
+    return check_scales(chosen, "multi-scale extraction")
+
+
 def multiscale_descriptor(
     forward: Callable[[Tensor], Tensor],
     x: Tensor,
