@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 import dalg.utils.config  # noqa: F401  (registers ${repo_root:})
 from dalg.data.images import ImageReadError, fill_for, image_size, load_rgb
 from dalg.data.sampling import SizeBucketBatchSampler
-from dalg.data.transforms import describe_test_size, eval_transform, parse_test_size, resized_shape
+from dalg.data.transforms import describe_test_size, eval_transform, parse_test_size
 from dalg.lit.module import RetrievalModule
 from dalg.retrieval.features import (
     FeatureWriter,
@@ -44,6 +44,7 @@ from dalg.utils.atomic import write_text_atomic
 from dalg.utils.input_config import InputConfig
 from dalg.utils.lock import exclusive_lock
 from dalg.utils.run_metadata import file_sha256
+from dalg.utils.sizes import resized_shape
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ RUN_ONLY_KEYS = (
     "overwrite",
     "batch_size",
     "num_workers",
-    "accelerator",
+    "trainer",
+    "eval_set_defaults",  # its test_size enters as test_size
     "shard_size",
     "skip_unreadable",
     "paths",
@@ -302,16 +304,7 @@ def _extract(cfg: DictConfig) -> Path:
         sink = StoreWriterCallback(
             writer, names, total=len(names) - len(writer.skipped), already=writer.n_done
         )
-        trainer = pl.Trainer(
-            accelerator=cfg.accelerator,
-            devices=1,
-            precision=cfg.precision,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[sink],
-        )
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[sink])
         try:
             trainer.validate(module, dataloaders=loader, verbose=False)
         finally:

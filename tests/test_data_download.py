@@ -175,7 +175,7 @@ def test_revisited_download_gives_the_loader_layout(server, tmp_path):
     assert sorted(p.name for p in (folder / "jpg").iterdir()) == ["im0.jpg", "im1.jpg", "im2.jpg", "im3.jpg"]
     assert not (folder / "archives" / "oxbuild_images-v1.tgz").exists()  # removed once extracted
     _no_partials(tmp_path)
-    dm = RevisitedDataModule(root=str(tmp_path / "data"), name="roxford5k", num_workers=0)
+    dm = RevisitedDataModule(root=str(tmp_path / "data"), name="roxford5k", num_workers=0, test_size=64)
     dm.setup("validate")
     assert dm.eval_sets[0].gt.n_database == 3
     n = len(server.requests)

@@ -2,11 +2,14 @@
 
 import logging
 
+import hydra
 import pytest
 from PIL import Image
 
 from dalg.data.datamodules import RetrievalDataModule
-from dalg.data.folder import ImageFolderDataset, list_images, load_query_csv
+from dalg.data.folder import ImageFolderDataset, QueryCsvSet, list_images, load_query_csv
+from dalg.data.revisited import RevisitedSet
+from dalg.utils.config_checks import ConfigError
 
 
 def _img(path, size=(30, 20), colour=(100, 50, 25)):
@@ -94,7 +97,13 @@ def test_folder_training_and_csv_evaluation_through_the_datamodule(tmp_path):
             _img(tmp_path / "train" / cls / f"{k}.jpg", size=(50, 40))
     images = _eval_folder(tmp_path / "photos")
     (tmp_path / "q.csv").write_text("query,positives,bbx\nq_tower.jpg,tower2.jpg,0 0 20 30\n")
-    spec = {"images": str(images), "queries_csv": str(tmp_path / "q.csv"), "test_size": 32, "required": True}
+    spec = {
+        "_target_": "dalg.data.folder.QueryCsvSet",
+        "images": str(images),
+        "queries_csv": str(tmp_path / "q.csv"),
+        "test_size": 32,
+        "required": True,
+    }
     dm = RetrievalDataModule(
         root=str(tmp_path / "train"),
         layout="folder",
@@ -117,7 +126,15 @@ def test_folder_training_and_csv_evaluation_through_the_datamodule(tmp_path):
 
 def test_optional_csv_set_with_missing_files_is_skipped(tmp_path):
     dm = RetrievalDataModule(
-        eval_sets={"mine": {"images": str(tmp_path / "x"), "queries_csv": str(tmp_path / "q.csv")}}
+        eval_sets={
+            "mine": {
+                "_target_": "dalg.data.folder.QueryCsvSet",
+                "images": str(tmp_path / "x"),
+                "queries_csv": str(tmp_path / "q.csv"),
+                "test_size": 32,
+                "required": False,
+            }
+        }
     )
     dm.setup("validate")
     assert dm.eval_sets == [] and "mine" in dm.skipped_eval_sets
@@ -130,20 +147,57 @@ def test_list_images_is_sorted_and_recursive(tmp_path):
     assert list_images(tmp_path) == ["a/c.webp", "b.jpg"]
 
 
-def test_list_files_names_what_defines_the_data(tmp_path):
+def test_run_fingerprint_lists_every_file_that_defines_the_data(tmp_path):
+    """run_meta.json's data fingerprint reads the typed specs: a queries CSV counts as a gnd pickle does."""
+    from dalg.utils.run_metadata import datamodule_list_files, dataset_fingerprint
+
     images = _eval_folder(tmp_path / "photos")
     (tmp_path / "q.csv").write_text("query,positives\nq_tower.jpg,tower2.jpg\n")
     dm = RetrievalDataModule(
         root=str(tmp_path / "train"),
         layout="folder",
         eval_sets={
-            "mine": {"images": str(images), "queries_csv": str(tmp_path / "q.csv")},
-            "ox": {"data_dir": str(tmp_path / "ox"), "gnd_name": "roxford5k"},
+            "mine": QueryCsvSet(images=str(images), queries_csv=str(tmp_path / "q.csv"), test_size=32),
+            "ox": RevisitedSet(data_dir=str(tmp_path / "ox"), gnd_name="roxford5k", test_size=32),
         },
     )
-    assert dm.list_files() == {
+    files = datamodule_list_files(dm)
+    assert files == {
         "train": None,
         "eval/mine": tmp_path / "q.csv",
         "eval/ox": tmp_path / "ox" / "gnd_roxford5k.pkl",
     }
-    assert dm.eval_specs["mine"]["data_dir"] == str(images)
+    before = dataset_fingerprint(files)
+    assert before["files"]["eval/mine"]["sha256"] is not None  # the CSV is hashed
+    (tmp_path / "q.csv").write_text("query,positives\nq_tower.jpg,tower1.jpg\n")
+    assert dataset_fingerprint(files)["sha256"] != before["sha256"]  # another CSV: another fingerprint
+
+
+def test_documented_command_adds_your_own_evaluation_set_while_training(tmp_path):
+    """conf/data/folder.yaml's command: +data/eval@data.eval_sets.mine=query_csv with images and queries_csv."""
+    from dalg.utils.config_checks import check_paths
+    from tests.conftest import compose_train
+
+    for cls in ("a", "b"):
+        _img(tmp_path / "train" / cls / "0.jpg", size=(50, 40))
+    images = _eval_folder(tmp_path / "photos")
+    (tmp_path / "q.csv").write_text("query,positives\nq_tower.jpg,tower2.jpg\n")
+    cfg = compose_train(
+        [
+            "data=folder",
+            f"data.root={tmp_path / 'train'}",
+            "+data/eval@data.eval_sets.mine=query_csv",
+            f"data.eval_sets.mine.images={images}",
+            f"data.eval_sets.mine.queries_csv={tmp_path / 'q.csv'}",
+            "data.monitor_set=mine",
+        ],
+        tmp_path / "out",
+    )
+    check_paths(cfg)  # the config checks read the spec (this raised ConfigAttributeError: data_dir)
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.setup("validate")
+    mine = next(s for s in dm.eval_sets if s.name == "mine")
+    assert mine.gt.n_queries == 1 and mine.test_size == 512 and mine.crop_queries  # conf/data/eval/defaults
+    (tmp_path / "q.csv").unlink()
+    with pytest.raises(ConfigError, match=r"data\.eval_sets\.mine: .*q\.csv not found \(required: true\)"):
+        check_paths(cfg)

@@ -38,7 +38,7 @@ def _write_set(root: Path, name: str = "toy", sizes=SIZES, n_queries: int = 2) -
 def test_revisited_datamodule_reads_any_set_by_name(tmp_path):
     _write_set(tmp_path / "mine", "mine")
     for root in (tmp_path / "mine", tmp_path):  # the set's folder, or its parent
-        dm = RevisitedDataModule(root=str(root), name="mine", eval_batch_size=4, num_workers=0)
+        dm = RevisitedDataModule(root=str(root), name="mine", eval_batch_size=4, num_workers=0, test_size=512)
         dm.setup("validate")
         (s,) = dm.eval_sets
         assert s.name == "mine" and s.gt.n_queries == 2 and s.gt.n_database == 7 and dm.monitor_set == "mine"
@@ -48,35 +48,30 @@ def test_revisited_datamodule_reads_any_set_by_name(tmp_path):
 def test_revisited_config_data_root_and_name(tmp_path):
     _write_set(tmp_path / "oxf", "roxford5k")
     cfg = compose_train(
-        ["data=roxford5k", f"data.root={tmp_path / 'oxf'}", "data.crop_queries=false"], tmp_path / "out"
+        ["data=roxford5k", f"data.root={tmp_path / 'oxf'}", "data.eval_sets.main.crop_queries=false"],
+        tmp_path / "out",
     )
     dm = hydra.utils.instantiate(cfg.data)
     dm.setup("validate")
     (s,) = dm.eval_sets
     assert s.name == "roxford5k" and not s.crop_queries and s.dataset.load(0).size == (64, 48)
+    assert s.test_size == 512  # conf/data/eval/defaults.yaml
     assert cfg.optimized_metric == "val/roxford5k/mAP_M"
-    # eval.py writes its options into each spec: those win over the module-level default
-    cfg = compose_train(
-        [
-            "data=roxford5k",
-            f"data.root={tmp_path / 'oxf'}",
-            "data.crop_queries=false",
-            "+data.eval_sets.main.crop_queries=true",
-        ],
-        tmp_path / "out",
-    )
+    # src/eval.py's options apply to every set, after the config is instantiated (the config stays as it is)
     dm = hydra.utils.instantiate(cfg.data)
-    dm.setup("validate")
-    assert dm.eval_sets[0].crop_queries and dm.eval_sets[0].dataset.load(0).size == (36, 28)
+    dm.setup_evaluation({}, crop_queries=True, test_size="original")
+    (s,) = dm.eval_sets
+    assert s.crop_queries and s.test_size is None and s.dataset.load(0).size == (36, 28)
+    assert cfg.data.eval_sets.main.crop_queries is False
 
 
 def test_missing_required_set_and_missing_images_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="gnd_nothere.pkl"):
-        RevisitedDataModule(root=str(tmp_path), name="nothere").setup("validate")
+        RevisitedDataModule(root=str(tmp_path), name="nothere", test_size=64).setup("validate")
     _write_set(tmp_path / "t")
     (tmp_path / "t" / "jpg" / "im3.jpg").unlink()
     (tmp_path / "t" / "jpg" / "im5.jpg").write_bytes(b"")
-    dm = RevisitedDataModule(root=str(tmp_path / "t"), name="toy", num_workers=0)
+    dm = RevisitedDataModule(root=str(tmp_path / "t"), name="toy", num_workers=0, test_size=64)
     dm.setup("validate")
     with pytest.raises(ImageReadError, match=r"2 of 9 images unreadable.*im3\.jpg.*im5\.jpg"):
         dm.val_dataloader()

@@ -112,6 +112,7 @@ def test_eval_path_never_pads_so_the_descriptor_does_not_depend_on_padding(tiny_
     dm = RetrievalDataModule(
         eval_sets={
             "h": {
+                "_target_": "dalg.data.revisited.RevisitedSet",
                 "data_dir": str(tiny_synthetic / "heldout"),
                 "gnd_name": "synthetic-heldout",
                 "test_size": 100,
@@ -193,7 +194,7 @@ def test_eval_at_original_size_records_it(tmp_path: Path, monkeypatch) -> None:
                 "crop_queries=false",
                 "num_workers=0",
                 "batch_size=2",
-                "accelerator=cpu",
+                "trainer.accelerator=cpu",
                 f"output_json={tmp_path / 'r.json'}",
             ],
         )

@@ -21,7 +21,7 @@ from dalg.data.datamodules import RetrievalDataModule
 from dalg.data.folder import ImageFolderDataset, load_query_csv
 from dalg.data.images import ImageReadError, load_rgb
 from dalg.data.labelled import LabelledImages, UnreadableDataError
-from dalg.data.revisited import RevisitedImages, load_ground_truth
+from dalg.data.revisited import RevisitedImages, RevisitedSet, load_ground_truth
 from dalg.lit.checkpoint_io import atomic_torch_save
 from dalg.lit.module import RetrievalModule
 from dalg.retrieval.features import FeatureWriter, save_features
@@ -85,7 +85,7 @@ def test_missing_query_image_with_a_box_is_found_at_setup(tmp_path):
     root = _revisited(tmp_path, [[5, 5, 20, 20], [1, 1, 10, 10]])
     (root / "jpg" / "q1.jpg").unlink()
     dm = RetrievalDataModule(
-        eval_sets={"toy": {"data_dir": str(root), "gnd_name": "toy", "test_size": 32, "required": True}},
+        eval_sets={"toy": RevisitedSet(data_dir=str(root), gnd_name="toy", test_size=32)},
         num_workers=0,
     )
     with pytest.raises(
@@ -192,7 +192,7 @@ def test_bad_distractor_store_is_rejected_before_extraction(
         "~data.eval_sets.landmarks_mini",
         "test_size=64",
         "num_workers=0",
-        "accelerator=cpu",
+        "trainer.accelerator=cpu",
         f"distractors={store}",
     ]
     over += [f"data.generator.{k}={v}" for k, v in TINY_SYNTHETIC.items()]
@@ -320,7 +320,7 @@ def test_eval_sets_decode_database_images_reduced_and_queries_whole(tmp_path):
     root = _revisited(tmp_path, [[100, 100, 1900, 900]], sizes=[(2000, 1000)])
     Image.new("RGB", (2000, 1000)).save(root / "jpg" / "d0.jpg")
     dm = RetrievalDataModule(
-        eval_sets={"toy": {"data_dir": str(root), "gnd_name": "toy", "test_size": 128, "required": True}},
+        eval_sets={"toy": RevisitedSet(data_dir=str(root), gnd_name="toy", test_size=128)},
         num_workers=0,
         max_pixels=10_000_000,
     )

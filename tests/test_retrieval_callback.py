@@ -71,6 +71,8 @@ class _ImageLogger(Logger):
     def __init__(self):
         super().__init__()
         self.images: list[tuple[str, list[str]]] = []
+        self.image_steps: list[int] = []
+        self.metric_steps: dict[str, int] = {}
 
     @property
     def name(self):
@@ -81,13 +83,14 @@ class _ImageLogger(Logger):
         return 0
 
     def log_metrics(self, metrics, step=None):
-        pass
+        self.metric_steps.update({k: step for k in metrics})
 
     def log_hyperparams(self, params, *args, **kwargs):
         pass
 
     def log_image(self, key, images, step=None):
         self.images.append((key, images))
+        self.image_steps.append(step)
 
 
 def test_callback_logs_scores_and_grid_to_every_logger(tmp_path) -> None:
@@ -119,6 +122,19 @@ def test_callback_logs_scores_and_grid_to_every_logger(tmp_path) -> None:
     assert (Path(csv_logger.log_dir) / "images" / callback.last_grid.name).is_file()
     assert img_logger.images == [("val/tiny/top4_M", [str(callback.last_grid)])]
     assert Image.open(callback.last_grid).size == (5 * 96, 2 * 96)
+    # the images and the metrics of one validation reach the logger at one step, the one last_results has
+    assert img_logger.image_steps == [callback.last_step] == [img_logger.metric_steps["val/tiny/mAP_M"]]
+
+    result = callback.last_results["tiny"]  # the SetResult other callbacks read
+    assert result.name == "tiny" and result.scores.as_dict() == pytest.approx(expected)
+    np.testing.assert_array_equal(result.ranks, ranks[:, : result.ranks.shape[1]])
+    assert result.ranks.shape[1] >= 4 and result.protocol["crop_queries"] is True
+    assert result.protocol["test_size"] == 32 and result.protocol["ranking"] == "full"
+    assert result.query_paths == [str(tmp_path / "tiny" / "jpg" / f"q{i}.jpg") for i in range(N_Q)]
+    assert result.database_paths[0] == str(tmp_path / "tiny" / "jpg" / "d0.jpg")
+    assert len(result.database_paths) == N_DB and result.gnd == gt.gnd
+    assert result.query_boxes == [[0.0, 0.0, 20.0, 16.0]] * N_Q
+    assert result.to_json()["n_queries"] == N_Q
 
 
 def test_limited_validation_skips_scoring_instead_of_failing(tmp_path) -> None:
@@ -180,7 +196,7 @@ def test_lightning_ddp_two_cpu_processes_gather_all_descriptors(tmp_path) -> Non
 
 
 def test_descriptor_buffer_keeps_batches_per_dataloader_and_skips_non_descriptors():
-    from dalg.retrieval.callback import DescriptorBuffer
+    from dalg.retrieval.gather import DescriptorBuffer
 
     buf = DescriptorBuffer()
     buf.add({"index": torch.tensor([2, 0]), "descriptors": torch.ones(2, 3)}, 1)

@@ -1,7 +1,7 @@
 """DDP (2 CPU processes, gloo): descriptors gathered from 2 processes equal those of 1, scores too.
 
-Covers the torchmetrics wrapper and the training callback's gather (``gather_by_index``), with the padding
-``DistributedSampler`` adds (49 images on 2 processes) and with a process that extracted nothing.
+Covers the evaluation engine's gather (``gather_by_index``) and scoring, with the padding ``DistributedSampler``
+adds (49 images on 2 processes) and with a process that extracted nothing.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
-from dalg.retrieval.callback import gather_by_index
-from dalg.retrieval.torchmetric import RevisitedRetrievalMetric, assemble_by_index
+from dalg.retrieval.evaluation import rank_and_score
+from dalg.retrieval.gather import assemble_by_index, gather_by_index
 
 N_QUERIES, N_DB, DIM = 5, 44, 16  # 49 images: an odd count, so DistributedSampler pads
 
@@ -38,11 +38,8 @@ def _gnd() -> list[dict]:
     return out
 
 
-def _run_metric(indices_batches) -> RevisitedRetrievalMetric:
-    metric = RevisitedRetrievalMetric(_gnd(), n_database=N_DB, dim=DIM)
-    for idx in indices_batches:
-        metric.update(_descriptors(idx), idx)
-    return metric
+def _scores(feats: np.ndarray) -> dict[str, float]:
+    return rank_and_score(feats[:N_QUERIES], feats[N_QUERIES:], _gnd())[0].as_dict()
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:
@@ -54,11 +51,14 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         )
         idx = torch.tensor(list(sampler))
         assert len(idx) == (N_QUERIES + N_DB + 1) // 2
-        metric = _run_metric(torch.split(idx, 7))
-        result = {k: float(v) for k, v in metric.compute().items()}
-        np.save(f"{tmp}/feats_{rank}.npy", metric.last_features)
-        # the training callback's gather: same sampler shares, and a set that only rank 0 extracted
-        np.save(f"{tmp}/cb_{rank}.npy", gather_by_index(idx, _descriptors(idx), N_QUERIES + N_DB))
+        # batches of 7 in a shuffled order, as a validation loop hands them over
+        batches = torch.split(idx, 7)
+        index = torch.cat(batches)
+        desc = torch.cat([_descriptors(b) for b in batches])
+        feats = gather_by_index(index, desc, N_QUERIES + N_DB)
+        result = _scores(feats)
+        np.save(f"{tmp}/cb_{rank}.npy", feats)
+        # a set that only rank 0 extracted
         only0 = torch.arange(N_QUERIES + N_DB) if rank == 0 else torch.zeros(0, dtype=torch.long)
         desc0 = _descriptors(only0) if rank == 0 else torch.zeros(0, 1)
         np.save(f"{tmp}/cb_only0_{rank}.npy", gather_by_index(only0, desc0, N_QUERIES + N_DB))
@@ -78,14 +78,13 @@ def _spawn_two(worker, tmp_path) -> None:
 @pytest.mark.timeout(120)
 def test_two_gloo_processes_match_one(tmp_path) -> None:
     _spawn_two(_worker, tmp_path)
-    single = _run_metric(torch.split(torch.arange(N_QUERIES + N_DB), 10))
-    expected = {k: float(v) for k, v in single.compute().items()}
+    single = gather_by_index(torch.arange(N_QUERIES + N_DB), _descriptors(torch.arange(N_QUERIES + N_DB)), 49)
+    expected = _scores(single)
     for rank in range(2):
-        np.testing.assert_array_equal(np.load(tmp_path / f"feats_{rank}.npy"), single.last_features)
         assert json.loads((tmp_path / f"scores_{rank}.json").read_text()) == expected
-        np.testing.assert_array_equal(np.load(tmp_path / f"cb_{rank}.npy"), single.last_features)
-        np.testing.assert_array_equal(np.load(tmp_path / f"cb_only0_{rank}.npy"), single.last_features)
-    np.testing.assert_array_equal(single.last_features, _descriptors(torch.arange(N_QUERIES + N_DB)).numpy())
+        np.testing.assert_array_equal(np.load(tmp_path / f"cb_{rank}.npy"), single)
+        np.testing.assert_array_equal(np.load(tmp_path / f"cb_only0_{rank}.npy"), single)
+    np.testing.assert_array_equal(single, _descriptors(torch.arange(N_QUERIES + N_DB)).numpy())
 
 
 def test_assemble_by_index_dedupes_and_reports_missing() -> None:
@@ -115,8 +114,6 @@ class _Trainer:
 
 
 def _score_once_worker(rank: int, world: int, tmp: str) -> None:
-    from types import SimpleNamespace
-
     import dalg.retrieval.callback as cb
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous2", rank=rank, world_size=world)
@@ -125,9 +122,8 @@ def _score_once_worker(rank: int, world: int, tmp: str) -> None:
         real = cb.rank_and_score
         cb.rank_and_score = lambda *a, **k: calls.append(1) or real(*a, **k)
         callback = cb.RetrievalEvalCallback(grid_queries=0)
-        eval_set = SimpleNamespace(gt=SimpleNamespace(n_queries=N_QUERIES, gnd=_gnd()))
         feats = _descriptors(torch.arange(N_QUERIES + N_DB)).numpy()
-        scores, ranks, protocol = callback._rank_and_score_once(_Trainer(), feats, eval_set)
+        scores, ranks, protocol = callback._rank_and_score_once(_Trainer(), feats, N_QUERIES, _gnd())
         out = {
             "scores": scores.as_dict(),
             "protocol": protocol,
@@ -141,7 +137,7 @@ def _score_once_worker(rank: int, world: int, tmp: str) -> None:
 
         cb.rank_and_score = broken
         try:
-            callback._rank_and_score_once(_Trainer(), feats, eval_set)
+            callback._rank_and_score_once(_Trainer(), feats, N_QUERIES, _gnd())
         except ValueError as e:
             out["error"] = str(e)
         with open(f"{tmp}/once_{rank}.json", "w") as f:

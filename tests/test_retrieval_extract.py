@@ -84,7 +84,7 @@ def _overrides(ckpt: Path, tmp_path: Path) -> list[str]:
         "test_size=48",
         "batch_size=2",
         "num_workers=0",
-        "accelerator=cpu",
+        "trainer.accelerator=cpu",
         "dtype=float32",
         "shard_size=2",
     ]
@@ -207,7 +207,7 @@ def test_extract_refuses_unreadable_when_asked(tiny_ckpt, tmp_path) -> None:  # 
         f"output={tmp_path / 'f'}",
         "skip_unreadable=false",
         "num_workers=0",
-        "accelerator=cpu",
+        "trainer.accelerator=cpu",
     ]
     with pytest.raises(Exception, match="broken.jpg"):
         ex.extract(_cfg(over, tmp_path))

@@ -21,7 +21,8 @@ from tests.conftest import CONF, LANDMARKS_MINI, REPO
 from tests.test_retrieval_eval import tiny_ckpt  # noqa: F401  (fixture: a checkpoint made in the test)
 
 N_DISTRACTORS = 36
-FAST = ["test_size=64", "num_workers=0", "accelerator=cpu", "batch_size=16"]  # small images, no workers
+# small images, no workers
+FAST = ["test_size=64", "num_workers=0", "trainer.accelerator=cpu", "batch_size=16"]
 
 
 def _entry(name: str):

@@ -255,7 +255,7 @@ def test_eval_refuses_hostile_checkpoint(tiny_synthetic, tmp_path):
             f"data.root={tiny_synthetic}",
             "~data.eval_sets.landmarks_mini",
             "num_workers=0",
-            "accelerator=cpu",
+            "trainer.accelerator=cpu",
         ],
         tmp_path / "out",
     )
@@ -275,7 +275,7 @@ def test_extract_refuses_hostile_checkpoint(tmp_path):
             f"images={tmp_path / 'imgs'}",
             f"output={tmp_path / 'f'}",
             "num_workers=0",
-            "accelerator=cpu",
+            "trainer.accelerator=cpu",
         ],
         tmp_path / "out",
     )

@@ -6,28 +6,24 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from dalg.data.folder import ImageFolderDataset, load_query_csv
+from dalg.data.eval_spec import EvalSetSpec, as_spec
+from dalg.data.folder import ImageFolderDataset
 from dalg.data.gldv2 import GLDv2Dataset
 from dalg.data.images import ImageReadError
 from dalg.data.labelled import LabelledImages
-from dalg.data.revisited import RevisitedGroundTruth, RevisitedImages, find_ground_truth, load_ground_truth
+from dalg.data.revisited import RevisitedGroundTruth, RevisitedImages, RevisitedSet
 from dalg.data.sampling import SizeBucketBatchSampler
-from dalg.data.transforms import (
-    eval_transform,
-    holdout_transform,
-    parse_test_size,
-    resized_shape,
-    train_transform,
-)
+from dalg.data.transforms import eval_transform, holdout_transform, parse_test_size, train_transform
 from dalg.utils.atomic import write_json_atomic
 from dalg.utils.input_config import InputConfig
+from dalg.utils.sizes import resized_shape
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +61,6 @@ class ReportingDataLoader(DataLoader):
                 self.on_epoch_end()
 
 
-def _spec_path(value: object) -> Path:
-    return Path(os.path.expanduser(str(value)))
-
-
 class RetrievalDataModule(pl.LightningDataModule):
     """Train on ``root`` (optional), evaluate on every set in ``eval_sets``.
 
@@ -83,11 +75,12 @@ class RetrievalDataModule(pl.LightningDataModule):
     unreadable stops training (a wrong root). ``max_pixels`` caps the pixels any image decodes to; JPEGs much
     larger than the training crop or the test size decode at reduced size (``dalg.data.images.load_rgb``).
 
-    ``eval_sets`` maps a name to a spec. Revisited layout: ``{data_dir, gnd_name, test_size, crop_queries,
-    required}``. Own photos: ``{images, queries_csv, test_size, crop_queries, required}`` (see ``folder.py``).
-    A spec may set ``name`` (the name in metric keys; default: its key). An optional set whose files are absent
-    (e.g. ``../shared`` missing in a user's clone) is skipped with one warning.
-    A ``test_size`` of null (or ``original``) keeps each image's own size (the revisited protocol).
+    ``eval_sets`` maps a key to an evaluation-set spec (:class:`dalg.data.eval_spec.EvalSetSpec`, or its config
+    with a ``_target_``: conf/data/eval/*.yaml): the Revisited layout (``RevisitedSet``: data_dir, gnd_name) or
+    your own photos (``QueryCsvSet``: images, queries_csv), each with test_size, crop_queries, required and
+    name (the name in metric keys; default: its key). An optional set whose files are absent (e.g. ``../shared``
+    missing in a user's clone) is skipped with one warning. A ``test_size`` of null (or ``original``) keeps each
+    image's own size (the revisited protocol).
     ``generator`` (optional) is called as ``generator(root=root)`` in ``prepare_data`` to create the data first.
     ``monitor_set`` names the set whose ``mAP_M`` selects checkpoints (the config's ``optimized_metric``).
     ``input_config`` (dalg.utils.input_config.InputConfig or its dict) is the model's input normalisation,
@@ -144,7 +137,10 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.min_images_per_class = min_images_per_class
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.eval_specs = {k: self._normalise_spec(v) for k, v in (eval_sets or {}).items()}
+        self.eval_specs: dict[str, EvalSetSpec] = {}
+        for key, spec in (eval_sets or {}).items():
+            spec = as_spec(key, spec)
+            self.eval_specs[key] = replace(spec, name=str(spec.name or key))
         self.eval_batch_size = eval_batch_size
         self.generator = generator
         self.pin_memory = pin_memory
@@ -182,30 +178,22 @@ class RetrievalDataModule(pl.LightningDataModule):
             self.input_config,
         )
 
-    @staticmethod
-    def _normalise_spec(spec: Mapping) -> dict:
-        spec = dict(spec)
-        if spec.get("queries_csv") and "data_dir" not in spec and spec.get("images"):
-            spec["data_dir"] = spec["images"]  # every spec names the folder of its images as data_dir
-        return spec
-
-    def list_files(self) -> dict[str, Path | None]:
-        """The files that define this data: ``train`` (the GLDv2 list; None for class folders) and
-        ``eval/<name>`` (a gnd pickle or a queries CSV), for run fingerprints."""
-        files: dict[str, Path | None] = {}
-        if self.root is not None:
-            files["train"] = _spec_path(self.root) / self.csv_name if self.layout == "gldv2" else None
-        for key, spec in self.eval_specs.items():
-            name = str(spec.get("name") or key)
-            if spec.get("queries_csv"):
-                files[f"eval/{name}"] = _spec_path(spec["queries_csv"])
-            else:
-                gnd_name = str(spec.get("gnd_name") or name)
-                files[f"eval/{name}"] = (
-                    find_ground_truth(spec["data_dir"], gnd_name)
-                    or _spec_path(spec["data_dir"]) / f"gnd_{gnd_name}.pkl"
-                )
-        return files
+    def setup_evaluation(
+        self, input_config: InputConfig | Mapping, crop_queries: bool, test_size: object = None
+    ) -> None:
+        """Load the evaluation sets only (src/eval.py), with the checkpoint's input config and the evaluation's
+        options for every set: ``crop_queries``, and ``test_size`` unless None (``original``: each image's own
+        size). Each set was asked for explicitly, so a missing one is an error, not a skip."""
+        if self.eval_sets:
+            raise RuntimeError("setup_evaluation() must come before setup(): the sets are already loaded")
+        self.set_input_config(input_config)
+        values: dict[str, object] = {"crop_queries": bool(crop_queries), "required": True}
+        if test_size is not None:
+            values["test_size"] = parse_test_size(test_size, "test_size")
+        self.eval_specs = {key: replace(spec, **values) for key, spec in self.eval_specs.items()}
+        self.setup("validate")
+        if not self.eval_sets:
+            raise ValueError(f"{type(self).__name__} defines no evaluation set (data.eval_sets)")
 
     # ------------------------------------------------------------------------------------------ setup
     def prepare_data(self) -> None:
@@ -249,36 +237,16 @@ class RetrievalDataModule(pl.LightningDataModule):
         else:
             self.train_set = full
 
-    def _load_eval_set(self, key: str, spec: Mapping) -> EvalSet | None:
-        name = str(spec.get("name") or key)
-        test_size = parse_test_size(spec.get("test_size", 512), f"data.eval_sets.{key}.test_size")
-        crop = bool(spec.get("crop_queries", True))
-        required = bool(spec.get("required", False))
-        if spec.get("queries_csv"):
-            images, csv_path = (
-                _spec_path(spec.get("images") or spec.get("data_dir")),
-                _spec_path(spec["queries_csv"]),
-            )
-            missing = next((p for p in (images, csv_path) if not p.exists()), None)
-            if missing is not None and not required:
-                return self._skip(key, name, f"{missing} not found")
-            gt = load_query_csv(images, csv_path, name)
-        else:
-            if "data_dir" not in spec:
-                raise ValueError(
-                    f"evaluation set {key}: give data_dir (Revisited layout) or images + queries_csv"
-                )
-            data_dir = _spec_path(spec["data_dir"])
-            gnd_name = str(spec.get("gnd_name") or name)
-            if find_ground_truth(data_dir, gnd_name) is None and not required:
-                return self._skip(key, name, f"{data_dir / f'gnd_{gnd_name}.pkl'} not found")
-            gt = load_ground_truth(data_dir, gnd_name)
-        images = RevisitedImages(gt, eval_transform(test_size, self.input_config), crop)
-        images.max_pixels, images.decode_side = (
-            self.max_pixels,
-            test_size,
-        )  # test_size None: no reduced decoding
-        return EvalSet(name, gt, images, test_size, crop)
+    def _load_eval_set(self, key: str, spec: EvalSetSpec) -> EvalSet | None:
+        test_size = parse_test_size(spec.test_size, f"data.eval_sets.{key}.test_size")
+        reason = spec.missing()
+        if reason is not None and not spec.required:
+            return self._skip(key, spec.name, reason)
+        gt = spec.load()
+        images = RevisitedImages(gt, eval_transform(test_size, self.input_config), spec.crop_queries)
+        images.max_pixels = self.max_pixels
+        images.decode_side = test_size  # test_size None: no reduced decoding
+        return EvalSet(spec.name, gt, images, test_size, spec.crop_queries)
 
     def _skip(self, key: str, name: str, reason: str) -> None:
         if name not in self.skipped_eval_sets:
@@ -401,11 +369,12 @@ class RetrievalDataModule(pl.LightningDataModule):
 
 class RevisitedDataModule(RetrievalDataModule):
     """Evaluation only, on one set in the Revisited layout: ``<root>/gnd_<name>.pkl`` + ``<root>/jpg/``
-    (``<root>/<name>/gnd_<name>.pkl`` is found too). Any dataset in that layout works (``data.name``).
+    (``<root>/<name>/gnd_<name>.pkl`` is found too). Any dataset in that layout works (conf/data/revisited.yaml:
+    ``data=revisited data.name=<name> data.root=<folder>``); nothing is trained.
 
-    Its spec lives in ``eval_sets`` like every other set (so ``eval.py``'s ``crop_queries``/``test_size``
-    options reach it); a spec without ``data_dir`` gets ``root``, ``name``, ``test_size`` and ``crop_queries``
-    (queries cropped to their bbx unless false) from here, and is reported under ``set_name`` (default ``name``).
+    The config spells the set out as ``eval_sets.main`` (a :class:`~dalg.data.revisited.RevisitedSet` built from
+    ``root``, ``name`` and ``set_name``, its test size from conf/data/eval/defaults.yaml). Without ``eval_sets``
+    (in code) that one set is built here and needs ``test_size``.
     """
 
     def __init__(
@@ -413,24 +382,27 @@ class RevisitedDataModule(RetrievalDataModule):
         root: str,
         name: str,
         set_name: str | None = None,
-        test_size: int | str | None = 512,
+        eval_sets: Mapping[str, EvalSetSpec | Mapping] | None = None,
+        test_size: int | str | None = None,
         crop_queries: bool = True,
-        eval_sets: Mapping[str, Mapping] | None = None,
         monitor_set: str | None = None,
         **kwargs,
     ):
-        specs = {}
-        for key, spec in (eval_sets or {"main": {"required": True}}).items():
-            spec = dict(spec)
-            own = "queries_csv" not in spec and str(spec.get("data_dir", root)) == str(root)
-            if own:  # the module's own set (the config spells data_dir/gnd_name out for config checks)
-                spec.setdefault("gnd_name", name)
-                spec["data_dir"] = root
-                spec.setdefault("name", set_name or name)
-                # values in the spec win: eval.py writes its crop_queries / test_size options there
-                spec.setdefault("test_size", test_size)
-                spec.setdefault("crop_queries", crop_queries)
-            specs[key] = spec
-        super().__init__(root=None, eval_sets=specs, monitor_set=monitor_set or set_name or name, **kwargs)
+        if eval_sets is None:
+            if test_size is None:
+                raise ValueError(
+                    f"RevisitedDataModule({name}): give test_size (a longer side, or 'original') or eval_sets"
+                )
+            main = RevisitedSet(
+                data_dir=str(root),
+                gnd_name=name,
+                name=set_name or name,
+                test_size=test_size,
+                crop_queries=crop_queries,
+            )
+            eval_sets = {"main": main}
+        super().__init__(
+            root=None, eval_sets=eval_sets, monitor_set=monitor_set or set_name or name, **kwargs
+        )
         self.dataset_root = root
         self.name = name

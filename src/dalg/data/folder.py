@@ -24,8 +24,10 @@ import csv
 import logging
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
+from dalg.data.eval_spec import EvalSetSpec, spec_path
 from dalg.data.labelled import LabelledImages
 from dalg.data.revisited import RevisitedGroundTruth
 
@@ -212,3 +214,24 @@ def load_query_csv(
             )
         gnd.append(entry)
     return RevisitedGroundTruth(name, image_dir, database, queries, gnd, suffix="", source=csv_path)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueryCsvSet(EvalSetSpec):
+    """An evaluation set of your own photos: every image under ``images`` is the database except the queries
+    listed in ``queries_csv`` (:func:`load_query_csv`)."""
+
+    images: str
+    queries_csv: str
+
+    def definition_files(self) -> dict[str, Path]:
+        return {"queries_csv": spec_path(self.queries_csv)}
+
+    def missing(self) -> str | None:
+        absent = next(
+            (p for p in (spec_path(self.images), spec_path(self.queries_csv)) if not p.exists()), None
+        )
+        return None if absent is None else f"{absent} not found"
+
+    def load(self) -> RevisitedGroundTruth:
+        return load_query_csv(self.images, self.queries_csv, self.name or "custom")

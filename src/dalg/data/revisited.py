@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from dalg.data.eval_spec import EvalSetSpec, spec_path
 from dalg.data.images import ImageReadError, fill_for, image_size, load_rgb
 from dalg.utils.safe_pickle import load_plain_pickle
 
@@ -110,6 +111,22 @@ def load_ground_truth(data_dir: str | os.PathLike, name: str) -> RevisitedGround
         gnd,
         source=pkl,
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RevisitedSet(EvalSetSpec):
+    """An evaluation set in the Revisited layout: ``<data_dir>/gnd_<gnd_name>.pkl`` + ``<data_dir>/jpg/`` (or
+    ``<data_dir>/<gnd_name>/...``, data_dir being the datasets' parent)."""
+
+    data_dir: str
+    gnd_name: str
+
+    def definition_files(self) -> dict[str, Path]:
+        found = find_ground_truth(self.data_dir, self.gnd_name)
+        return {"gnd": found or spec_path(self.data_dir) / f"gnd_{self.gnd_name}.pkl"}
+
+    def load(self) -> RevisitedGroundTruth:
+        return load_ground_truth(self.data_dir, self.gnd_name)
 
 
 class RevisitedImages(Dataset):

@@ -17,6 +17,7 @@ from torchvision import transforms as T
 
 from dalg.data.images import SOURCE_SIZE
 from dalg.utils.input_config import IMAGENET_MEAN, IMAGENET_STD, InputConfig  # noqa: F401  (re-exported)
+from dalg.utils.sizes import resized_shape
 
 ORIGINAL = "original"  # test_size value (also null): keep the image's own size
 _DEFAULT = InputConfig(source="ImageNet defaults (no model input config given)")
@@ -100,17 +101,6 @@ def parse_test_size(value: object, where: str = "test_size") -> int | None:
 def describe_test_size(test_size: int | None) -> int | str:
     """For records (JSON, tables): the longer side in pixels, or "original"."""
     return ORIGINAL if test_size is None else int(test_size)
-
-
-def _to_multiple(side: float, multiple: int) -> int:
-    return max(multiple, round(side / multiple) * multiple)
-
-
-def resized_shape(width: int, height: int, test_size: int | None, size_multiple: int = 1) -> tuple[int, int]:
-    """(height, width) after scaling the longer side to ``test_size`` (None: no scaling), aspect ratio kept,
-    then each side to the nearest multiple of ``size_multiple``. The test transform's output shape."""
-    s = 1.0 if test_size is None else test_size / max(width, height)
-    return _to_multiple(height * s, size_multiple), _to_multiple(width * s, size_multiple)
 
 
 class EvalTransform:

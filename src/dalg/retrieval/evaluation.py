@@ -7,17 +7,29 @@ way and both report the protocol options they used. Routes:
   them (``evaluate_revisited_from_similarity``: one value sort per row, no argsort of the database);
 - top-k (``ranking.top_k``, e.g. +1M): FAISS ``IndexFlatIP`` over database chunks, then the ranked metric;
 - re-ranking: the ranking (full or top-k) with its shortlist re-ordered, then the ranked metric.
+
+What one evaluation set's evaluation gives (:class:`SetResult`), its one-line protocol summary and the table are
+defined here too, so that training, ``src/eval.py`` and anything that reads their results agree.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 from dalg.retrieval.index import search, similarity_matrix, topk_from_similarity
-from dalg.retrieval.metrics import RevisitedScores, evaluate_revisited, evaluate_revisited_from_similarity
+from dalg.retrieval.metrics import (
+    SETUPS,
+    RevisitedScores,
+    evaluate_revisited,
+    evaluate_revisited_from_similarity,
+)
 from dalg.retrieval.rerank import rerank_topk
 
 
@@ -101,3 +113,76 @@ def rank_and_score(
         )
     scores = evaluate_revisited(ranks, gnd, kappas, n_database=n_total)
     return scores, ranks, protocol
+
+
+@dataclass
+class SetResult:
+    """The evaluation of one set: its scores, the head of its ranking and how it was ranked.
+
+    ``ranks`` holds the first places of every query's ranking (database indices, best first; distractors after
+    the database); it is None on processes other than global rank 0, which alone searches.
+    """
+
+    name: str  # the set's name in metric keys (val/<name>/mAP_M)
+    scores: RevisitedScores
+    ranks: np.ndarray | None
+    protocol: dict[str, Any]  # describe() + the set's own options (crop_queries, test_size, ...)
+    query_paths: list[str]
+    query_boxes: list | None  # per query [x1, y1, x2, y2] or None; None when queries are not cropped
+    database_paths: list[str]
+    gnd: list[dict]
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.query_paths)
+
+    def to_json(self) -> dict[str, Any]:
+        """What the results JSON holds per set (src/eval.py's ``sets.<name>``)."""
+        return {
+            "scores": self.scores.as_dict(),
+            "truncated": self.scores.truncated,
+            "protocol": self.protocol,
+            "n_queries": self.n_queries,
+            "per_query_ap": {
+                s: [None if math.isnan(float(v)) else float(v) for v in ap]
+                for s, ap in self.scores.aps.items()
+            },
+        }
+
+
+def protocol_summary(protocol: Mapping[str, Any]) -> str:
+    """One line for tables: crop, test size, [scales, inference,] ranking, database (+distractors), re-ranking."""
+    parts = [f"crop={'on' if protocol.get('crop_queries') else 'OFF'}", f"size={protocol.get('test_size')}"]
+    if "scales" in protocol:
+        parts.append(f"scales={protocol['scales']}")
+    if "inference" in protocol:
+        parts.append(str(protocol["inference"]))
+    distractors = f"+{protocol['distractors']:,} distractors" if protocol.get("distractors") else ""
+    parts.append(f"{protocol['ranking']} of {protocol['database']:,}{distractors}")
+    parts.append(f"rerank {protocol['rerank']}")
+    return ", ".join(parts)
+
+
+def print_results(results: Mapping[str, SetResult], title: str, console: Console | None = None) -> None:
+    """One row per (set, setup): mAP and mP@k in percent, as in the Revisited papers' tables, and the protocol."""
+    console = console or Console()
+    kappas = sorted({k for r in results.values() for k in r.scores.mpk[SETUPS[0]]})
+    table = Table(title=title)
+    for col in ("set", "setup", "mAP", *(f"mP@{k}" for k in kappas), "options"):
+        table.add_column(col, justify="left" if col in ("set", "options") else "right")
+    for name, result in results.items():
+        for setup in SETUPS:
+            first = setup == SETUPS[0]
+            mpk = result.scores.mpk[setup]
+            table.add_row(
+                name if first else "",
+                setup,
+                f"{result.scores.map[setup]:.2f}",
+                *(f"{mpk[k]:.2f}" if k in mpk else "" for k in kappas),
+                protocol_summary(result.protocol) if first else "",
+            )
+    console.print(table)
+    if any(r.scores.truncated for r in results.values()):
+        console.print(
+            "[yellow]truncated top-k ranking: positives outside the top-k count as misses (protocol.md)"
+        )

@@ -143,6 +143,35 @@ def load_features(path: str | os.PathLike, mmap: bool = True) -> FeatureStore:
     return FeatureStore(features=feats, names=names, meta=info.get("meta", {}))
 
 
+# rows of a distractor store whose norm is checked before use (evenly spaced), and the tolerance (float16 rows)
+DISTRACTOR_NORM_SAMPLE = 4096
+DISTRACTOR_NORM_TOL = 1e-2
+
+
+def load_distractors(path: str | os.PathLike, dim: int) -> np.ndarray:
+    """The descriptors of a distractor store (memory-mapped), checked before any extraction: they must have the
+    model's size ``dim`` and be L2-normalised (inner product = cosine), checked on evenly spaced rows."""
+    features = load_features(os.path.expanduser(str(path))).features
+    if features.ndim != 2 or features.shape[1] != dim:
+        got = f"{features.shape[1]}-d" if features.ndim == 2 else f"of shape {features.shape}"
+        raise ValueError(
+            f"distractors={path}: descriptors are {got}, the model gives {dim}-d; "
+            f"extract them with this checkpoint (src/extract.py)"
+        )
+    rows = np.unique(
+        np.linspace(0, len(features) - 1, min(len(features), DISTRACTOR_NORM_SAMPLE)).astype(np.int64)
+    )
+    norms = np.linalg.norm(np.asarray(features[rows], dtype=np.float32), axis=1)
+    bad = ~(np.abs(norms - 1.0) <= DISTRACTOR_NORM_TOL)  # NaN counts as bad
+    if bad.any():
+        raise ValueError(
+            f"distractors={path}: {int(bad.sum())} of {len(rows)} checked rows are not L2-normalised "
+            f"(norms e.g. {[round(float(n), 4) for n in norms[bad][:3]]}, row {int(rows[bad][0])}); "
+            f"the ranking needs unit vectors"
+        )
+    return features
+
+
 SHARD_PREFIX = "rows_"
 
 

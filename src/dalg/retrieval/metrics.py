@@ -25,13 +25,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SETUPS: tuple[str, ...] = ("E", "M", "H")
+# The protocol's setups (protocol.md), the one table of them: (ground-truth lists that are positives, lists ignored)
+SETUP_LISTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "E": (("easy",), ("hard", "junk")),
+    "M": (("easy", "hard"), ("junk",)),
+    "H": (("hard",), ("easy", "junk")),
+}
+SETUPS: tuple[str, ...] = tuple(SETUP_LISTS)
+_LISTS = ("easy", "hard", "junk")  # the order of the gnd lists in flat arrays and the lengths' columns
 _EASY, _HARD, _JUNK = np.uint8(1), np.uint8(2), np.uint8(4)
+_BITS = dict(zip(_LISTS, (_EASY, _HARD, _JUNK)))
 # setup -> (bits that make an item a positive, bits that make it ignored)
 _SETUP_BITS: dict[str, tuple[int, int]] = {
-    "E": (int(_EASY), int(_HARD | _JUNK)),
-    "M": (int(_EASY | _HARD), int(_JUNK)),
-    "H": (int(_HARD), int(_EASY | _JUNK)),
+    s: tuple(int(np.bitwise_or.reduce([_BITS[k] for k in lists])) for lists in (pos, ignored))
+    for s, (pos, ignored) in SETUP_LISTS.items()
 }
 # Above this many (query, database) cells the dense lookup table is replaced by a sorted-key lookup.
 _DENSE_TABLE_MAX_CELLS = 1 << 27
@@ -56,7 +63,7 @@ class RevisitedScores:
 
 def _gnd_lists(gnd: Sequence[Mapping], n_database: int) -> tuple[np.ndarray, np.ndarray]:
     """All (easy, hard, junk) indices as one flat int64 array + the ``(n_queries, 3)`` list lengths."""
-    keys = ("easy", "hard", "junk")
+    keys = _LISTS
     lengths = np.zeros((len(gnd), 3), dtype=np.int64)
     for i, g in enumerate(gnd):
         if not isinstance(g, Mapping):
@@ -169,7 +176,9 @@ def _score_labelled(
     """Scores from the labelled items only: query ``rows``, 0-based ranked positions ``cols`` and easy/hard/
     junk bits ``lab``, sorted by (row, position); ``lengths`` = (n_queries, 3) sizes of the gnd lists."""
     first_of_row = np.searchsorted(rows, np.arange(nq))  # index of each query's first labelled item
-    n_per_setup = {"E": lengths[:, 0], "H": lengths[:, 1], "M": lengths[:, 0] + lengths[:, 1]}
+    n_per_setup = {  # positives per query: the lengths of the setup's positive lists
+        s: sum(lengths[:, _LISTS.index(k)] for k in pos) for s, (pos, _) in SETUP_LISTS.items()
+    }
 
     out_map: dict[str, float] = {}
     out_mpk: dict[str, dict[int, float]] = {}

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from dalg.data.revisited import RevisitedImages
+from dalg.retrieval.metrics import SETUP_LISTS
 
 COLOURS = {
     "positive": (30, 170, 60),
@@ -18,15 +19,11 @@ COLOURS = {
 
 
 def setup_labels(gnd: Mapping, setup: str) -> tuple[set[int], set[int]]:
-    """(positives, junk) of one query in setup E, M or H (protocol.md's table)."""
-    easy, hard, junk = set(gnd["easy"]), set(gnd["hard"]), set(gnd["junk"])
-    if setup == "E":
-        return easy, junk | hard
-    if setup == "M":
-        return easy | hard, junk
-    if setup == "H":
-        return hard, junk | easy
-    raise ValueError(f"setup must be E, M or H, got {setup!r}")
+    """(positives, ignored) database indices of one query in setup E, M or H (metrics.SETUP_LISTS)."""
+    if setup not in SETUP_LISTS:
+        raise ValueError(f"setup must be one of {', '.join(SETUP_LISTS)}, got {setup!r}")
+    positives, ignored = SETUP_LISTS[setup]
+    return {i for k in positives for i in gnd[k]}, {i for k in ignored for i in gnd[k]}
 
 
 def _tile(img: Image.Image, size: int, colour: tuple[int, int, int], border: int) -> Image.Image:

@@ -6,6 +6,7 @@ import netrc
 import os
 from pathlib import Path
 
+import hydra
 from omegaconf import DictConfig
 
 from dalg.utils.config import REPO_ROOT
@@ -52,17 +53,20 @@ def check_paths(cfg: DictConfig) -> None:
             f"data.root={root} does not exist: set data.root=<folder with {data.get('csv_name')}> "
             f"(or data=synthetic for the generated set)"
         )
-    for name, spec in (data.get("eval_sets") or {}).items():
-        if spec is None:
+    for name, node in (data.get("eval_sets") or {}).items():
+        if node is None:
             continue
-        d = Path(os.path.expanduser(str(spec.data_dir)))
-        gnd = d / f"gnd_{spec.get('gnd_name', name)}.pkl"
-        required = spec.get("required", False)
-        generated = data.get("generator") is not None and str(spec.data_dir).startswith(str(root))
-        if required and not generated and not gnd.is_file():
+        # the typed spec (dalg.data.eval_spec.EvalSetSpec, by its _target_) knows which files define the set
+        spec = hydra.utils.instantiate(node, _convert_="all")
+        files = spec.definition_files()
+        generated = data.get("generator") is not None and all(
+            str(p).startswith(str(root)) for p in files.values()
+        )
+        missing = spec.missing()
+        if spec.required and not generated and missing:
             raise ConfigError(
-                f"data.eval_sets.{name}.data_dir={spec.data_dir}: {gnd.name} not found there "
-                f"(required: true); point it at the folder holding {gnd.name} and jpg/"
+                f"data.eval_sets.{name}: {missing} (required: true); point the set at its files "
+                f"({', '.join(f'{k}: {p}' for k, p in files.items())})"
             )
 
 

@@ -58,13 +58,17 @@ def dataset_fingerprint(files: Mapping[str, Path | None]) -> dict[str, Any]:
 
 
 def datamodule_list_files(datamodule: Any) -> dict[str, Path | None]:
-    """The list files of a RetrievalDataModule: ``train`` (the GLDv2 CSV) and ``eval/<set>`` (gnd pickles)."""
+    """The files that define a RetrievalDataModule's data: ``train`` (the GLDv2 CSV; None for class folders) and
+    ``eval/<set>`` (what each evaluation-set spec names: a gnd pickle, a queries CSV)."""
     files: dict[str, Path | None] = {}
     if getattr(datamodule, "root", None):
-        files["train"] = Path(os.path.expanduser(str(datamodule.root))) / datamodule.csv_name
-    for name, spec in getattr(datamodule, "eval_specs", {}).items():
-        gnd = spec.get("gnd_name", name)
-        files[f"eval/{name}"] = Path(os.path.expanduser(str(spec["data_dir"]))) / f"gnd_{gnd}.pkl"
+        gldv2 = getattr(datamodule, "layout", "gldv2") == "gldv2"
+        files["train"] = (
+            Path(os.path.expanduser(str(datamodule.root))) / datamodule.csv_name if gldv2 else None
+        )
+    for key, spec in getattr(datamodule, "eval_specs", {}).items():
+        for path in spec.definition_files().values():  # dalg.data.eval_spec.EvalSetSpec
+            files[f"eval/{spec.name or key}"] = path
     return files
 
 

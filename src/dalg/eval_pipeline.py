@@ -1,0 +1,68 @@
+"""What ``src/eval.py`` and ``src/extract.py`` share around the evaluation engine: how a checkpoint extracts
+descriptors (for protocol records and store fingerprints) and the results JSON of an evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from dalg.lit.module import RetrievalModule
+from dalg.retrieval.callback import RetrievalEvalCallback
+from dalg.retrieval.features import save_features
+
+
+def test_scales(module: RetrievalModule) -> list[float]:
+    """The scales descriptors are extracted at: the evaluation's ``scales``, else the network's own, else 1."""
+    return [float(s) for s in module.eval_scales or getattr(module.net, "scales", None) or [1.0]]
+
+
+def extraction_record(module: RetrievalModule) -> dict[str, Any]:
+    """How images reached the network and became descriptors: the test scales, the inference options, the input
+    config (mean/std, interpolation, sides rounded to multiples of size_multiple) and the per-scale resize rule."""
+    return {
+        "scales": test_scales(module),
+        "inference": module.inference_label,
+        "input": module.input_config.to_dict(),
+        "scale_resize": module.net.scale_resize.to_dict(),
+    }
+
+
+def evaluation_report(callback: RetrievalEvalCallback, checkpoint: str, device: str) -> dict[str, Any]:
+    """The results JSON: the checkpoint, the extraction's speed and every set's scores, protocol and per-query AP."""
+    done = callback.last_extraction or {"images": 0, "seconds": 0.0}
+    seconds = max(float(done["seconds"]), 1e-9)
+    extraction = {
+        "images": int(done["images"]),
+        "seconds": round(seconds, 3),
+        "images_per_s": done["images"] / seconds,
+        "inference": callback.protocol_extra.get("inference"),
+        "device": device,
+    }
+    sets = {name: result.to_json() for name, result in callback.last_results.items()}
+    return {"checkpoint": checkpoint, "extraction": extraction, "sets": sets}
+
+
+def print_extraction(report: dict[str, Any], console: Console) -> None:
+    ex = report["extraction"]
+    console.print(
+        f"extraction: {ex['images']:,} images in {ex['seconds']:.1f} s = {ex['images_per_s']:.1f} images/s "
+        f"({ex['inference']}, {ex['device']}, decoding included)"
+    )
+
+
+def save_set_features(
+    callback: RetrievalEvalCallback, eval_sets: list, directory: Path, checkpoint: str
+) -> None:
+    """Each set's query and database descriptors as feature stores ``<directory>/<set>_{queries,database}``,
+    rows named as in the set's ground truth."""
+    for eval_set in eval_sets:
+        result = callback.last_results[eval_set.name]
+        feats, nq = callback.features[eval_set.name], result.n_queries
+        meta = {"checkpoint": checkpoint, "protocol": result.protocol}
+        for part, rows, names in (
+            ("queries", feats[:nq], eval_set.gt.qimlist),
+            ("database", feats[nq:], eval_set.gt.imlist),
+        ):
+            save_features(directory / f"{eval_set.name}_{part}", rows, names, meta=meta)
