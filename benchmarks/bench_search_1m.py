@@ -2,7 +2,8 @@
 
 The database is the ground-truth images (in memory) followed by the distractors (one fp16 ``.npy`` file
 opened as a memory map), searched as one index space in chunks (``dalg.retrieval.index.search``), then scored with ``evaluate_revisited`` on the truncated top-k.
-Prints seconds per phase and peak RSS; the target is a peak RSS under 4 GiB on a 2-core machine.
+Prints seconds per phase, peak RSS, the fraction of the GEMM bound (the search's FLOPs at the same run's fp32
+matmul peak) and a check of a few queries against a plain fp32 ranking (equal up to near-ties, 1e-6).
 
     python benchmarks/bench_search_1m.py                       # 1M distractors, file in a temp dir
     python benchmarks/bench_search_1m.py --n-distractors 100000 --workdir /tmp/bench --keep
@@ -13,6 +14,7 @@ Not a test: it prints figures and asserts nothing about speed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -21,12 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import torch
 from measure import (  # benchmarks/measure.py (the script's folder is on sys.path)
     PeakRSS,
+    matmul_gflops,
     process_peak_rss_bytes,
 )
 
-from dalg.retrieval.index import search
+from dalg.retrieval.index import search, take_rows
 from dalg.retrieval.metrics import evaluate_revisited, format_table
 
 
@@ -78,6 +82,37 @@ def write_distractors(path: Path, n: int, dim: int, seed: int, chunk: int) -> No
     os.replace(tmp, path)
 
 
+def _numpy_gflops(n: int, min_seconds: float) -> float:
+    """NumPy's (OpenBLAS) fp32 n x n matmul GFLOP/s: the library the CPU search's GEMMs run in."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    a @ a
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_seconds:
+        a @ a
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def check_against_fp32(queries: np.ndarray, database: list[np.ndarray], k: int) -> dict:
+    """The search's top-k of a few queries against a plain fp32 ranking (NumPy product, stable sort).
+
+    Places may only differ where the two items' float64 scores are within 1e-6 (fp32 rounding of near-ties).
+    """
+    _, ranks = search(queries, database, k)
+    full = np.concatenate([np.asarray(p, dtype=np.float32) @ queries.T for p in database]).T  # (nq, n_db)
+    ref = np.argsort(-full, axis=1, kind="stable")[:, :k]
+    diff = ranks != ref
+    gap = 0.0
+    if diff.any():
+        rows = np.nonzero(diff)[0]
+        rows_a, rows_b = take_rows(database, ranks[diff]), take_rows(database, ref[diff])
+        q64 = queries[rows].astype(np.float64)
+        gap = float(np.abs((rows_a * q64).sum(1) - (rows_b * q64).sum(1)).max())
+    if gap > 1e-6:
+        raise AssertionError(f"search differs from the fp32 reference beyond near-ties: score gap {gap}")
+    return {"places": int(ranks.size), "differing_places": int(diff.sum()), "max_gap": gap}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-distractors", type=int, default=1_000_000)
@@ -93,6 +128,10 @@ def main() -> None:
     )
     ap.add_argument("--keep", action="store_true", help="keep (and reuse) the database file")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--check-queries", type=int, default=3, help="queries checked against a plain fp32 ranking"
+    )
+    ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args()
 
     rng = np.random.default_rng(args.seed)
@@ -138,6 +177,38 @@ def main() -> None:
     lifetime = process_peak_rss_bytes()
     print(f"peak RSS (process lifetime, VmHWM): {lifetime / gib:.3f} GiB")
     print(f"target: peak RSS < 4 GiB -> {'OK' if lifetime < 4 * gib else 'OVER'}")
+
+    # the GEMM bound: the search's 2 nq n_db dim FLOPs at this run's fp32 matmul peak (best of torch/NumPy)
+    flops = 2.0 * args.n_queries * n_db * args.dim
+    peak_gflops = max(matmul_gflops(2048, torch.float32, min_seconds=1.0), _numpy_gflops(2048, 1.0))
+    bound = flops / (peak_gflops * 1e9)
+    print(
+        f"GEMM bound        : {bound:8.3f} s at the fp32 matmul peak {peak_gflops:.0f} GFLOP/s "
+        f"-> search at {100 * bound / t_search:.0f}% of it"
+    )
+    exact = check_against_fp32(queries[: args.check_queries], database, args.k)
+    print(
+        f"fp32 reference    : {args.check_queries} queries, {exact['differing_places']} of "
+        f"{exact['places']} places differ, largest score gap there {exact['max_gap']:.1e} (tolerance 1e-6)"
+    )
+    if args.json is not None:
+        record = {
+            "n_queries": args.n_queries,
+            "n_database": n_db,
+            "dim": args.dim,
+            "k": args.k,
+            "search_seconds": round(t_search, 3),
+            "evaluate_seconds": round(t_eval, 4),
+            "peak_rss_gib": round(peak.peak / gib, 3),
+            "process_peak_rss_gib": round(lifetime / gib, 3),
+            "generation_seconds": round(t_gen, 2),
+            "fp32_matmul_peak_gflops": peak_gflops,
+            "gemm_bound_seconds": bound,
+            "fraction_of_gemm_bound": bound / t_search,
+            "exactness_vs_fp32": exact,
+            "mAP": scores.map,
+        }
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
     if not args.keep and args.workdir is None:
         shutil.rmtree(workdir)
 

@@ -147,3 +147,14 @@ def test_child_peak_memory_is_its_own_not_its_parents():
     del big
     assert inherited > 1500 * 2**20  # the quirk is real here, so the test can tell the two apart
     assert own < 1200 * 2**20  # the child's own peak: python + torch import (~0.5 GiB), under the parent's
+
+
+@pytest.mark.slow  # ~10 s: writes 20k fp16 distractors, searches, measures the matmul peak for 2 s
+def test_search_section_records_gemm_bound_and_exactness(tmp_path):
+    assert run_all.main(["--quick", "--sections", "search_1m", "--out", str(tmp_path)]) == 0
+    s1 = json.loads((tmp_path / "search_1m.json").read_text())
+    assert s1["n_database"] == 25_000 and s1["search_seconds"] > 0 and s1["peak_rss_gib"] > 0
+    bound = s1["gemm_bound_seconds"] / s1["search_seconds"]  # search_seconds is rounded to ms
+    assert s1["fraction_of_gemm_bound"] == pytest.approx(bound, rel=0.05)
+    assert s1["exactness_vs_fp32"]["max_gap"] <= 1e-6 and s1["exactness_vs_fp32"]["places"] == 3 * s1["k"]
+    assert "GEMM bound" in (tmp_path / "results.md").read_text()
