@@ -7,11 +7,10 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
+from dalg.factory import create_model, model_config
 from dalg.models.backbones import ResNetBackbone, ViTBackbone, save_backbone_state_dict
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TINY = dict(embed_dim=32, depth=3, num_heads=2, img_size=64)
 
 
@@ -73,22 +72,21 @@ def test_resnet_stage_maps() -> None:
     assert out.local.shape == (1, 1024, 6, 4) and out.deep.shape == (1, 2048, 3, 2) and out.cls is None
 
 
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="model/dalg_tiny", overrides=overrides)
+def _compose(**overrides):
+    return model_config("dalg_tiny", **overrides)
 
 
 def test_checkpoint_roundtrip_through_config(tmp_path: Path) -> None:
     torch.manual_seed(3)
-    src = hydra.utils.instantiate(_compose([]).model.backbone)
+    src = hydra.utils.instantiate(_compose().backbone)
     path = tmp_path / "vit_tiny_cpu.pth"
     save_backbone_state_dict(src, path)
-    model = hydra.utils.instantiate(_compose([f"model.backbone.checkpoint={path}"]).model, num_classes=0)
+    model = create_model("dalg_tiny", **{"backbone.checkpoint": str(path)})
     theirs, ours = src.vit.state_dict(), model.backbone.vit.state_dict()
     assert theirs.keys() == ours.keys()
     for k in theirs:
         torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=0)
-    fresh = hydra.utils.instantiate(_compose([]).model.backbone)
+    fresh = hydra.utils.instantiate(_compose().backbone)
     assert not torch.equal(fresh.vit.patch_embed.proj.weight, src.vit.patch_embed.proj.weight)
 
 
@@ -188,10 +186,10 @@ def test_layer_ids_for_layerwise_decay() -> None:
 def test_backbone_from_a_whole_dalg_state_dict(tmp_path: Path) -> None:
     """Fine-tuning from an earlier run: the backbone is taken out of a Lightning checkpoint's `net.` dict."""
     torch.manual_seed(4)
-    model = hydra.utils.instantiate(_compose([]).model, num_classes=3)
+    model = create_model("dalg_tiny", num_classes=3)
     path = tmp_path / "run.ckpt"
     torch.save({"state_dict": {f"net.{k}": v for k, v in model.state_dict().items()}}, path)
-    bb = hydra.utils.instantiate(_compose([f"model.backbone.checkpoint={path}"]).model.backbone)
+    bb = hydra.utils.instantiate(_compose(**{"backbone.checkpoint": str(path)}).backbone)
     torch.testing.assert_close(
         bb.vit.blocks[5].attn.proj.weight, model.backbone.vit.blocks[5].attn.proj.weight, rtol=0, atol=0
     )

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
+from dalg.factory import create_model, instantiate_model, model_config, model_names
 from dalg.models.composer import DALG
+from tests.conftest import compose_train
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+MODELS = model_names()
 SLOW = {
     "dolg_r101"
 }  # the biggest (65M params); dolg_r50 and dolg_tiny keep the ResNet family in the default suite
@@ -22,12 +21,12 @@ EXPECTED = {"dalg_cross", "dalg_heuristic", "dalg_tiny", "dolg_r50", "dolg_r101"
 
 
 def build(name: str, overrides: list[str] | None = None, num_classes: int = 5) -> DALG:
-    """Model config ``name`` with random weights (real-size backbone configs ask for pretrained ones)."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            config_name=f"model/{name}", overrides=["model.backbone.pretrained=false", *(overrides or [])]
-        )
-    return hydra.utils.instantiate(cfg.model, num_classes=num_classes)
+    """Model config ``name`` with random weights (real-size backbone configs ask for pretrained ones), with
+    command-line overrides (``model.x=...``, ``model/group=...``) as train.py takes them."""
+    if not overrides:
+        return create_model(name, num_classes=num_classes)
+    cfg = compose_train([f"model={name}", "model.backbone.pretrained=false", *overrides], Path("unused"))
+    return instantiate_model(cfg.model, num_classes)
 
 
 def test_all_issue_configs_ship() -> None:
@@ -37,8 +36,6 @@ def test_all_issue_configs_ship() -> None:
 def test_no_whole_model_config_only_changes_the_fusion() -> None:
     """Pairs of model configs equal but for the fusion: only (dalg_cross, dalg_heuristic)."""
     from omegaconf import OmegaConf
-
-    from dalg.factory import model_config
 
     plain = {n: OmegaConf.to_container(model_config(n), resolve=True) for n in MODELS}
     rest = {n: {k: v for k, v in c.items() if k != "fusion"} for n, c in plain.items()}
@@ -64,9 +61,8 @@ def test_forward_backward(name: str) -> None:
 
 
 def test_dolg_defaults_to_five_scales_and_dalg_to_one() -> None:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        assert list(compose(config_name="model/dolg_r50").model.scales) == [0.3535, 0.5, 0.7071, 1.0, 1.4142]
-        assert list(compose(config_name="model/dalg_cross").model.scales) == [1.0]
+    assert list(model_config("dolg_r50").scales) == [0.3535, 0.5, 0.7071, 1.0, 1.4142]
+    assert list(model_config("dalg_cross").scales) == [1.0]
 
 
 def test_multiscale_extract_is_mean_of_normalised_scales() -> None:

@@ -1,23 +1,16 @@
-"""Smoke tests of the DALG composer through the real Hydra configs (tiny CPU model)."""
+"""Smoke tests of the DALG composer through the real configs (tiny CPU model)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import hydra
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
+from dalg.factory import create_model
 from dalg.models.composer import DALG
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
-
-def build(name: str, overrides: list[str] | None = None, num_classes: int = 7) -> DALG:
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name=f"model/{name}", overrides=overrides or [])
-    model = hydra.utils.instantiate(cfg.model, num_classes=num_classes)
+def build(name: str, num_classes: int = 7) -> DALG:
+    model = create_model(name, num_classes=num_classes)
     assert isinstance(model, DALG)
     return model
 

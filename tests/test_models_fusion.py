@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import hydra
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
+from dalg.factory import create_model, fusion_names
 from dalg.models.fusion import (
     ConcatFusion,
     CrossAttentionFusion,
@@ -19,8 +16,7 @@ from dalg.models.fusion import (
     OrthogonalFusion,
 )
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
-FUSIONS = ["cross_attention", "orthogonal", "concat", "hadamard", "global_only", "local_only"]
+FUSIONS = fusion_names()  # conf/model/fusion/*.yaml
 DIRECTIONS = ["global_to_local", "local_to_global"]
 
 
@@ -188,10 +184,8 @@ def test_simple_fusions_by_hand() -> None:
 
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_every_fusion_in_dalg_unit_512_and_grad_to_backbone(fusion: str) -> None:
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="model/dalg_tiny", overrides=[f"model/fusion={fusion}"])
     torch.manual_seed(0)
-    model = hydra.utils.instantiate(cfg.model, num_classes=4)
+    model = create_model("dalg_tiny", fusion=fusion, num_classes=4)
     assert (model.global_branch is None) == (fusion == "local_only")
     assert (model.local_branch is None) == (fusion == "global_only")
     out = model.forward_features(torch.randn(2, 3, 64, 80))

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import hydra
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 
+from dalg.factory import create_model
 from dalg.models.global_branch import POOLINGS, GeM, GlobalBranch
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 # one image, 2 channels on a 2x2 map: channel 0 mixed signs, channel 1 all negative
 X = torch.tensor([[[[1.0, -2.0], [3.0, -0.5]], [[-1.0, -2.0], [-3.0, -0.5]]]])
@@ -96,10 +91,8 @@ def test_bad_pooling_options_raise() -> None:
 
 def test_every_pooling_config_builds_in_dalg_tiny() -> None:
     for pooling in POOLINGS:
-        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            cfg = compose(config_name="model/dalg_tiny", overrides=[f"model/global_branch={pooling}"])
         torch.manual_seed(0)
-        model = hydra.utils.instantiate(cfg.model, num_classes=4)
+        model = create_model("dalg_tiny", global_branch=pooling, num_classes=4)
         assert model.global_branch.pooling == pooling
         d = model(torch.randn(2, 3, 48, 48))
         y = torch.tensor([0, 3])
