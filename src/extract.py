@@ -25,13 +25,15 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import dalg.utils.config  # noqa: F401  (registers ${repo_root:})
-from dalg.data.images import ImageReadError, fill_for, image_size, load_rgb
+from dalg.data.image_list import ImageList, resized_sizes
+from dalg.data.images import ImageReadError, load_rgb
 from dalg.data.sampling import SizeBucketBatchSampler
 from dalg.data.transforms import describe_test_size, eval_transform, parse_test_size
+from dalg.eval_pipeline import extraction_record, test_scales
 from dalg.lit.module import RetrievalModule
 from dalg.retrieval.features import (
     FeatureWriter,
@@ -41,10 +43,8 @@ from dalg.retrieval.features import (
     store_paths,
 )
 from dalg.utils.atomic import write_text_atomic
-from dalg.utils.input_config import InputConfig
 from dalg.utils.lock import exclusive_lock
 from dalg.utils.run_metadata import file_sha256
-from dalg.utils.sizes import resized_shape
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ def list_images(
     return names, root
 
 
-class ImageFiles(Dataset):
-    """``(image tensor, index)`` for images ``root/name``; the same item shape as the evaluation sets.
+class ImageFiles(ImageList):
+    """The images to extract, as the evaluation sets' items (:class:`dalg.data.image_list.ImageList`).
 
     With ``skip_unreadable``, an image that fails while decoding (a truncated JPEG whose header read fine) gives a
     zero image of its batch's shape (``sizes[index]``, what the size buckets were formed from) and the index as
@@ -101,41 +101,18 @@ class ImageFiles(Dataset):
     descriptor for it.
     """
 
-    def __init__(
-        self,
-        root: Path,
-        names: Sequence[str],
-        test_size: int | None,
-        sizes: dict[int, tuple[int, int]] | None = None,
-        skip_unreadable: bool = False,
-        input_config: InputConfig | None = None,
-    ):
-        self.root = root
-        self.names = list(names)
-        self.transform = eval_transform(
-            test_size, input_config
-        )  # the checkpoint's normalisation and multiple
-        self.sizes = sizes if sizes is not None else {}  # the caller's dict, filled after construction
+    def __init__(self, paths: Sequence[Path], transform, skip_unreadable: bool = False):
+        super().__init__(paths, transform)
+        self.sizes: dict[int, tuple[int, int]] = {}  # filled by the header scan, before any batch is made
         self.skip_unreadable = skip_unreadable
-        self.max_pixels: int | None = None  # cfg.max_pixels (dalg.data.images.load_rgb)
-        self.decode_side = test_size  # large JPEGs decode at reduced size (None: each image's own size)
-
-    def __len__(self) -> int:
-        return len(self.names)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         try:
-            img = load_rgb(
-                self.root / self.names[index],
-                fill_for(self.transform),
-                max_pixels=self.max_pixels,
-                need_side=self.decode_side,
-            )
+            return super().__getitem__(index)
         except (ImageReadError, OSError):
             if not self.skip_unreadable or index not in self.sizes:
                 raise
             return torch.zeros(3, *self.sizes[index]), -1 - index
-        return self.transform(img), index
 
 
 class StoreWriterCallback(pl.Callback):
@@ -186,7 +163,7 @@ def descriptor_fingerprint(cfg: DictConfig, ckpt: Path, module: RetrievalModule,
     }
     return {
         "checkpoint_sha256": file_sha256(ckpt),
-        "scales": [float(s) for s in module.eval_scales or getattr(module.net, "scales", None) or [1.0]],
+        "scales": test_scales(module),
         "inference": module.inference_label,
         "transform": re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform)),  # no object addresses
         "config": settings,
@@ -233,12 +210,12 @@ def _extract(cfg: DictConfig) -> Path:
     module = RetrievalModule.for_evaluation(
         ckpt, cfg.get("scales"), cfg.get("inference"), cfg.get("scale_resize")
     )
-    scales = list(module.eval_scales or getattr(module.net, "scales", None) or [1.0])
     dim = _descriptor_dim(module, test_size)
     config = module.input_config  # the checkpoint's normalisation and size multiple
-    sizes: dict[int, tuple[int, int]] = {}  # row -> resized (h, w), filled by the header scan below
-    dataset = ImageFiles(root, names, test_size, sizes, bool(cfg.skip_unreadable), input_config=config)
+    transform = eval_transform(test_size, config)
+    dataset = ImageFiles([root / n for n in names], transform, bool(cfg.skip_unreadable))
     dataset.max_pixels = cfg.get("max_pixels")
+    dataset.decode_side = test_size  # large JPEGs decode at reduced size (None: each image's own size)
     fingerprint = descriptor_fingerprint(cfg, ckpt, module, dataset.transform)
 
     if json_path.exists() and not cfg.overwrite:
@@ -264,10 +241,7 @@ def _extract(cfg: DictConfig) -> Path:
     meta = {
         "checkpoint": str(ckpt),
         "test_size": describe_test_size(test_size),
-        "input": config.to_dict(),
-        "scale_resize": module.net.scale_resize.to_dict(),
-        "scales": scales,
-        "inference": module.inference_label,
+        **extraction_record(module),  # scales, inference, input, scale_resize
         "source": str(cfg.images),
     }
     writer = FeatureWriter(
@@ -283,17 +257,14 @@ def _extract(cfg: DictConfig) -> Path:
     if writer.n_done:
         print(f"resuming {writer.partial}: {writer.n_done:,} of {len(names):,} images already extracted")
 
-    keep: list[int] = []
-    for r in todo:  # header reads only: batches group images of equal resized shape (no padding, no crop)
-        try:
-            w, h = image_size(root / names[r])
-        except ImageReadError as e:
-            if not cfg.skip_unreadable:
-                raise
-            writer.skip(names[r], e.reason)
-            continue
-        sizes[r] = resized_shape(w, h, test_size, config.size_multiple)
-        keep.append(r)
+    # header reads only: batches group images of equal resized shape (no padding, no crop)
+    sizes, unreadable = resized_sizes(dataset, todo, test_size, config.size_multiple)
+    if unreadable and not cfg.skip_unreadable:
+        raise next(iter(unreadable.values()))
+    for r, e in unreadable.items():
+        writer.skip(names[r], e.reason)
+    dataset.sizes = sizes
+    keep = [r for r in todo if r in sizes]
 
     if keep:
         loader = DataLoader(

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from dalg.data.eval_spec import EvalSetSpec, as_spec
 from dalg.data.folder import ImageFolderDataset
 from dalg.data.gldv2 import GLDv2Dataset
+from dalg.data.image_list import resized_sizes
 from dalg.data.images import ImageReadError
 from dalg.data.labelled import LabelledImages
 from dalg.data.revisited import RevisitedGroundTruth, RevisitedImages, RevisitedSet
@@ -23,7 +24,6 @@ from dalg.data.sampling import SizeBucketBatchSampler
 from dalg.data.transforms import eval_transform, holdout_transform, parse_test_size, train_transform
 from dalg.utils.atomic import write_json_atomic
 from dalg.utils.input_config import InputConfig
-from dalg.utils.sizes import resized_shape
 
 log = logging.getLogger(__name__)
 
@@ -323,20 +323,15 @@ class RetrievalDataModule(pl.LightningDataModule):
         if cached is not None and cached[0] == key:
             return cached[1]  # headers are read once per set, not at every val_dataloader() call
         ds = eval_set.dataset
-        sizes: list[tuple[int, int]] = []
-        errors: list[ImageReadError] = []
-        for i in range(len(ds)):
-            try:
-                sizes.append(resized_shape(*ds.source_size(i), eval_set.test_size, multiple))
-            except ImageReadError as e:
-                errors.append(e)
+        found, errors = resized_sizes(ds, range(len(ds)), eval_set.test_size, multiple)
         if errors:
-            shown = "; ".join(f"{e.path} ({e.reason})" for e in errors[:5])
+            shown = "; ".join(f"{e.path} ({e.reason})" for e in list(errors.values())[:5])
             raise ImageReadError(
                 eval_set.gt.image_dir,
                 f"evaluation set {eval_set.name}: {len(errors)} of {len(ds)} "
                 f"images unreadable; the protocol needs every one of them. e.g. {shown}",
             )
+        sizes = [found[i] for i in range(len(ds))]
         self._eval_sizes[id(eval_set.dataset)] = (key, sizes)
         return sizes
 

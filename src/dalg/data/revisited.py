@@ -8,11 +8,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch.utils.data import Dataset
-
 from dalg.data.eval_spec import EvalSetSpec, spec_path
-from dalg.data.images import ImageReadError, fill_for, image_size, load_rgb
+from dalg.data.image_list import ImageList
+from dalg.data.images import ImageReadError, image_size
 from dalg.utils.safe_pickle import load_plain_pickle
 
 log = logging.getLogger(__name__)
@@ -129,7 +127,7 @@ class RevisitedSet(EvalSetSpec):
         return load_ground_truth(self.data_dir, self.gnd_name)
 
 
-class RevisitedImages(Dataset):
+class RevisitedImages(ImageList):
     """Queries followed by database images; item = ``(image, index)`` with index into that combined order.
 
     Queries are cropped to their ``bbx`` before any resizing (the official protocol) unless ``crop_queries``
@@ -139,15 +137,11 @@ class RevisitedImages(Dataset):
     def __init__(
         self, gt: RevisitedGroundTruth, transform: Callable | None = None, crop_queries: bool = True
     ):
+        paths = [gt.query_path(i) for i in range(gt.n_queries)]
+        super().__init__(paths + [gt.database_path(i) for i in range(gt.n_database)], transform)
         self.gt = gt
-        self.transform = transform
         self.crop_queries = crop_queries
-        self.paths: list[Path] = [gt.query_path(i) for i in range(gt.n_queries)]
-        self.paths += [gt.database_path(i) for i in range(gt.n_database)]
         self.boxes: Sequence[Sequence[float] | None] = [g["bbx"] if crop_queries else None for g in gt.gnd]
-        # set by the DataModule: decoding limits (dalg.data.images.load_rgb: data.max_pixels, the test size)
-        self.max_pixels: int | None = None
-        self.decode_side: float | None = None
         if crop_queries:  # at setup, not mid-extraction: the query files exist and their boxes hit the image
             self.boxes = [None if box is None else self._fit_box(i, box) for i, box in enumerate(self.boxes)]
 
@@ -178,33 +172,9 @@ class RevisitedImages(Dataset):
             )
         return clipped
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
     def crop_box(self, index: int) -> tuple[int, int, int, int] | None:
         """The query's bbx rounded as PIL's ``crop`` rounds it; None for database images or with cropping off."""
         if index >= self.gt.n_queries or self.boxes[index] is None:
             return None
         x0, y0, x1, y1 = (round(float(v)) for v in self.boxes[index])
         return x0, y0, x1, y1
-
-    def source_size(self, index: int) -> tuple[int, int]:
-        """(width, height) of the image before the transform, read from the file header (no decoding)."""
-        box = self.crop_box(index)
-        return (box[2] - box[0], box[3] - box[1]) if box else image_size(self.paths[index])
-
-    def load(self, index: int):
-        """The PIL image as the model sees it before the transform (query crop applied)."""
-        box = self.crop_box(index)
-        # reduced-size JPEG decoding only without a crop: the box is in the full image's pixels
-        img = load_rgb(
-            self.paths[index],
-            fill_for(self.transform),
-            max_pixels=self.max_pixels,
-            need_side=None if box else self.decode_side,
-        )
-        return img.crop(box) if box else img
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        img = self.load(index)
-        return (self.transform(img) if self.transform else img), index
