@@ -67,6 +67,29 @@ eval: install  ## make eval ARGS="ckpt_path=... data=landmarks_mini"
 models: install  ## parameters / GFLOPs / descriptor size of every model config
 	$(PY) src/model_table.py $(ARGS)
 
+# landmarks-mini's database -> a feature store (one per checkpoint, kept), then its queries searched against it:
+# $(DEMO_DIR)/search/{results.json,results.png,report/index.html}
+.PHONY: demo
+LANDMARKS_MINI ?= ../shared/data/landmarks-mini
+DEMO_DIR ?= logs/demo
+demo: install  ## extract + search landmarks-mini with the newest logs/**/checkpoints/last.ckpt (or CKPT=...)
+	@ckpt="$(CKPT)"; \
+	[ -n "$$ckpt" ] || ckpt=$$(find logs -path '*/checkpoints/last.ckpt' -printf '%T@ %p\n' 2>/dev/null \
+		| sort -n | tail -1 | cut -d' ' -f2-); \
+	[ -f "$$ckpt" ] || { echo "no checkpoint '$$ckpt': train one (make run) or pass CKPT=<ckpt>"; exit 1; }; \
+	echo "checkpoint: $$ckpt"; \
+	$(PY) -c 'import sys, pathlib; from dalg.data.revisited import load_ground_truth; \
+		gt = load_ground_truth(sys.argv[1], "landmarks-mini"); out = pathlib.Path(sys.argv[2]); \
+		out.mkdir(parents=True, exist_ok=True); \
+		[(out / f).write_text("".join(n + gt.suffix + "\n" for n in names)) \
+		 for f, names in (("database.txt", gt.imlist), ("queries.txt", gt.qimlist))]' \
+		$(LANDMARKS_MINI) $(DEMO_DIR) && \
+	store=$(DEMO_DIR)/db_$$(sha256sum "$$ckpt" | cut -c1-12) && \
+	$(PY) src/extract.py ckpt_path="$$ckpt" images=$(DEMO_DIR)/database.txt image_root=$(LANDMARKS_MINI)/jpg \
+		output=$$store hydra.run.dir=$(DEMO_DIR)/extract && \
+	$(PY) src/search.py index=$$store query=$(DEMO_DIR)/queries.txt query_root=$(LANDMARKS_MINI)/jpg \
+		database_root=$(LANDMARKS_MINI)/jpg hydra.run.dir=$(DEMO_DIR)/search $(ARGS)
+
 .PHONY: scale gpu-check
 scale: install  ## GLDv2-clean's full size through the real data path -> experiments/scale/results.{md,json}
 	$(PY) benchmarks/scale_gldv2.py $(ARGS)

@@ -35,9 +35,10 @@ sys.path.insert(
 )  # extract.py: the store's image reading + fingerprint
 
 import dalg.utils.config  # noqa: E402,F401  (registers ${repo_root:})
-from dalg.data.images import ImageReadError, image_size  # noqa: E402
+from dalg.data.image_list import ImageList, resized_sizes  # noqa: E402
+from dalg.data.images import ImageReadError  # noqa: E402
 from dalg.data.sampling import SizeBucketBatchSampler  # noqa: E402
-from dalg.data.transforms import parse_test_size, resized_shape  # noqa: E402
+from dalg.data.transforms import eval_transform, parse_test_size  # noqa: E402
 from dalg.lit.module import RetrievalModule  # noqa: E402
 from dalg.report.attention import model_attention  # noqa: E402
 from dalg.report.browser import write_report  # noqa: E402
@@ -47,7 +48,7 @@ from dalg.retrieval.features import FeatureStore, fingerprint_differences, load_
 from dalg.retrieval.index import search  # noqa: E402
 from dalg.utils.atomic import atomic_replace, write_json_atomic  # noqa: E402
 from dalg.utils.run_metadata import file_sha256  # noqa: E402
-from extract import ImageFiles, descriptor_fingerprint, list_images  # noqa: E402
+from extract import descriptor_fingerprint, list_images  # noqa: E402
 
 # what the writer adds to the fingerprint about the stored image list (not about how a descriptor is made)
 STORE_ONLY_KEYS = ("image_list_sha256", "images", "dim", "dtype")
@@ -66,8 +67,11 @@ class _Paths(Sequence):
         return str(self.root / self.names[i])
 
 
-def query_images(query: str, extensions: Sequence[str]) -> tuple[list[str], Path]:
-    """(names, root) of the query images: one image file, a folder (recursive) or a list file."""
+def query_images(
+    query: str, extensions: Sequence[str], query_root: str | None = None
+) -> tuple[list[str], Path]:
+    """(names, root) of the query images: one image file, a folder (recursive) or a list file (its paths
+    relative to ``query_root``, default the list's folder)."""
     src = Path(os.path.expanduser(str(query)))
     exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
     if src.is_file() and src.suffix.lower() in exts:
@@ -75,7 +79,7 @@ def query_images(query: str, extensions: Sequence[str]) -> tuple[list[str], Path
     if not src.exists():
         raise FileNotFoundError(f"query={src}: no such image, folder or list file")
     try:
-        return list_images(src, None, extensions)
+        return list_images(src, query_root, extensions)
     except ValueError as e:
         raise ValueError(f"query={src}: {e}") from e
 
@@ -132,23 +136,22 @@ def extract_queries(
         ckpt, settings.get("scales"), settings.get("inference"), settings.get("scale_resize")
     )
     test_size = parse_test_size(settings.get("test_size"), f"index={index}: test_size")
-    config = module.input_config
-    sizes: dict[int, tuple[int, int]] = {}
-    dataset = ImageFiles(root, names, test_size, sizes, skip_unreadable=False, input_config=config)
+    transform = eval_transform(test_size, module.input_config)  # as extract.py builds it
+    dataset = ImageList([root / n for n in names], transform)
     dataset.max_pixels = settings.get("max_pixels")
-    now = descriptor_fingerprint(OmegaConf.create(settings), ckpt, module, dataset.transform)
+    dataset.decode_side = test_size
+    now = descriptor_fingerprint(OmegaConf.create(settings), ckpt, module, transform)
     diffs = fingerprint_differences({k: v for k, v in recorded.items() if k not in STORE_ONLY_KEYS}, now)
     if diffs:
         raise ValueError(
             f"index={index}: the queries would not be extracted as the store was (store vs now): "
             f"{'; '.join(diffs)}. Extract the store again with this version (src/extract.py)"
         )
-    for i, name in enumerate(names):  # header reads: a missing or broken query is named before any extraction
-        try:
-            w, h = image_size(root / name)
-        except ImageReadError as e:
-            raise ImageReadError(e.path, f"query image: {e.reason}", e.kind) from e
-        sizes[i] = resized_shape(w, h, test_size, config.size_multiple)
+    # header reads: a missing or broken query is named before any extraction
+    sizes, errors = resized_sizes(dataset, range(len(names)), test_size, module.input_config.size_multiple)
+    if errors:
+        e = next(iter(errors.values()))
+        raise ImageReadError(e.path, f"query image: {e.reason} ({len(errors)} unreadable queries)", e.kind)
     loader = DataLoader(
         dataset,
         batch_sampler=SizeBucketBatchSampler(
@@ -195,7 +198,9 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     top_k = int(cfg.top_k)
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {cfg.top_k}")
-    names, root = query_images(cfg.query, cfg.extensions)  # bad paths are named before anything is loaded
+    names, root = query_images(
+        cfg.query, cfg.extensions, cfg.get("query_root")
+    )  # bad paths are named before anything is loaded
     store = open_index(cfg.index)
     ckpt = checkpoint_for(store, cfg.index, cfg.get("ckpt_path"))
     out_dir = Path(os.path.expanduser(str(cfg.output_dir)))
