@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 
 from torch.utils.data import BatchSampler, DistributedSampler
+
+from dalg.utils.batching import batches_by_shape
 
 
 class SizeBucketBatchSampler(BatchSampler):
@@ -50,11 +51,7 @@ class SizeBucketBatchSampler(BatchSampler):
     @property
     def batches(self) -> list[list[int]]:
         if self._batches is None:
-            buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
-            for i in self.sampler:
-                buckets[self.sizes[i]].append(int(i))
-            bs = self.batch_size
-            batches = [idx[k : k + bs] for _, idx in sorted(buckets.items()) for k in range(0, len(idx), bs)]
+            batches = batches_by_shape(self.sizes, self.batch_size, self.sampler)
             # a distributed sampler already gave this rank its share: splitting again would lose images
             if not isinstance(self.sampler, DistributedSampler):
                 batches = batches[self.rank :: self.world_size]
