@@ -9,37 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
-from typing import Any
 
 from torch import nn
 
 from dalg.lit.checkpoint_read import read_checkpoint
+from dalg.models.checkpoint import state_dict_differences
 from dalg.retrieval.features import fingerprint_differences
 
 log = logging.getLogger(__name__)
 
 # hyper-parameters that define the network (the optimiser's may change on a resume)
 MODEL_KEYS = ("model_cfg", "num_classes", "input_config")
-
-
-def _shape_differences(saved: Mapping[str, Any], model: nn.Module, limit: int = 4) -> list[str]:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(saved))
-    unexpected = sorted(set(saved) - set(own))
-    shapes = [
-        f"{k}: {tuple(saved[k].shape)} vs {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(saved))
-        if hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(own[k].shape)
-    ]
-    out = []
-    if missing:
-        out.append(f"{len(missing)} weights of this model are not in it (e.g. {missing[:limit]})")
-    if unexpected:
-        out.append(f"{len(unexpected)} of its weights are not in this model (e.g. {unexpected[:limit]})")
-    if shapes:
-        out.append(f"{len(shapes)} weights differ in shape (checkpoint vs this model, e.g. {shapes[:limit]})")
-    return out
 
 
 def check_resume_model(ckpt_path: str | os.PathLike, module: nn.Module) -> None:
@@ -52,7 +32,7 @@ def check_resume_model(ckpt_path: str | os.PathLike, module: nn.Module) -> None:
     # keys only one side records (e.g. input_config in older checkpoints) say nothing about a mismatch
     keys = [k for k in MODEL_KEYS if k in saved_hp and k in own_hp]
     config_diffs = fingerprint_differences({k: saved_hp[k] for k in keys}, {k: own_hp[k] for k in keys})
-    weight_diffs = _shape_differences(ckpt["state_dict"], module)
+    weight_diffs = state_dict_differences(ckpt["state_dict"], module.state_dict(), limit=4)
     settings = "; ".join(d.replace("model_cfg.", "model.", 1) for d in config_diffs)
     if weight_diffs:
         raise ValueError(

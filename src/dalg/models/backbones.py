@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from dalg.models.checkpoint import load_backbone_checkpoint
 from dalg.models.pretrained import pretrained_kwargs
+from dalg.utils.atomic import atomic_replace
 from dalg.utils.input_config import resolve_input_config
 
 
@@ -153,7 +154,4 @@ class ResNetBackbone(nn.Module):
 def save_backbone_state_dict(backbone: nn.Module, path: str | Path) -> None:
     """Write the inner timm model's state dict atomically (used by tests and to export weights)."""
     inner = getattr(backbone, "vit", None) or getattr(backbone, "cnn", None) or backbone
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(inner.state_dict(), tmp)
-    tmp.replace(path)
+    atomic_replace(lambda f: torch.save(inner.state_dict(), f), path)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -65,25 +67,31 @@ def load_backbone_checkpoint(model: nn.Module, path: str | Path, max_keys: int =
     sd = {k: v for k, v in sd.items() if k in own or not any(k.startswith(h + ".") for h in heads)}
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
         sd["pos_embed"] = _resample_pos_embed(model, sd["pos_embed"], own["pos_embed"])
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    mismatched = [
-        f"{k}: {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in sd and sd[k].shape != own[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (first: {missing[:max_keys]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[:max_keys]})")
-        if mismatched:
-            parts.append(f"{len(mismatched)} with another shape (first: {mismatched[:max_keys]})")
+    differences = state_dict_differences(sd, own, max_keys)
+    if differences:
         raise ValueError(
-            f"backbone checkpoint {path} does not match {type(model).__name__}: " + "; ".join(parts)
+            f"backbone checkpoint {path} does not match {type(model).__name__}: " + "; ".join(differences)
         )
     model.load_state_dict(sd, strict=True)
+
+
+def state_dict_differences(saved: Mapping[str, Any], own: Mapping[str, Tensor], limit: int = 5) -> list[str]:
+    """What keeps ``saved`` (a state dict read from a file) from loading into a model whose state dict is
+    ``own``: one phrase each for its missing keys, unexpected keys and tensors of another shape (first ``limit``
+    named); empty when it loads."""
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    shapes = [
+        f"{k}: {tuple(saved[k].shape)} in the file vs {tuple(own[k].shape)} in the model"
+        for k in own
+        if k in saved and tuple(getattr(saved[k], "shape", ())) != tuple(own[k].shape)
+    ]
+    kinds = (
+        ("missing (weights of the model that the file lacks)", missing),
+        ("unexpected (weights in the file that the model lacks)", unexpected),
+        ("differ in shape", shapes),
+    )
+    return [f"{len(keys)} {what}, e.g. {keys[:limit]}" for what, keys in kinds if keys]
 
 
 def _resample_pos_embed(model: nn.Module, theirs: Tensor, ours: Tensor) -> Tensor:

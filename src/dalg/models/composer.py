@@ -46,7 +46,7 @@ class DALG(nn.Module):
         self.embed_dim = int(embed_dim)
         self.scales = check_scales(scales, "DALG")
         self.scale_resize = ScaleResize.from_mapping(scale_resize)  # how extract() resizes for each scale
-        # mean/std/interpolation/size multiple its inputs need; RetrievalModule replaces it by a checkpoint's own
+        # mean/std/interpolation/size multiple its inputs need; a rebuilt trained network gets its checkpoint's
         self.input_config: InputConfig = getattr(backbone, "input_config", None) or InputConfig(
             size_multiple=self.stride, source="backbone without an input config: ImageNet defaults"
         )

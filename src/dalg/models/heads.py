@@ -105,14 +105,9 @@ class CurricularFace(MarginHead):
     every process keeps the same t (otherwise each drifts with its own batches and DDP replicas diverge)."""
 
     def __init__(
-        self,
-        embed_dim: int,
-        num_classes: int,
-        scale: float = 30.0,
-        margin: float = 0.15,
-        momentum: float = 0.01,
+        self, embed_dim: int, num_classes: int, momentum: float = 0.01, **scale_margin: float
     ) -> None:
-        super().__init__(embed_dim, num_classes, scale, margin)
+        super().__init__(embed_dim, num_classes, **scale_margin)  # scale, margin: as the base's
         self.momentum = momentum
         self.register_buffer("t", torch.zeros(()))
 
