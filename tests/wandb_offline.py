@@ -84,3 +84,16 @@ def read_run(run_dir: Path) -> OfflineRun:
         elif kind == "artifact":
             run.artifacts.append(r.artifact)
     return run
+
+
+def read_finished_run(run_dir: Path, timeout: float = 60.0) -> OfflineRun:
+    """``read_run`` once the file holds the run's exit record: wandb's service process may still be writing after
+    ``finish()`` returns in this process."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        (path,) = Path(run_dir).glob("run-*.wandb")
+        if any(r.WhichOneof("record_type") == "exit" for r in records(path)) or time.monotonic() > deadline:
+            return read_run(run_dir)
+        time.sleep(0.5)
