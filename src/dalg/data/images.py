@@ -11,6 +11,7 @@ pixels for PIL's decompression-bomb guard) raises :class:`ImageReadError` with a
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -104,12 +105,14 @@ def _upright(img: Image.Image) -> Image.Image:
         return img
 
 
-def _draft(img: Image.Image, need_side: float) -> None:
-    """Let libjpeg decode at 1/2, 1/4 or 1/8 size (DCT scaling, PIL ``draft``) when the longer side still keeps
-    :data:`DRAFT_MARGIN` times ``need_side``: the transform's own resize then still shrinks the image, so the
-    result barely changes while a 13000 x 13000 photo costs 1/64 of the memory."""
-    long_side = max(img.size)
-    factor = next((f for f in (8, 4, 2) if long_side / f >= DRAFT_MARGIN * need_side), 1)
+def dct_factor(side: float, need: float) -> int:
+    """The largest JPEG DCT scaling divisor (8, 4, 2, else 1) that still leaves ``side / divisor >= need``."""
+    return next((f for f in (8, 4, 2) if side / f >= need), 1)
+
+
+def _draft(img: Image.Image, factor: int) -> None:
+    """Let libjpeg decode at 1/``factor`` size (DCT scaling, PIL ``draft``): fewer pixels to inverse-transform,
+    convert and resize, and a 13000 x 13000 photo costs 1/64 of the memory."""
     if factor > 1:
         img.draft(None, (img.width // factor, img.height // factor))
 
@@ -123,17 +126,51 @@ def load_rgb(
     """Decode ``path`` into an upright 8-bit RGB image (transparent pixels over ``fill``); raise
     :class:`ImageReadError` if that is impossible.
 
-    ``need_side``: the longer side the caller's transform needs at most; a JPEG much larger than that is decoded at
-    reduced size (:func:`_draft`). ``max_pixels``: an image that would still decode to more pixels is refused
-    (kind ``too_large``) before its pixels are read, well below PIL's own guard (2 x ``Image.MAX_IMAGE_PIXELS``).
+    ``need_side``: the longer side the caller's transform needs at most; a JPEG whose longer side keeps
+    :data:`DRAFT_MARGIN` times that at 1/2, 1/4 or 1/8 is decoded at that reduced size (the transform's own resize
+    then still shrinks it, so the result barely changes). ``max_pixels``: an image that would still decode to more
+    pixels is refused (kind ``too_large``) before its pixels are read, well below PIL's own guard
+    (2 x ``Image.MAX_IMAGE_PIXELS``).
     """
+    if not need_side:
+        return _load(path, fill, max_pixels, lambda size, img: 1)
+    return _load(path, fill, max_pixels, lambda size, img: dct_factor(max(size), DRAFT_MARGIN * need_side))
+
+
+def load_rgb_for_crop(
+    path: str | os.PathLike,
+    crop_for: Callable[[tuple[int, int]], tuple[float, int] | None],
+    fill: tuple[int, int, int] = ALPHA_BACKGROUND,
+    max_pixels: int | None = None,
+    need_side: float | None = None,
+) -> Image.Image:
+    """:func:`load_rgb` for a crop drawn before decoding: ``crop_for((width, height))`` (upright full size) returns
+    ``(crop_side, out_side)`` -- the crop's shorter side in full-size pixels and the side it is resized to -- or
+    None. A JPEG is then decoded at the largest DCT scale (1/2, 1/4, 1/8) that still gives the crop at least
+    ``out_side`` pixels, so the crop is only ever shrunk, as from the full image; the crop box scales by the full
+    size (``info`` :data:`SOURCE_SIZE`) over the returned size. benchmarks/bench_decode.py: speed, pixel difference.
+    Without a crop (None) it is :func:`load_rgb` with ``need_side``.
+    """
+
+    def factor_of(size: tuple[int, int], img: Image.Image) -> int:
+        upright = size[::-1] if _orientation(img) in (5, 6, 7, 8) else size
+        crop = crop_for(upright)
+        if crop is None:
+            return dct_factor(max(size), DRAFT_MARGIN * need_side) if need_side else 1
+        return dct_factor(crop[0], crop[1])
+
+    return _load(path, fill, max_pixels, factor_of)
+
+
+def _load(path, fill, max_pixels, factor_of) -> Image.Image:
+    """Open, draft at ``factor_of((width, height), image)`` (JPEG only), check the size, decode, upright."""
     try:
         with Image.open(
             path
         ) as img:  # PIL's guard raises past 2 x Image.MAX_IMAGE_PIXELS (it only warns below)
             full = img.size
-            if need_side and img.format == "JPEG":
-                _draft(img, need_side)
+            if img.format == "JPEG":
+                _draft(img, factor_of(full, img))
             if max_pixels is not None and img.width * img.height > max_pixels:
                 raise ImageReadError(
                     path,

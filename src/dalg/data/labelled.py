@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from dalg.data.failures import FailureLog, FailureSummary
-from dalg.data.images import ImageReadError, fill_for, image_size, load_rgb
+from dalg.data.images import ImageReadError, fill_for, image_size, load_rgb, load_rgb_for_crop
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +238,11 @@ class LabelledImages(Dataset):
                 continue  # known broken in this process: do not pay for the failure twice
             self._tried += 1
             try:  # transparent areas: the model's mean
+                crop_for = getattr(self.transform, "crop_for", None)
+                if crop_for is not None:  # the random crop drawn first: a large JPEG decodes at reduced size
+                    return load_rgb_for_crop(
+                        path, crop_for, fill_for(self.transform), self.max_pixels, self.decode_side
+                    )
                 return load_rgb(
                     path, fill_for(self.transform), max_pixels=self.max_pixels, need_side=self.decode_side
                 )

@@ -44,6 +44,37 @@ class ModelTransform(T.Compose):
         self.input_config = input_config
         self.fill_rgb = input_config.fill_rgb
 
+    def crop_for(self, full_size: tuple[int, int]) -> tuple[float, int] | None:
+        """Draw the first transform's random crop for an image of ``full_size`` before it is decoded:
+        ``(crop's shorter side, output side)`` for ``dalg.data.images.load_rgb_for_crop``, or None."""
+        first = self.transforms[0] if self.transforms else None
+        return first.plan(full_size) if isinstance(first, CropFirstRandomResizedCrop) else None
+
+
+class CropFirstRandomResizedCrop(T.RandomResizedCrop):
+    """torchvision's ``RandomResizedCrop`` whose crop can be drawn from the full size before decoding (``plan``),
+    so that the loader decodes a large JPEG at reduced size (``load_rgb_for_crop``); the planned box is then scaled
+    to the decoded image and resized from there (PIL ``resize`` with a float box: the same antialiased shrink).
+    An image without a matching plan gets torchvision's own crop."""
+
+    def plan(self, full_size: tuple[int, int]) -> tuple[float, int]:
+        w, h = full_size
+        top, left, ch, cw = self.get_params(torch.empty((1, h, w), dtype=torch.uint8), self.scale, self.ratio)
+        self._plan = ((w, h), (top, left, ch, cw))
+        return float(min(ch, cw)), int(min(self.size))
+
+    def forward(self, img):
+        plan, self._plan = getattr(self, "_plan", None), None
+        if plan is not None and isinstance(img, Image.Image):
+            full, (top, left, ch, cw) = plan
+            if tuple(img.info.get(SOURCE_SIZE, img.size)) == full:
+                s = img.width / full[0]
+                box = (left * s, top * s, (left + cw) * s, (top + ch) * s)
+                return img.resize(
+                    (self.size[1], self.size[0]), _PIL_RESAMPLING[self.interpolation.value], box=box
+                )
+        return super().forward(img)
+
 
 def _normalise(config: InputConfig) -> list:
     return [T.ToTensor(), T.Normalize(config.mean, config.std)]
@@ -60,7 +91,7 @@ def train_transform(
     """Random resized crop (DOLG's loader: area 0.08-1) + flip + light colour jitter, at ``size`` x ``size``."""
     config = input_config or _DEFAULT
     ops: list = [
-        T.RandomResizedCrop(
+        CropFirstRandomResizedCrop(
             size, scale=tuple(scale), ratio=tuple(ratio), antialias=True, interpolation=_interpolation(config)
         )
     ]
