@@ -5,12 +5,12 @@
         [inference.bf16=true] [test_size=original|512] [scale_resize={mode:bilinear,antialias:false}]
 
 ``trainer.validate`` with the evaluation engine's callback (dalg.retrieval.callback: gather, rank, score, table),
-as after every training epoch; the Trainer comes from conf/trainer. Writes the results as JSON (``output_json``).
+as after every training epoch; the Trainer comes from conf/trainer. Writes the results as JSON (``output_json``)
+and, beside it, the static results browser ``report/index.html`` (``report_html``, dalg.report).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -18,20 +18,15 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 import dalg.utils.config  # noqa: F401  (registers ${repo_root:})
-from dalg.eval_pipeline import evaluation_report, extraction_record, print_extraction, save_set_features
+from dalg.eval_pipeline import check_outputs, evaluation_report, extraction_record, write_results
 from dalg.lit.module import RetrievalModule
 from dalg.retrieval.features import load_distractors
-from dalg.utils.atomic import write_json_atomic
-from dalg.utils.writable import check_writable_dir, check_writable_file
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation described by ``cfg`` (conf/eval.yaml); returns what is written to the JSON."""
-    console, ckpt, features_dir = Console(), str(cfg.ckpt_path), Path(cfg.output_json).parent / "features"
-    # every output and input is checked before any extraction: a long evaluation never ends in a failed write
-    check_writable_file(cfg.output_json, "output_json")
-    if cfg.save_features:
-        check_writable_dir(features_dir, "save_features")
+    console, ckpt = Console(), str(cfg.ckpt_path)
+    features_dir = check_outputs(cfg.output_json, cfg.save_features)  # before anything is computed
     module = RetrievalModule.for_evaluation(ckpt, cfg.scales, cfg.get("inference"), cfg.scale_resize)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup_evaluation(module.input_config, cfg.crop_queries, cfg.test_size)
@@ -43,11 +38,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer.validate(module, datamodule=datamodule, verbose=False)
 
     report = evaluation_report(callback, ckpt, str(module.device))
-    print_extraction(report, console)
-    console.print(f"results JSON: {write_json_atomic(report, cfg.output_json)}")
-    if cfg.save_features:
-        save_set_features(callback, datamodule.eval_sets, features_dir, ckpt)
-        console.print(f"feature stores: {features_dir}")
+    write_results(report, cfg.output_json, callback, datamodule.eval_sets, features_dir, console)
     return report
 
 

@@ -141,15 +141,6 @@ class StoreWriterCallback(pl.Callback):
         self.bar.close()
 
 
-def _descriptor_dim(module: RetrievalModule, test_size: int | None) -> int:
-    dim = (module.hparams.get("model_cfg") or {}).get("embed_dim")
-    if dim:
-        return int(dim)
-    with torch.no_grad():  # not in the config: ask the model
-        side = test_size or 224  # any size gives the descriptor's length
-        return int(module.net.extract(torch.zeros(1, 3, side, side), [1.0]).shape[1])
-
-
 def descriptor_fingerprint(cfg: DictConfig, ckpt: Path, module: RetrievalModule, transform: object) -> dict:
     """Everything that determines a descriptor, for the store to record and a resume to compare: the checkpoint's
     content (sha256 of the whole file, read in chunks: a size+mtime shortcut would miss a checkpoint rewritten in
@@ -210,7 +201,7 @@ def _extract(cfg: DictConfig) -> Path:
     module = RetrievalModule.for_evaluation(
         ckpt, cfg.get("scales"), cfg.get("inference"), cfg.get("scale_resize")
     )
-    dim = _descriptor_dim(module, test_size)
+    dim = int(module.net.embed_dim)  # the descriptor length (as eval.py checks distractor stores)
     config = module.input_config  # the checkpoint's normalisation and size multiple
     transform = eval_transform(test_size, config)
     dataset = ImageFiles([root / n for n in names], transform, bool(cfg.skip_unreadable))

@@ -1,5 +1,5 @@
 """What ``src/eval.py`` and ``src/extract.py`` share around the evaluation engine: how a checkpoint extracts
-descriptors (for protocol records and store fingerprints) and the results JSON of an evaluation."""
+descriptors (for protocol records and store fingerprints), the output checks and the results of an evaluation."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from rich.console import Console
 from dalg.lit.module import RetrievalModule
 from dalg.retrieval.callback import RetrievalEvalCallback
 from dalg.retrieval.features import save_features
+from dalg.utils.atomic import write_json_atomic
+from dalg.utils.writable import check_writable_dir, check_writable_file
 
 
 def test_scales(module: RetrievalModule) -> list[float]:
@@ -29,6 +31,15 @@ def extraction_record(module: RetrievalModule) -> dict[str, Any]:
     }
 
 
+def check_outputs(output_json: str | Path, save_features: bool) -> Path | None:
+    """Every output location of an evaluation, checked before any extraction (a long evaluation never ends in a
+    failed write); returns the feature stores' folder with ``save_features``."""
+    check_writable_file(output_json, "output_json")
+    if not save_features:
+        return None
+    return check_writable_dir(Path(output_json).parent / "features", "save_features")
+
+
 def evaluation_report(callback: RetrievalEvalCallback, checkpoint: str, device: str) -> dict[str, Any]:
     """The results JSON: the checkpoint, the extraction's speed and every set's scores, protocol and per-query AP."""
     done = callback.last_extraction or {"images": 0, "seconds": 0.0}
@@ -44,12 +55,24 @@ def evaluation_report(callback: RetrievalEvalCallback, checkpoint: str, device: 
     return {"checkpoint": checkpoint, "extraction": extraction, "sets": sets}
 
 
-def print_extraction(report: dict[str, Any], console: Console) -> None:
+def write_results(
+    report: dict[str, Any],
+    output_json: str | Path,
+    callback: RetrievalEvalCallback,
+    eval_sets: list,
+    features_dir: Path | None,
+    console: Console,
+) -> None:
+    """The results JSON, and with ``features_dir`` each set's descriptors as feature stores; says where."""
     ex = report["extraction"]
     console.print(
         f"extraction: {ex['images']:,} images in {ex['seconds']:.1f} s = {ex['images_per_s']:.1f} images/s "
         f"({ex['inference']}, {ex['device']}, decoding included)"
     )
+    console.print(f"results JSON: {write_json_atomic(report, output_json)}")
+    if features_dir is not None:
+        save_set_features(callback, eval_sets, features_dir, report["checkpoint"])
+        console.print(f"feature stores: {features_dir}")
 
 
 def save_set_features(
