@@ -18,7 +18,7 @@ Every method applies the same crop boxes, flips and jitter factors, so the pixel
 tolerance reported is the mean and 99.9th percentile absolute difference of the augmented images to
 plain_pil, in 8-bit levels (before normalisation).
 
-    python benchmarks/bench_decode.py                 # 24 images per size, 3 interleaved rounds
+    python benchmarks/bench_decode.py                 # 16 images per size, 3 interleaved rounds
     python benchmarks/bench_decode.py --n-images 8 --rounds 1 --sizes 640x480 --json out.json
 
 Not a test: it prints figures and asserts nothing about speed.
@@ -183,13 +183,30 @@ def run(sizes: list[tuple[int, int]], n: int, rounds: int, log=print) -> dict:
         res["speedup_vs_plain_pil_1600"] = ips[best] / ips["plain_pil"]
         res["speedup_crop_first_pil_1600"] = ips["crop_first_pil"] / ips["plain_pil"]
         res["speedup_crop_first_upscale2_1600"] = ips["crop_first_pil_upscale2"] / ips["plain_pil"]
+        res["gpu_workers_1600"] = workers_needed(ips["crop_first_pil"])
     return res
+
+
+# One GPU training DALG-S (model=dalg_cross) at 512 px, estimated (no GPU measurement in this repository yet):
+# 79.5 GFLOPs per image forward at 512x512 (README, `make models`), x3 for forward + backward; an A100's dense
+# bf16 peak of 312 TFLOP/s at an assumed 40% model-FLOP utilisation (typical of ViT-S-sized training).
+GPU_TRAIN_GFLOP_PER_IMAGE = 3 * 79.5
+GPU_ASSUMED_TFLOPS = 0.40 * 312
+
+
+def workers_needed(images_per_s_per_worker: float) -> dict:
+    gpu_rate = GPU_ASSUMED_TFLOPS * 1e3 / GPU_TRAIN_GFLOP_PER_IMAGE
+    return {
+        "gpu_images_per_s_estimate": gpu_rate,
+        "gpu_estimate_basis": "3 x 79.5 GFLOPs/image (dalg_cross @512, fwd+bwd) at 40% of an A100's 312 TFLOP/s bf16",
+        "workers_needed": gpu_rate / images_per_s_per_worker,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="640x480,1024x768,1600x1200")
-    ap.add_argument("--n-images", type=int, default=24)
+    ap.add_argument("--n-images", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()

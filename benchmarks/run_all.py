@@ -187,7 +187,27 @@ def run_loader(args) -> dict[str, Any]:
             + (f", waiting for data {100 * r['wait_share']:.0f}% of a step" if "wait_share" in r else ""),
             flush=True,
         )
+    # realistic JPEG sizes decoded and augmented to 512 by one worker, per decoder (bench_decode.py)
+    dec_args = ["--sizes", "640x480", "--n-images", "4", "--rounds", "1"] if args.quick else []
+    dec = bench_decode_run(dec_args)
+    res["decode"] = dec
+    for key in ("speedup_vs_plain_pil_1600", "winner_1600", "gpu_workers_1600"):
+        if key in dec:
+            res[key] = dec[key]
     return res
+
+
+def bench_decode_run(extra: list[str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-run-all-") as tmp:
+        out_json = Path(tmp) / "decode.json"
+        cmd = ["benchmarks/bench_decode.py", *extra, "--json", str(out_json)]
+        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        dec = json.loads(out_json.read_text())
+    dec["command"] = "python " + " ".join(cmd[:-2])
+    print(proc.stdout.split("{")[0].rstrip(), flush=True)
+    return dec
 
 
 def run_search_1m(args) -> dict[str, Any]:
@@ -351,6 +371,33 @@ def markdown(results: dict[str, Any], command: str) -> str:
                 f"| {r['workers']} | {r['decoded_img_s']:.1f} | {r['augmented_img_s']:.1f} | {share} |"
             )
         lines.append("")
+        dec = ld.get("decode")
+        if dec:
+            names = list(next(iter(dec["sizes"].values()))["images_per_s"])
+            lines += [
+                f"Realistic JPEGs decoded and augmented to {dec['train_size']} px (random resized crop, area "
+                f"{dec['scale'][0]}–{dec['scale'][1]}, flip, jitter, normalise) by one worker, `{dec['command']}`: "
+                "images/s (mean |difference| to plain PIL in 8-bit levels).",
+                "",
+                "| JPEG size | " + " | ".join(names) + " |",
+                "|---|" + "---:|" * len(names),
+            ]
+            for size, r in dec["sizes"].items():
+                cells = [
+                    f"{r['images_per_s'][n]:.1f} ({r['diff_to_plain_8bit'][n]['mean']:.2f})" for n in names
+                ]
+                lines.append(f"| {size} | " + " | ".join(cells) + " |")
+            lines.append("")
+            if "speedup_vs_plain_pil_1600" in dec:
+                g = dec["gpu_workers_1600"]
+                lines.append(
+                    f"- 1600×1200: **{dec['speedup_vs_plain_pil_1600']:.2f}×** plain PIL with "
+                    f"{dec['winner_1600']} (goal 2×); crop-first with up to 2× enlargement "
+                    f"{dec['speedup_crop_first_upscale2_1600']:.2f}× (not used). One GPU training DALG-S at 512 "
+                    f"(~{g['gpu_images_per_s_estimate']:.0f} images/s estimated: {g['gpu_estimate_basis']}) needs "
+                    f"**~{g['workers_needed']:.0f} workers** of this CPU with crop-first decoding."
+                )
+                lines.append("")
     ev = results.get("eval")
     if ev:
         ms = ev["median_ms"]
