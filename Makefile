@@ -67,8 +67,8 @@ eval: install  ## make eval ARGS="ckpt_path=... data=landmarks_mini"
 models: install  ## parameters / GFLOPs / descriptor size of every model config
 	$(PY) src/model_table.py $(ARGS)
 
-# landmarks-mini's database -> a feature store (one per checkpoint, kept), then its queries searched against it:
-# $(DEMO_DIR)/search/{results.json,results.png,report/index.html}
+# landmarks-mini's database -> a feature store (one per checkpoint, kept), then its queries searched against
+# it: $(DEMO_DIR)/search/{results.json,results.png,report/index.html}
 .PHONY: demo
 LANDMARKS_MINI ?= ../shared/data/landmarks-mini
 DEMO_DIR ?= logs/demo

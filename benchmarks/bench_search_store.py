@@ -3,11 +3,11 @@
     python benchmarks/bench_search_store.py [--rows 1000000] [--top-k 100] [--workdir DIR] [--keep]
 
 Builds a tiny checkpoint (dalg_tiny, random weights) and a real store of a few generated photos with
-``src/extract.py``; then a store of ``--rows`` rows: the real rows first, random unit fp16 vectors after, under
-the real store's json (checkpoint sha256 and fingerprint), so search.py accepts it. Runs ``python src/search.py``
-on it in a fresh process (queries: the generated photos, report and grid included; the random rows have no
-image, so their tiles are grey) and reports its peak RSS (the process's own VmHWM as search.py prints it, and
-getrusage of the children) and wall time.
+``src/extract.py``; then a store of ``--rows`` rows: the real rows first, random unit fp16 vectors after,
+under the real store's json (checkpoint sha256 and fingerprint), so search.py accepts it. Runs
+``python src/search.py`` on it in a fresh process (queries: the generated photos, report and grid included;
+the random rows have no image, so their tiles are grey) and reports its peak RSS (the process's own VmHWM as
+search.py prints it, and getrusage of the children) and wall time.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def make_photos(folder: Path, n: int) -> None:
 
 
 def write_big_store(small: Path, big: Path, rows: int, chunk: int = 65536) -> None:
-    """``small``'s rows, then random unit rows up to ``rows``, written with plain file writes (no memory map)."""
+    """``small``'s rows, then random unit rows up to ``rows``, with plain file writes (no memory map)."""
     feats = np.load(f"{small}.npy")
     names = Path(f"{small}.names.txt").read_text().splitlines()
     dim = feats.shape[1]

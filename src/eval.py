@@ -20,6 +20,7 @@ from rich.console import Console
 import dalg.utils.config  # noqa: F401  (registers ${repo_root:})
 from dalg.eval_pipeline import check_outputs, evaluation_report, extraction_record, write_results
 from dalg.lit.module import RetrievalModule
+from dalg.report.browser import check_report_dir, evaluation_browser
 from dalg.retrieval.features import load_distractors
 
 
@@ -27,6 +28,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation described by ``cfg`` (conf/eval.yaml); returns what is written to the JSON."""
     console, ckpt = Console(), str(cfg.ckpt_path)
     features_dir = check_outputs(cfg.output_json, cfg.save_features)  # before anything is computed
+    report_dir = check_report_dir(cfg.output_json) if cfg.report_html else None
     module = RetrievalModule.for_evaluation(ckpt, cfg.scales, cfg.get("inference"), cfg.scale_resize)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup_evaluation(module.input_config, cfg.crop_queries, cfg.test_size)
@@ -39,6 +41,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     report = evaluation_report(callback, ckpt, str(module.device))
     write_results(report, cfg.output_json, callback, datamodule.eval_sets, features_dir, console)
+    if report_dir is not None:  # the static results browser (dalg.report)
+        results = list(callback.last_results.values())
+        page = evaluation_browser(
+            results, report_dir, module.net, title=f"revisited protocol: {ckpt}", **cfg.report
+        )
+        console.print(f"results browser: {page}")
     return report
 
 

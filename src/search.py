@@ -1,7 +1,8 @@
 """Search a feature store (src/extract.py's output) with your own photos.
 
     python src/search.py index=/feats/mine query=photo.jpg top_k=10
-    python src/search.py index=/feats/mine.npy query=/photos/queries/ [ckpt_path=<ckpt>] [database_root=/photos]
+    python src/search.py index=/feats/mine.npy query=/photos/queries/ [ckpt_path=<ckpt>] \
+        [database_root=/photos] [report_html=false]
 
 The query descriptors are extracted exactly as the store's were: the store records the checkpoint (path and
 sha256) and every setting that determines a descriptor (its fingerprint: test size, scales, resize rule,
@@ -9,8 +10,8 @@ inference options, input normalisation); search.py rebuilds the extraction from 
 checkpoint of other content or a preprocessing that comes out different. The store is ranked memory-mapped, in
 chunks (dalg.retrieval.index.search: exact inner product, ties by the lower row), so a 1M-row fp16 store needs
 no more memory than its chunk. Prints each query's ranked results with their similarity and writes, into
-``output_dir``: ``results.json``, ``results.png`` (a result grid) and ``report/index.html`` (the static results
-browser, with the model's attention maps over each query).
+``output_dir``: ``results.json``, ``results.png`` (a result grid) and ``report/index.html`` (the static
+results browser, with the model's attention maps over each query).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""The static results browser (dalg.report): content from an evaluation's per-set result, the page on disk, and
-the page in a real headless Chromium driven by selenium.
+"""The static results browser (dalg.report): content from an evaluation's per-set result, the page on disk,
+and the page in a real headless Chromium driven by selenium.
 
-The browser test needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them when absent) and
-the dev extra ``selenium``. Without them it FAILS, so CI can never pass by skipping it; on a machine without
-Chromium set ``DALG_SKIP_BROWSER=1`` to skip it. The screenshot is kept in ``artifacts/report_browser.png``
+The browser test needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them when absent)
+and the dev extra ``selenium``. Without them it FAILS, so CI can never pass by skipping it; on a machine
+without Chromium set ``DALG_SKIP_BROWSER=1`` to skip it. The screenshot is kept in ``artifacts/report_browser.png``
 (git-ignored) and in the test's tmp folder.
 """
 
@@ -25,7 +25,12 @@ from dalg.report.browser import write_report
 from dalg.report.content import from_search, from_set_result
 from dalg.retrieval.metrics import evaluate_revisited
 from tests.conftest import REPO
-from tests.test_retrieval_eval import tiny_ckpt  # noqa: F401  (fixture: a checkpoint made in the test)
+from tests.test_retrieval_eval import (
+    _compose_eval,
+    _eval_module,
+    _overrides,
+    tiny_ckpt,  # noqa: F401  (fixture: a checkpoint made in the test)
+)
 
 SKIP_ENV = "DALG_SKIP_BROWSER"
 CHROMIUM = ("chromium", "chromium-browser")
@@ -92,7 +97,7 @@ def test_overlays_check_shapes() -> None:
 
 @pytest.fixture(scope="module")
 def heldout_report(tiny_synthetic, tiny_ckpt, tmp_path_factory):  # noqa: F811
-    """The report of the tiny held-out set with a fixed ranking, query boxes and the tiny model's attention."""
+    """The report of the tiny held-out set: a fixed ranking, query boxes, the tiny model's attention."""
     gt = load_ground_truth(tiny_synthetic / "heldout", HELDOUT_NAME)
     rng = np.random.default_rng(0)
     ranks = np.stack([rng.permutation(gt.n_database) for _ in range(gt.n_queries)])
@@ -124,6 +129,22 @@ def test_page_on_disk(heldout_report) -> None:
         else:  # links to the original photos, relative to the page
             assert (page.parent / s).resolve().is_file(), s
     assert "problems</summary>" not in text  # every image was found
+
+
+def test_eval_writes_the_browser(tiny_ckpt, tiny_synthetic, tmp_path) -> None:  # noqa: F811
+    """eval.py report_html=true: the page beside the JSON, one row per query in the JSON's worst-first order."""
+    over = _overrides(tiny_ckpt, tiny_synthetic) + ["report_html=true", "report.attention_size=48"]
+    report = _eval_module().evaluate(_compose_eval(over, tmp_path))
+    page = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
+    (name, res), *_ = report["sets"].items()
+    ap = {s: [np.nan if v is None else v for v in res["per_query_ap"][s]] for s in ("E", "M", "H")}
+    rows = [int(q) for q in re.findall(r'<tr data-target="[^"]+" data-q="(\d+)"', page)]
+    assert sorted(rows) == list(range(len(ap["M"])))
+    m = np.array(ap["M"])[rows]
+    assert np.all(np.diff(m[~np.isnan(m)]) >= 0)  # worst first by AP Medium
+    assert f"{res['scores']['mAP_M']:.2f}" in page  # the E/M/H table
+    assert page.count('<div class="qbox"') == len(rows)  # cropped queries: each shows its box
+    assert page.count('<div class="attention">') == len(rows) and "problems</summary>" not in page
 
 
 def _driver():

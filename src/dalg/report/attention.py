@@ -1,7 +1,7 @@
 """The model's attention maps over a query, as coloured overlays for the report.
 
-The report takes any ``AttentionFn`` (PIL image -> ``{"image": uint8 HxWx3, <title>: float map in [0, 1]}``, the
-format of the code base's attention-map function); :func:`model_attention` binds that function to a network.
+The report takes any ``AttentionFn`` (PIL image -> ``{"image": uint8 HxWx3, <title>: float map in [0, 1]}``,
+the format of the code base's attention-map function); :func:`model_attention` binds it to a network.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Write the static results browser: ``<out_dir>/index.html`` + ``thumbs/`` + ``attention/``.
 
 One page, no server: it opens from the file system (file://) with every image a relative link to a thumbnail
-written beside it, the style and the script inline (no CDN). For each set: the protocol options, the E/M/H table,
-then one row per query (AP E/M/H, worst first); clicking a row shows that query: its image with the query box,
-the model's attention maps, its top-k with rank and label colour, and the positives it missed with their ranks.
+written beside it, the style and the script inline (no CDN). For each set: the protocol options, the E/M/H
+table, then one row per query (AP E/M/H, worst first); clicking a row shows that query: its image with the
+query box, the model's attention maps, its top-k with rank and label colour, and the positives it missed with
+their ranks.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from dalg.data.images import ImageReadError, load_rgb
-from dalg.report.attention import AttentionFn, overlays
-from dalg.report.content import SETUPS, Hit, QueryEntry, ReportSet
+from dalg.report.attention import AttentionFn, model_attention, overlays
+from dalg.report.content import SETUPS, Hit, QueryEntry, ReportSet, from_set_result
 from dalg.report.thumbs import Thumbnails, save_image
 from dalg.utils.atomic import write_text_atomic
+from dalg.utils.writable import check_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,9 @@ class ReportWriter:
                 f"left:{100 * x0 / thumb.width:.3f}%;top:{100 * y0 / thumb.height:.3f}%;"
                 f"width:{100 * (x1 - x0) / thumb.width:.3f}%;height:{100 * (y1 - y0) / thumb.height:.3f}%"
             )
-            box = f'<div class="qbox" style="{style}" title="query box {[round(v) for v in q.box]}"></div>'
+            what = "the model saw this crop" if q.cropped else "not cropped: the model saw the whole image"
+            tip = f"query box {[round(v) for v in q.box]}: {what}"
+            box = f'<div class="qbox" style="{style}" title="{_e(tip)}"></div>'
         href = _e(os.path.relpath(q.path, self.out_dir))
         return (  # the box is placed in percent of a wrapper exactly the image's size
             f'<div class="tile query"><div class="qimg"><a href="{href}"><img loading="lazy" '
@@ -122,7 +126,7 @@ class ReportWriter:
             return ""
         try:
             img = load_rgb(q.path)
-            if q.box is not None:  # the model saw the query cropped to its box
+            if q.cropped:  # the model saw the query cropped to its box
                 img = img.crop(tuple(round(v) for v in q.box))
             panels = overlays(self.attention(img))
         except (ImageReadError, OSError, ValueError, RuntimeError) as e:
@@ -151,7 +155,8 @@ class ReportWriter:
                 for h in q.missed:
                     where = f"rank {h.rank}" if h.rank is not None else f"beyond rank {rs.kept_ranks}"
                     mt.append(self._tile(rs, h, f"{_e(h.label)} · {where}"))
-                missed = f'<h4>missed positives ({len(q.missed)})</h4><div class="tiles missed">{"".join(mt)}</div>'
+                missed = f'<h4>missed positives ({len(q.missed)})</h4><div class="tiles missed">'
+                missed += "".join(mt) + "</div>"
             else:
                 missed = '<h4>missed positives</h4><p class="none">none: every positive is in the top-k</p>'
         return (
@@ -244,5 +249,28 @@ def write_report(
     attention: AttentionFn | None = None,
     thumb_size: int = 192,
 ) -> Path:
-    """The results browser of ``sets`` in ``out_dir`` (see the module doc); returns ``<out_dir>/index.html``."""
+    """The results browser of ``sets`` in ``out_dir`` (see the module doc); returns its index.html."""
+    return ReportWriter(out_dir, attention, thumb_size).write(sets, title, header)
+
+
+def check_report_dir(output_json: str | os.PathLike) -> Path:
+    """eval.py's report folder (``report/`` beside the results JSON), checked before any extraction."""
+    return check_writable_dir(Path(output_json).parent / "report", "report_html")
+
+
+def evaluation_browser(
+    results: Sequence[Any],
+    out_dir: str | os.PathLike,
+    net: object | None = None,
+    top_k: int = 10,
+    attention_size: int | None = 224,
+    thumb_size: int = 192,
+    title: str = "revisited protocol",
+    header: str = "",
+) -> Path:
+    """The browser of an evaluation: one section per set result (``dalg.retrieval.evaluation.SetResult``),
+    with the attention maps of ``net`` over each query (as the model saw it) when ``net`` and
+    ``attention_size`` are given."""
+    attention = model_attention(net, int(attention_size)) if net is not None and attention_size else None
+    sets = [from_set_result(r, top_k) for r in results]
     return ReportWriter(out_dir, attention, thumb_size).write(sets, title, header)

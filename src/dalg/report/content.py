@@ -1,9 +1,9 @@
 """What the results browser shows, as plain data: one :class:`ReportSet` per evaluation set or search.
 
-Built from an evaluation's per-set result (:func:`from_set_result`: ranks, ground truth, E/M/H scores) or from a
-search without ground truth (:func:`from_search`). Labels follow the revisited protocol (protocol.md): a database
-image is ``easy``, ``hard`` or ``junk`` for a query by its ground truth, ``negative`` otherwise; search results
-have no ground truth and are ``result``.
+Built from an evaluation's per-set result (:func:`from_set_result`: ranks, ground truth, E/M/H scores) or
+from a search without ground truth (:func:`from_search`). Labels follow the revisited protocol (protocol.md):
+a database image is ``easy``, ``hard`` or ``junk`` for a query by its ground truth, ``negative`` otherwise;
+search results have no ground truth and are ``result``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ LABELS = ("easy", "hard", "junk", "negative", "result")
 
 @dataclass
 class Hit:
-    """One database image in a query's list: its 1-based rank (None: beyond the ranks kept), the database index
-    (images past the set's own database are distractors), its similarity when known, and its label."""
+    """One database image in a query's list: its 1-based rank (None: beyond the ranks kept), the database
+    index (images past the set's own database are distractors), its similarity when known, and its label."""
 
     db: int
     rank: int | None
@@ -35,10 +35,11 @@ class QueryEntry:
     index: int  # the query's position in its set
     name: str
     path: str | None
-    box: list[float] | None  # x0, y0, x1, y1 in the upright image's pixels (the query crop)
+    box: list[float] | None  # x0, y0, x1, y1 in the upright image's pixels (the ground truth's bbx)
     ap: dict[str, float | None] | None  # per setup, None where the setup has no positive for this query
     results: list[Hit]
     missed: list[Hit] = field(default_factory=list)  # positives not in ``results``, with their ranks if kept
+    cropped: bool = False  # the model saw the query cropped to ``box`` (the protocol's default)
 
 
 @dataclass
@@ -55,7 +56,7 @@ class ReportSet:
     notes: list[str] = field(default_factory=list)
 
     def worst_first(self) -> list[QueryEntry]:
-        """Queries by ascending AP (Medium, then Hard, then Easy), queries without any AP last, then by index."""
+        """Queries by ascending AP (Medium, then Hard, then Easy); queries without any AP last."""
 
         def key(q: QueryEntry) -> tuple:
             ap = q.ap or {}
@@ -71,7 +72,7 @@ def _finite_or_none(v: float) -> float | None:
 
 
 def score_table(scores: Any) -> dict[str, dict[str, float]]:
-    """E/M/H rows of ``RevisitedScores`` (``map``, ``mpk`` in percent): {"E": {"mAP": .., "mP@1": ..}, ...}."""
+    """E/M/H rows of ``RevisitedScores`` (``map``, ``mpk`` in percent): {"E": {"mAP": .., ...}, ...}."""
     table = {}
     for s in SETUPS:
         row = {"mAP": float(scores.map[s])}
@@ -100,7 +101,8 @@ def from_set_result(result: Any, top_k: int = 10) -> ReportSet:
     if len(result.gnd) != n_q:
         raise ValueError(f"set {result.name}: {len(result.gnd)} ground-truth entries for {n_q} queries")
     top_k = max(1, min(int(top_k), ranks.shape[1]))
-    boxes = result.query_boxes or [None] * n_q
+    cropped = result.query_boxes is not None  # None: queries were not cropped; the gnd's box is still shown
+    boxes = result.query_boxes if cropped else [g.get("bbx") for g in result.gnd]
     aps = result.scores.aps
     queries = []
     for q in range(n_q):
@@ -126,6 +128,7 @@ def from_set_result(result: Any, top_k: int = 10) -> ReportSet:
                 ap={s: _finite_or_none(aps[s][q]) for s in SETUPS if s in aps},
                 results=shown,
                 missed=missed,
+                cropped=cropped and box is not None,
             )
         )
     notes = []
@@ -153,7 +156,7 @@ def from_search(
     database_names: Sequence[str],
     protocol: Mapping[str, Any] | None = None,
 ) -> ReportSet:
-    """The browser's view of a search without ground truth: each query's ranked results with their similarity."""
+    """The browser's view of a search without ground truth: each query's results with their similarity."""
     ranks, scores = np.asarray(ranks), np.asarray(scores)
     if ranks.shape != scores.shape or ranks.ndim != 2 or ranks.shape[0] != len(query_paths):
         raise ValueError(

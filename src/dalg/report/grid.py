@@ -1,4 +1,4 @@
-"""A search's result grid as one PNG: per query a row, the query (blue) then its ranked results with scores."""
+"""A search's result grid as one PNG: a row per query, the query (blue) then its results with scores."""
 
 from __future__ import annotations
 
