@@ -19,6 +19,7 @@ from dalg.retrieval.whitening import (
     whitening_from_arrays,
     whitening_paths,
 )
+from tests.test_retrieval_eval import tiny_ckpt  # noqa: F401  (fixture)
 
 
 def _cov(x: np.ndarray) -> np.ndarray:
@@ -201,3 +202,75 @@ class _Boom:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+# ------------------------------------------------------------------------------------------- src/whiten.py
+def _whiten_entry():
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("dalg_whiten_entry", REPO / "src" / "whiten.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run_whiten(overrides: list[str], out_dir):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="whiten", overrides=overrides)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out_dir)
+        return _whiten_entry().whiten(cfg)  # inside the context: it composes conf/extract.yaml
+
+
+def test_whiten_cli_learns_lw_and_pca_for_a_checkpoint(tiny_ckpt, tiny_synthetic, tmp_path, capsys):  # noqa: F811
+    from dalg.retrieval.features import load_features
+    from tests.conftest import tiny_data_overrides
+
+    data = [o for o in tiny_data_overrides(tiny_synthetic) if o.startswith("data.")]
+    base = [
+        f"ckpt_path={tiny_ckpt}",
+        "data=synthetic",
+        *data,
+        "num_workers=0",
+        "accelerator=cpu",
+        "test_size=64",
+    ]
+    out = _run_whiten([*base, "method=lw", f"output={tmp_path / 'lw'}", "max_images_per_class=3"], tmp_path)
+    w = load_whitening(out)
+    assert w.meta["method"] == "lw" and w.meta["learned_on"]["classes"] == 12
+    assert w.meta["learned_on"]["pairs"] == 12 * 3  # 3 images per class: 3 pairs each
+    store = load_features(tmp_path / "lw.descriptors")
+    assert len(store) == 36 and w.meta["descriptor_fingerprint"] == store.meta["fingerprint"]
+    assert w.meta["checkpoint_sha256"] == store.meta["fingerprint"]["checkpoint_sha256"]
+    assert "lw.npz" in capsys.readouterr().out
+    # applied to this checkpoint's descriptors: unit rows; another checkpoint's: refused
+    whitened = whiten_descriptors(store.features, w, "database", w.meta["checkpoint_sha256"])
+    np.testing.assert_allclose(np.linalg.norm(whitened, axis=1), 1.0, atol=1e-5)
+
+    pca = load_whitening(
+        _run_whiten(
+            [
+                *base,
+                "method=pca",
+                f"features={tmp_path / 'lw.descriptors'}",
+                f"output={tmp_path / 'pca'}",
+                "dim=16",
+            ],
+            tmp_path,
+        )
+    )
+    assert (
+        pca.dim_out == 16 and pca.meta["options"]["power"] == 0.5 and pca.meta["learned_on"]["images"] == 36
+    )
+
+    with pytest.raises(ValueError, match="method=lw learns from the training classes"):
+        _run_whiten([*base, "method=lw", f"features={tmp_path / 'lw.descriptors'}"], tmp_path)
+    with pytest.raises(ValueError, match="method='zca'"):
+        _run_whiten([*base, "method=zca"], tmp_path)
