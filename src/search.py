@@ -47,6 +47,7 @@ from dalg.report.content import from_search  # noqa: E402
 from dalg.report.grid import search_grid  # noqa: E402
 from dalg.retrieval.features import FeatureStore, fingerprint_differences, load_features  # noqa: E402
 from dalg.retrieval.index import search  # noqa: E402
+from dalg.retrieval.whitening import Whitening, load_whitening, whiten_descriptors  # noqa: E402
 from dalg.utils.atomic import atomic_replace, write_json_atomic  # noqa: E402
 from dalg.utils.run_metadata import file_sha256  # noqa: E402
 from extract import descriptor_fingerprint, list_images  # noqa: E402
@@ -179,6 +180,34 @@ def extract_queries(
     return out, module
 
 
+def search_store(
+    queries: np.ndarray,
+    features: np.ndarray,
+    k: int,
+    chunk_size: int,
+    use_gpu: bool | None = None,
+    whitening: Whitening | None = None,
+    checkpoint_sha256: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows) of the top-``k`` store rows per query. With a whitening, queries and store rows are
+    whitened alike (dalg.retrieval.whitening), the store ``chunk_size`` rows at a time (a whitened copy of a 1M
+    store would not fit the memory budget); the chunks' top-k lists merge with ties by the lower row, as
+    dalg.retrieval.index.search ranks."""
+    if whitening is None:
+        return search(queries, features, k, chunk_size=chunk_size, use_gpu=use_gpu)
+    q = whiten_descriptors(queries, whitening, "the queries", checkpoint_sha256)
+    whitening.check_applies(features.shape[1], checkpoint_sha256, "the store's descriptors")
+    best_s = np.zeros((len(q), 0), dtype=np.float32)
+    best_i = np.zeros((len(q), 0), dtype=np.int64)
+    for start in range(0, features.shape[0], chunk_size):
+        part = whitening.apply(features[start : start + chunk_size])
+        s, i = search(q, part, min(k, len(part)), chunk_size=chunk_size, use_gpu=use_gpu)
+        cat_s, cat_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i + start], 1)
+        order = np.lexsort((cat_i, -cat_s), axis=-1)[:, :k]
+        best_s, best_i = np.take_along_axis(cat_s, order, 1), np.take_along_axis(cat_i, order, 1)
+    return best_s, best_i
+
+
 def database_root(store: FeatureStore, cfg: DictConfig) -> Path:
     """Where the store's image names are relative to: ``database_root``, else the folder it was extracted from
     (a list file's folder when it was extracted from a list)."""
@@ -204,14 +233,16 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     )  # bad paths are named before anything is loaded
     store = open_index(cfg.index)
     ckpt = checkpoint_for(store, cfg.index, cfg.get("ckpt_path"))
+    whitening = load_whitening(os.path.expanduser(str(cfg.whitening))) if cfg.get("whitening") else None
     out_dir = Path(os.path.expanduser(str(cfg.output_dir)))
     out_dir.mkdir(parents=True, exist_ok=True)
 
     queries, module = extract_queries(store, cfg.index, ckpt, names, root, cfg)
     t_extract = time.perf_counter()
     k = min(top_k, len(store))
-    scores, ranks = search(
-        queries, store.features, k, chunk_size=int(cfg.chunk_size), use_gpu=cfg.get("use_gpu")
+    sha = store.meta["fingerprint"]["checkpoint_sha256"]
+    scores, ranks = search_store(
+        queries, store.features, k, int(cfg.chunk_size), cfg.get("use_gpu"), whitening, sha
     )
     t_search = time.perf_counter()
 
@@ -223,6 +254,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(ckpt),
         "top_k": k,
         "database_root": str(db_paths.root),
+        "whitening": whitening.describe() if whitening is not None else None,
         "queries": [
             {
                 "query": query_paths[q],
@@ -253,7 +285,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             scores,
             db_paths,
             store.names,
-            protocol={"index": str(cfg.index), "images": len(store), "checkpoint": str(ckpt), "top_k": k},
+            protocol={key: results[key] for key in ("index", "images", "checkpoint", "top_k", "whitening")},
         )
         size = cfg.report.get("attention_size")
         attention = model_attention(module.net, int(size)) if size else None

@@ -116,6 +116,37 @@ def test_search_one_image_from_the_command_line(store, tmp_path) -> None:
     assert not (out / "report").exists()
 
 
+def test_whitened_search_equals_brute_force(store, tmp_path) -> None:
+    from dalg.retrieval.whitening import Whitening, learn_pca, save_whitening
+
+    stem, root = store
+    db = load_features(stem)
+    rows = db.features.astype(np.float32)
+    mean, proj, _ = learn_pca(rows, dim=4, shrinkage=0.1)
+    sha = json.loads(Path(f"{stem}.json").read_text())["meta"]["fingerprint"]["checkpoint_sha256"]
+    npz = save_whitening(tmp_path / "w", Whitening(mean, proj, {"method": "pca", "checkpoint_sha256": sha}))
+    search = _entry("search")
+    res = search.run_search(  # two chunks of 4 and 2 rows: their top-k lists merge
+        _search_cfg(
+            stem, root / "db" / "img2.jpg", tmp_path / "o", "top_k=5", "chunk_size=4", f"whitening={npz}"
+        )
+    )
+    white = (rows - mean) @ proj.T
+    white /= np.linalg.norm(white, axis=1, keepdims=True)
+    q = white[db.names.index("img2.jpg")]  # the query's descriptor is its stored twin's (fp16 rounding aside)
+    expect = np.lexsort((np.arange(len(rows)), -(white @ q)))[:5]
+    got = res["queries"][0]["results"]
+    assert [r["row"] for r in got] == expect.tolist()
+    assert [r["score"] for r in got] == pytest.approx((white @ q)[expect], abs=5e-3)
+    assert res["whitening"]["method"] == "pca" and res["whitening"]["dim"] == [rows.shape[1], 4]
+
+    other = save_whitening(
+        tmp_path / "x", Whitening(mean, proj, {"method": "pca", "checkpoint_sha256": "0" * 64})
+    )
+    with pytest.raises(ValueError, match="learnt on descriptors of checkpoint sha256 000000000000"):
+        search.run_search(_search_cfg(stem, root / "db" / "img2.jpg", tmp_path / "o", f"whitening={other}"))
+
+
 def test_another_checkpoint_is_refused(store, tmp_path) -> None:
     stem, root = store
     other = tmp_path / "other.ckpt"
