@@ -15,23 +15,11 @@ from lightning_fabric.utilities.cloud_io import get_filesystem
 from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from dalg.utils.atomic import mkstemp_shared
+from dalg.utils.atomic import atomic_replace
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = mkstemp_shared(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # 0666 & ~umask
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_replace(lambda f: torch.save(obj, f), path)  # 0666 & ~umask, fsynced
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -17,6 +17,8 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.utilities import rank_zero_only
 
+from dalg.utils.atomic import atomic_replace
+
 
 class _AppendingWriter(ExperimentWriter):
     keep_until_step: int | None = None
@@ -31,12 +33,13 @@ class _AppendingWriter(ExperimentWriter):
         limit = self.keep_until_step
         if limit is not None:
             rows = [r for r in rows if not r.get("step") or int(float(r["step"])) < limit]
-        tmp = self.metrics_file_path + ".tmp"
-        with open(tmp, "w", newline="") as f:
+
+        def write(f) -> None:
             writer = csv.DictWriter(f, fieldnames=header)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.metrics_file_path)
+
+        atomic_replace(write, self.metrics_file_path, mode="w")
         self.metrics_keys = sorted(header)
 
 

@@ -8,7 +8,7 @@ Format (version 1). A store called ``<stem>`` (given as ``<stem>`` or ``<stem>.n
 * ``<stem>.json``       -- ``{"format": "dalg-features", "version": 1, "count": N, "dim": D,
                            "dtype": "float16", "meta": {...}}``; written last, it marks the store complete.
 
-Every file is written to a temporary file in the same folder and moved into place with ``os.replace``.
+Every file is written to a temporary file in the same folder and moved into place (``dalg.utils.atomic``).
 
 Resuming: :class:`FeatureWriter` writes the rows of a known image list (row ``i`` = ``names[i]``) and keeps
 finished work in ``<stem>.partial/`` as shards named by the rows they hold: ``rows_000000-004095.npy`` +
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from dalg.utils.atomic import atomic_replace, mkstemp_shared
+from dalg.utils.atomic import atomic_path, atomic_replace
 
 FORMAT = "dalg-features"
 VERSION = 1
@@ -439,11 +439,7 @@ class FeatureWriter:
         n = len(keep)
         if self.json_path.exists():
             self.json_path.unlink()
-        fd, tmp = mkstemp_shared(  # 0666 & ~umask, as open() would give, not mkstemp's 0600
-            prefix=f".{self.array_path.name}.", suffix=".tmp", dir=self.array_path.parent
-        )
-        os.close(fd)
-        try:
+        with atomic_path(self.array_path) as tmp:  # streamed into a memory map, then moved into place
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype, shape=(n, self.dim))
             for arr, rows in sorted(shards.items(), key=lambda item: int(item[1][0])):
                 part = np.load(arr, mmap_mode="r")  # one shard in memory at a time
@@ -452,11 +448,6 @@ class FeatureWriter:
                 out[dest[kept]] = part[kept]
             out.flush()
             del out
-            os.replace(tmp, self.array_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         _write_names([self.names[r] for r in keep.tolist()], self.names_path)
         skipped_list = [
             {"name": k, "reason": v}

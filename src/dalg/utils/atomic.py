@@ -12,7 +12,8 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,22 +45,35 @@ def mkstemp_shared(prefix: str, suffix: str, dir: str | os.PathLike) -> tuple[in
     return fd, tmp
 
 
-def atomic_replace(write: Callable[[IO], None], final: str | os.PathLike, mode: str = "wb") -> Path:
-    """Write through ``write(fileobj)`` into a temp file beside ``final``, fsync, then move it into place."""
+def atomic_replace(
+    write: Callable[[IO], None], final: str | os.PathLike, mode: str = "wb", fsync: bool = True
+) -> Path:
+    """Write through ``write(fileobj)`` into a temp file beside ``final``, fsync, then move it into place.
+    ``fsync=False`` for files that are cheap to redo (thumbnails), where hundreds of fsyncs would dominate."""
+    with atomic_path(final) as tmp:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+            write(f)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+    return Path(final)
+
+
+@contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """A temp file's path beside ``final`` (mode 0666 & ~umask), for writers that need a file name (NumPy memory
+    maps, libraries that open the file themselves): moved into place when the block ends, removed on an error."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = mkstemp_shared(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, final)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return final
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:

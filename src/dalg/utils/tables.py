@@ -1,4 +1,4 @@
-"""Rich tables of retrieval scores, printed the same way by training, evaluation and comparisons."""
+"""The before/after table of a training run (per-set scores: dalg.retrieval.evaluation.print_results)."""
 
 from __future__ import annotations
 
@@ -6,29 +6,6 @@ from collections.abc import Mapping
 
 from rich.console import Console
 from rich.table import Table
-
-
-def print_scores_table(
-    results: Mapping[str, object],
-    title: str,
-    options: Mapping[str, str] | None = None,
-    console: Console | None = None,
-) -> None:
-    """One row per (set, setup): mAP and mP@k in percent, as in the Revisited papers' tables."""
-    table = Table(title=title)
-    for col in ("set", "setup", "mAP", "mP@1", "mP@5", "mP@10", "options"):
-        table.add_column(col, justify="left" if col in ("set", "options") else "right")
-    for name, scores in results.items():
-        for setup in ("E", "M", "H"):
-            mpk = scores.mpk[setup]
-            table.add_row(
-                name if setup == "E" else "",
-                setup,
-                f"{scores.map[setup]:.2f}",
-                *(f"{mpk[k]:.2f}" for k in (1, 5, 10)),
-                (options or {}).get(name, "") if setup == "E" else "",
-            )
-    (console or Console()).print(table)
 
 
 def print_comparison_table(
