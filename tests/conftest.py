@@ -27,13 +27,21 @@ TINY_SYNTHETIC = dict(
 )
 
 
-def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
-    """The real ``conf/train.yaml`` with overrides, and ``paths.output_dir`` (a Hydra runtime value) set."""
+def compose_config(config_name: str, overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    """A real config of ``conf/`` (``train``, ``eval``, ``extract``, ``model/backbone/vit_small``...) with
+    command-line overrides; ``paths.output_dir`` (a Hydra runtime value) set when given. Models alone:
+    ``dalg.factory.model_config`` / ``dalg.create_model``."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
+        cfg = compose(config_name=config_name, overrides=overrides)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
+    """The real ``conf/train.yaml`` with overrides, and ``paths.output_dir`` set."""
+    return compose_config("train", overrides, output_dir)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ import pytest
 import pytorch_lightning as pl
 import timm
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from PIL import Image
@@ -24,19 +23,15 @@ from dalg.data.transforms import eval_transform, holdout_transform, train_transf
 from dalg.lit.module import RetrievalModule
 from dalg.tools.model_table import main as model_table
 from dalg.utils.input_config import IMAGENET_MEAN, IMAGENET_STD, InputConfig
-from tests.conftest import CONF, TINY_SYNTHETIC, compose_train
+from tests.conftest import CONF, TINY_SYNTHETIC, compose_config, compose_train
 
 BACKBONES = sorted(p.stem for p in (CONF / "model" / "backbone").glob("*.yaml"))
 PIL_RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 def _backbone(name: str, overrides: list[str] | None = None):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        # the input config comes from timm's record whether or not the weights are loaded (none offline)
-        cfg = compose(
-            config_name=f"model/backbone/{name}",
-            overrides=["model.backbone.pretrained=false"] + (overrides or []),
-        )
+    # the input config comes from timm's record whether or not the weights are loaded (none offline)
+    cfg = compose_config(f"model/backbone/{name}", ["model.backbone.pretrained=false"] + (overrides or []))
     with torch.device("meta"):  # nothing allocated: ViT-B and ResNet-101 build in a blink
         return hydra.utils.instantiate(cfg.model.backbone), cfg.model.backbone
 
@@ -64,7 +59,7 @@ def test_every_backbone_config_gets_timms_data_config_in_every_transform() -> No
             assert tuple(norm.mean) == pytest.approx(timm_cfg["mean"]) and tuple(norm.std) == pytest.approx(
                 timm_cfg["std"]
             ), name
-            resize = ops.get(T.RandomResizedCrop) or ops[T.Resize]
+            resize = next(op for op in tf.transforms if isinstance(op, (T.RandomResizedCrop, T.Resize)))
             assert resize.interpolation.value == timm_cfg["interpolation"], name
 
         # the eval transform's output is PIL's resize with timm's interpolation, normalised with timm's mean/std
