@@ -5,11 +5,14 @@ Sections (each writes experiments/bench/<section>.json; the markdown table goes 
               scales, same photos, variants interleaved; before (plain) and after (dalg.inference) figures;
               the dense matmul GFLOP/s of the machine measured between rounds
   train       training-step images/s and peak memory of the tiny CPU config (model=dalg_tiny)
-  loader      benchmarks/bench_loader.py (data engineer's) at the tiny config's sizes, run as a subprocess
+  loader      benchmarks/bench_loader.py (data engineer's) at the tiny config's sizes, then bench_decode.py
+              (640x480 / 1024x768 / 1600x1200 JPEGs to 512 per decoder, one worker), as subprocesses (~2 min)
   eval        revisited mAP from given similarities, 70 x 5,000: dalg.retrieval vs a per-query NumPy reference
   search_1m   benchmarks/bench_search_1m.py (70 queries vs 5,000 + 1M distractors), run as a subprocess
+  scaling     (opt-in: --sections scaling, ~4 min) benchmarks/bench_scaling.py: extraction vs image side, search
+              time/RSS vs database size, evaluation vs queries x database -> scaling.json + scaling.png
 
-    python benchmarks/run_all.py                 # everything, compile rows included (~12 min on 2 idle cores)
+    python benchmarks/run_all.py                 # the five default sections (~13 min on 2 idle cores)
     python benchmarks/run_all.py --no-compile    # without torch.compile (~6 min less)
     python benchmarks/run_all.py --skip-1m       # without the 1M search
     python benchmarks/run_all.py --quick --out /tmp/bench   # tiny configs, seconds (tests use this)
@@ -40,7 +43,8 @@ from measure import load_average, machine_facts  # noqa: E402
 
 from dalg.inference import InferenceOptions  # noqa: E402
 
-SECTIONS = ("extraction", "train", "loader", "eval", "search_1m")
+SECTIONS = ("extraction", "train", "loader", "eval", "search_1m", "scaling")
+DEFAULT_SECTIONS = SECTIONS[:5]  # scaling is opt-in: make bench stays within its 15 minutes
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "landmarks-mini" / "jpg"
 
 
@@ -194,6 +198,18 @@ def run_loader(args) -> dict[str, Any]:
     for key in ("speedup_vs_plain_pil_1600", "winner_1600", "gpu_workers_1600"):
         if key in dec:
             res[key] = dec[key]
+    return res
+
+
+def run_scaling(args) -> dict[str, Any]:
+    """bench_scaling.py in its own process (its search RSS is its own); writes scaling.{json,png} into --out."""
+    cmd = ["benchmarks/bench_scaling.py", *(["--quick"] if args.quick else []), "--out", str(args.out)]
+    proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    print(proc.stdout.rstrip(), flush=True)
+    res = json.loads((args.out / "scaling.json").read_text())
+    res["command"] = "python " + " ".join(cmd[:-2])
     return res
 
 
@@ -455,6 +471,30 @@ def markdown(results: dict[str, Any], command: str) -> str:
                 f"{ex['max_gap']:.1e} (tolerance 1e-6: fp32 rounding of near-ties).",
                 "",
             ]
+    sc = results.get("scaling")
+    if sc:
+        lines += [
+            *_section("Scaling curves (bench_scaling.py)", sc),
+            "![scaling curves](scaling.png)",
+            "",
+            "| model @ scales | side px | ms / image | GFLOPs / image |",
+            "|---|---:|---:|---:|",
+        ]
+        for r in sc["extraction"]:
+            lines.append(
+                f"| {r['model']}@{len(r['scales'])} | {r['side']} | {r['seconds'] * 1e3:.0f} | {r['gflops']:.1f} |"
+            )
+        lines += [
+            "",
+            "| database rows (top-1000, 70 queries) | search s | peak RSS GiB |",
+            "|---:|---:|---:|",
+        ]
+        for r in sc["search"]:
+            lines.append(f"| {r['n_database']:,} | {r['seconds']:.3f} | {r['peak_rss_gib']:.2f} |")
+        lines += ["", "| queries × database (full ranking) | ms |", "|---|---:|"]
+        for r in sc["evaluation"]:
+            lines.append(f"| {r['n_queries']} × {r['n_database']:,} | {r['seconds'] * 1e3:.1f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -466,7 +506,11 @@ def main(argv: list[str] | None = None) -> int:
         "--table-only", action="store_true", help="only rebuild results.md from the JSONs in --out"
     )
     ap.add_argument("--skip-loader", action="store_true", help="skip the training-loader benchmark")
-    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
+    ap.add_argument(
+        "--sections",
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"comma list of {SECTIONS} (default: all but scaling)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "experiments" / "bench")
     ap.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -532,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "loader": lambda: run_loader(args),
         "search_1m": lambda: run_search_1m(args),
+        "scaling": lambda: run_scaling(args),
     }
     for name in sections:
         load_start = load_average()

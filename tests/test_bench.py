@@ -158,3 +158,15 @@ def test_search_section_records_gemm_bound_and_exactness(tmp_path):
     assert s1["fraction_of_gemm_bound"] == pytest.approx(bound, rel=0.05)
     assert s1["exactness_vs_fp32"]["max_gap"] <= 1e-6 and s1["exactness_vs_fp32"]["places"] == 3 * s1["k"]
     assert "GEMM bound" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow  # ~30 s: tiny models at 64/128 px, 2k/8k-row search, 4 small evaluations
+def test_scaling_section_writes_curves(tmp_path):
+    assert run_all.main(["--quick", "--sections", "scaling", "--out", str(tmp_path)]) == 0
+    sc = json.loads((tmp_path / "scaling.json").read_text())
+    assert (tmp_path / "scaling.png").stat().st_size > 10_000
+    assert [r["n_database"] for r in sc["search"]] == [2_000, 8_000]
+    assert all(r["seconds"] > 0 and r["peak_rss_gib"] > 0 for r in sc["search"])
+    sides = {(r["model"], r["side"]): r["gflops"] for r in sc["extraction"]}
+    assert sides[("dalg_tiny", 128)] > 3 * sides[("dalg_tiny", 64)]  # ~4x the pixels, counted
+    assert "Scaling curves" in (tmp_path / "results.md").read_text()
