@@ -201,3 +201,18 @@ def test_documented_command_adds_your_own_evaluation_set_while_training(tmp_path
     (tmp_path / "q.csv").unlink()
     with pytest.raises(ConfigError, match=r"data\.eval_sets\.mine: .*q\.csv not found \(required: true\)"):
         check_paths(cfg)
+
+
+def test_an_evaluation_set_without_target_is_an_error_naming_it(tmp_path):
+    from dalg.utils.config_checks import check_paths
+    from tests.conftest import compose_train
+
+    cfg = compose_train(["+data.eval_sets.old={data_dir:/x,gnd_name:y,test_size:64}"], tmp_path / "out")
+    with pytest.raises(
+        ConfigError, match=r"data\.eval_sets\.old is not an evaluation-set spec: give it a _target_"
+    ):
+        check_paths(cfg)
+    with pytest.raises(
+        ValueError, match=r"data\.eval_sets\.old: expected an evaluation-set spec with a _target_"
+    ):
+        RetrievalDataModule(eval_sets={"old": {"data_dir": "/x", "gnd_name": "y", "test_size": 64}})

@@ -58,6 +58,11 @@ def check_paths(cfg: DictConfig) -> None:
             continue
         # the typed spec (dalg.data.eval_spec.EvalSetSpec, by its _target_) knows which files define the set
         spec = hydra.utils.instantiate(node, _convert_="all")
+        if not callable(getattr(spec, "definition_files", None)):
+            raise ConfigError(
+                f"data.eval_sets.{name} is not an evaluation-set spec: give it a _target_ "
+                f"(dalg.data.revisited.RevisitedSet or dalg.data.folder.QueryCsvSet, see conf/data/eval/*.yaml)"
+            )
         files = spec.definition_files()
         generated = data.get("generator") is not None and all(
             str(p).startswith(str(root)) for p in files.values()
