@@ -16,8 +16,8 @@ from dalg.utils.writable import check_writable_dir, check_writable_file
 
 
 def test_scales(module: RetrievalModule) -> list[float]:
-    """The scales descriptors are extracted at: the evaluation's ``scales``, else the network's own, else 1."""
-    return [float(s) for s in module.eval_scales or getattr(module.net, "scales", None) or [1.0]]
+    """The scales descriptors are extracted at (``RetrievalModule.test_scales``: the one fallback)."""
+    return list(module.test_scales)
 
 
 def extraction_record(module: RetrievalModule) -> dict[str, Any]:
