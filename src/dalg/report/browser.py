@@ -143,7 +143,7 @@ class ReportWriter:
         anchor = _anchor(rs.name, q.index)
         ap = ""
         if q.ap is not None:
-            ap = " · ".join(f"AP<sub>{s}</sub> {_fmt_ap(q.ap.get(s))}" for s in SETUPS)
+            ap = " · ".join(f"AP<sub>{s}</sub> {_fmt_ap(q.ap.get(s))}%" for s in SETUPS)
         tiles = []
         for h in q.results:
             score = "" if h.score is None else f" · {h.score:.4f}"
@@ -187,7 +187,7 @@ class ReportWriter:
             )
         parts += [f'<p class="note">{_e(n)}</p>' for n in rs.notes]
         if rs.table is not None:
-            heads = "".join(f"<th>AP {s}</th>" for s in SETUPS)
+            heads = "".join(f"<th>AP {s} (%)</th>" for s in SETUPS)
             order = rs.worst_first()
             caption = "queries, worst first (by AP Medium): click a row to see its results"
         else:
