@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=HERE.parent / "experiments" / "bench")
     ap.add_argument("--workdir", type=Path, default=None, help="where the database file goes (default: temp)")
+    ap.add_argument(
+        "--reps", type=int, default=2, help="timed extraction calls per point (best of; after warm-up)"
+    )
     args = ap.parse_args(argv)
     if args.quick:
         models = [("dalg_tiny", (1.0,)), ("dolg_tiny", (1.0,))]
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         five = bench_extraction.DOLG_SCALES
         models = [("dalg_cross", (1.0,)), ("dolg_r50", (1.0,)), ("dolg_r50", five)]
-        sides, reps = [256, 384, 512, 768, 1024], 2
+        sides, reps = [256, 384, 512, 768, 1024], args.reps
         sizes = [10_000, 30_000, 100_000, 300_000, 1_000_000]
         shapes = [(70, 5_000), (70, 20_000), (70, 80_000), (280, 20_000), (280, 80_000), (560, 80_000)]
     log = lambda s: print(s, flush=True)  # noqa: E731
