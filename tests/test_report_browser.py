@@ -95,6 +95,20 @@ def test_overlays_check_shapes() -> None:
         overlays({"image": image, "spatial attention": np.ones((4, 4))})
 
 
+def test_missing_images_are_listed_not_broken(tmp_path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "q.jpg")
+    Image.new("RGB", (30, 40), (10, 200, 10)).save(tmp_path / "a.jpg")
+    db = [str(tmp_path / "a.jpg"), str(tmp_path / "gone.jpg")]
+    rs = from_search("mine", [str(tmp_path / "q.jpg")], [[1, 0]], [[0.9, 0.5]], db, ["a.jpg", "gone.jpg"])
+    page = write_report(tmp_path / "report", [rs]).read_text(encoding="utf-8")
+    assert "1 problem (images not shown)</summary>" in page and "gone.jpg: file does not exist" in page
+    assert page.count('<div class="missing"') == 1  # a placeholder, never an <img> that fails to load
+    assert len(re.findall(r'<img loading="lazy" src="thumbs/', page)) == 1
+    assert "<td>0.9000</td>" in page  # the search table: top-1 score and name
+
+
 @pytest.fixture(scope="module")
 def heldout_report(tiny_synthetic, tiny_ckpt, tmp_path_factory):  # noqa: F811
     """The report of the tiny held-out set: a fixed ranking, query boxes, the tiny model's attention."""
@@ -128,7 +142,7 @@ def test_page_on_disk(heldout_report) -> None:
             assert (page.parent / s).is_file(), s
         else:  # links to the original photos, relative to the page
             assert (page.parent / s).resolve().is_file(), s
-    assert "problems</summary>" not in text  # every image was found
+    assert "images not shown" not in text  # every image was found
 
 
 def test_eval_writes_the_browser(tiny_ckpt, tiny_synthetic, tmp_path) -> None:  # noqa: F811
@@ -144,7 +158,7 @@ def test_eval_writes_the_browser(tiny_ckpt, tiny_synthetic, tmp_path) -> None:  
     assert np.all(np.diff(m[~np.isnan(m)]) >= 0)  # worst first by AP Medium
     assert f"{res['scores']['mAP_M']:.2f}" in page  # the E/M/H table
     assert page.count('<div class="qbox"') == len(rows)  # cropped queries: each shows its box
-    assert page.count('<div class="attention">') == len(rows) and "problems</summary>" not in page
+    assert page.count('<div class="attention">') == len(rows) and "images not shown" not in page
 
 
 def _driver():

@@ -228,11 +228,10 @@ class ReportWriter:
         if any(rs.table is not None for rs in sets):
             body.append(f'<p class="legend">{legend}</p>')
         if self.errors:
-            shown = "".join(f"<li>{_e(e)}</li>" for e in dict.fromkeys(self.errors))
-            body.append(
-                f'<details class="errors"><summary>{len(self.errors)} problems</summary><ul>{shown}</ul>'
-            )
-            body.append("</details>")
+            unique = list(dict.fromkeys(self.errors))
+            shown = "".join(f"<li>{_e(e)}</li>" for e in unique)
+            summary = f"{len(unique)} problem{'' if len(unique) == 1 else 's'} (images not shown)"
+            body.append(f'<details class="errors"><summary>{summary}</summary><ul>{shown}</ul></details>')
         body += sections
         page = resources.files("dalg.report").joinpath("page.html").read_text(encoding="utf-8")
         page = page.replace("__TITLE__", _e(title)).replace("__BODY__", "\n".join(body))
