@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from dalg.models.multiscale import ScaleResize, effective_scales, multiscale_descriptor
+from dalg.utils.batching import batches_by_shape
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -224,21 +225,15 @@ def optimize_for_inference(
     return InferenceModel(model, options)
 
 
-def group_by_shape(images: Iterable[Tensor], max_batch: int) -> list[tuple[list[int], Tensor]]:
+def group_by_shape(images: Sequence[Tensor], max_batch: int) -> list[tuple[list[int], Tensor]]:
     """Batch images of equal (C, H, W) together (aspect-ratio batching, no padding): [(indices, batch)]."""
     if max_batch < 1:
         raise ValueError(f"group_by_shape: max_batch must be >= 1, got {max_batch}")
-    groups: dict[tuple[int, ...], list[tuple[int, Tensor]]] = {}
     for i, img in enumerate(images):
         if img.dim() != 3:
             raise ValueError(f"group_by_shape: image {i} must be (C, H, W), got shape {tuple(img.shape)}")
-        groups.setdefault(tuple(img.shape), []).append((i, img))
-    out = []
-    for items in groups.values():
-        for start in range(0, len(items), max_batch):
-            chunk = items[start : start + max_batch]
-            out.append(([i for i, _ in chunk], torch.stack([t for _, t in chunk])))
-    return out
+    batches = batches_by_shape([tuple(img.shape) for img in images], max_batch)
+    return [(idx, torch.stack([images[i] for i in idx])) for idx in batches]
 
 
 def extract_images(
