@@ -22,6 +22,7 @@ from dalg.eval_pipeline import check_outputs, evaluation_report, extraction_reco
 from dalg.lit.module import RetrievalModule
 from dalg.report.browser import check_report_dir, evaluation_browser
 from dalg.retrieval.features import load_distractors
+from dalg.retrieval.whitening import load_whitening_for, whiten_descriptors
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -33,9 +34,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup_evaluation(module.input_config, cfg.crop_queries, cfg.test_size)
     distractors = load_distractors(cfg.distractors, int(module.net.embed_dim)) if cfg.distractors else None
-    callback = hydra.utils.instantiate(
-        cfg.callback, distractors=distractors, protocol_extra=extraction_record(module)
-    )
+    whitening = load_whitening_for(cfg.whitening, ckpt, int(module.net.embed_dim)) if cfg.whitening else None
+    if whitening is not None and distractors is not None:  # once, not per set
+        distractors = whiten_descriptors(distractors, whitening, "distractors")
+    extra = {**extraction_record(module), "whitening": whitening.describe() if whitening else "off"}
+    callback = hydra.utils.instantiate(cfg.callback, distractors=distractors, protocol_extra=extra)
+    callback.whitening = whitening  # after instantiate: Hydra would turn the dataclass into a dict
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[callback])
     trainer.validate(module, datamodule=datamodule, verbose=False)
 

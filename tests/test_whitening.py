@@ -270,7 +270,52 @@ def test_whiten_cli_learns_lw_and_pca_for_a_checkpoint(tiny_ckpt, tiny_synthetic
         pca.dim_out == 16 and pca.meta["options"]["power"] == 0.5 and pca.meta["learned_on"]["images"] == 36
     )
 
+    _eval_with_whitening(tiny_ckpt, tiny_synthetic, tmp_path, tmp_path / "lw.npz")
+
     with pytest.raises(ValueError, match="method=lw learns from the training classes"):
         _run_whiten([*base, "method=lw", f"features={tmp_path / 'lw.descriptors'}"], tmp_path)
     with pytest.raises(ValueError, match="method='zca'"):
         _run_whiten([*base, "method=zca"], tmp_path)
+
+
+def _eval_with_whitening(ckpt, root, tmp_path, whitening_path) -> None:
+    """src/eval.py whitening=: the scores are those of the whitened descriptors (independent search + metric),
+    the protocol names the whitening, distractors are whitened too, another checkpoint is refused."""
+    import torch
+
+    import dalg.data.revisited as rv
+    from dalg.retrieval.features import load_features, save_features
+    from dalg.retrieval.index import search
+    from dalg.retrieval.metrics import evaluate_revisited
+    from tests.test_retrieval_eval import _compose_eval, _eval_module, _overrides
+
+    dis = np.random.default_rng(0).standard_normal((50, 512)).astype(np.float32)
+    save_features(
+        tmp_path / "dis", dis / np.linalg.norm(dis, axis=1, keepdims=True), [f"d{i}" for i in range(50)]
+    )
+    over = _overrides(ckpt, root) + [
+        f"whitening={whitening_path}",
+        "save_features=true",
+        f"output_json={tmp_path / 'ev' / 'r.json'}",
+        f"distractors={tmp_path / 'dis'}",
+    ]
+    _eval_module().evaluate(_compose_eval(over, tmp_path))
+    res = json.loads((tmp_path / "ev" / "r.json").read_text())["sets"]["synthetic_heldout"]
+    assert res["protocol"]["whitening"]["method"] == "lw" and res["protocol"]["distractors"] == 50
+    w = load_whitening(whitening_path)
+    q = w.apply(load_features(tmp_path / "ev" / "features" / "synthetic_heldout_queries").features)
+    db = w.apply(load_features(tmp_path / "ev" / "features" / "synthetic_heldout_database").features)
+    gt = rv.load_ground_truth(root / "heldout", "synthetic-heldout")
+    _, ranks = search(q, [db, w.apply(load_features(tmp_path / "dis").features)])
+    for key, value in evaluate_revisited(ranks, gt.gnd, n_database=len(db) + 50).as_dict().items():
+        assert res["scores"][key] == pytest.approx(value, abs=0.06), (
+            key
+        )  # fp16 stores: tiny rank swaps at most
+
+    other = torch.load(ckpt, map_location="cpu", weights_only=True)
+    key = next(k for k, v in other["state_dict"].items() if v.is_floating_point())
+    other["state_dict"][key] += 1
+    torch.save(other, tmp_path / "other.ckpt")
+    over = [o for o in over if not o.startswith("ckpt_path=")] + [f"ckpt_path={tmp_path / 'other.ckpt'}"]
+    with pytest.raises(ValueError, match=r"lw\.npz was learnt on descriptors of checkpoint sha256"):
+        _eval_module().evaluate(_compose_eval(over, tmp_path))

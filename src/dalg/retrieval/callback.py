@@ -37,6 +37,7 @@ from dalg.retrieval.evaluation import RankingOptions, SetResult, print_results, 
 from dalg.retrieval.gather import DescriptorBuffer, gather_by_index
 from dalg.retrieval.metrics import RevisitedScores
 from dalg.retrieval.viz import result_grid
+from dalg.retrieval.whitening import Whitening, whiten_descriptors
 from dalg.utils.atomic import atomic_replace
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class RetrievalEvalCallback(pl.Callback):
         keep_features: keep the gathered descriptors of the last epoch in ``features[name]`` (queries first).
         distractors: ``(N, D)`` descriptors ranked after every set's own database (src/eval.py ``distractors=``).
         protocol_extra: recorded in every set's protocol (e.g. the test scales and inference options).
+        whitening: applied to every set's queries and database before ranking (src/eval.py ``whitening=``;
+            the caller whitens ``distractors`` itself, once).
         title: the table's title (default: the epoch and step).
     """
 
@@ -85,6 +88,7 @@ class RetrievalEvalCallback(pl.Callback):
         distractors: np.ndarray | None = None,
         protocol_extra: dict[str, Any] | None = None,
         title: str | None = None,
+        whitening: Whitening | None = None,
     ):
         self.grid_queries = grid_queries
         self.grid_top_k = grid_top_k
@@ -99,6 +103,7 @@ class RetrievalEvalCallback(pl.Callback):
         self.distractors = distractors
         self.protocol_extra = dict(protocol_extra or {})
         self.title = title
+        self.whitening = whitening
         self.last_results: dict[str, SetResult] = {}
         self.last_step: int | None = None
         self.last_extraction: dict[str, float] | None = None  # images and seconds of the last validation
@@ -190,8 +195,8 @@ class RetrievalEvalCallback(pl.Callback):
         if trainer.is_global_zero:
             try:
                 result = rank_and_score(
-                    feats[:nq],
-                    feats[nq:],
+                    whiten_descriptors(feats[:nq], self.whitening, "queries"),
+                    whiten_descriptors(feats[nq:], self.whitening, "database"),
                     gnd,
                     self.distractors,
                     options=self.ranking,

@@ -160,6 +160,9 @@ def protocol_summary(protocol: Mapping[str, Any]) -> str:
     distractors = f"+{protocol['distractors']:,} distractors" if protocol.get("distractors") else ""
     parts.append(f"{protocol['ranking']} of {protocol['database']:,}{distractors}")
     parts.append(f"rerank {protocol['rerank']}")
+    whitening = protocol.get("whitening")
+    if isinstance(whitening, Mapping):  # Whitening.describe(): src/eval.py whitening=
+        parts.append(f"whitening {whitening.get('method')} {whitening['dim'][0]}->{whitening['dim'][1]}")
     return ", ".join(parts)
 
 

@@ -295,3 +295,14 @@ def whiten_descriptors(
         return x
     whitening.check_applies(x.shape[1], checkpoint_sha256, what)
     return whitening.apply(x)
+
+
+def load_whitening_for(path: str | os.PathLike, checkpoint: str | os.PathLike, dim: int) -> Whitening:
+    """The whitening at ``path``, checked against the checkpoint whose descriptors it will whiten (sha256 of the
+    file) and their size: src/eval.py's ``whitening=``."""
+    from dalg.utils.run_metadata import file_sha256
+
+    whitening = load_whitening(path)
+    ckpt = Path(os.path.expanduser(str(checkpoint)))
+    whitening.check_applies(dim, file_sha256(ckpt), f"the descriptors of {ckpt}")
+    return whitening
