@@ -82,6 +82,8 @@ def query_images(
         raise FileNotFoundError(f"query={src}: no such image, folder or list file")
     try:
         return list_images(src, query_root, extensions)
+    except UnicodeDecodeError as e:  # a file that is neither an image of these extensions nor a text list
+        raise ValueError(f"query={src}: not an image with extension in {sorted(exts)} nor a list file") from e
     except ValueError as e:
         raise ValueError(f"query={src}: {e}") from e
 
@@ -142,6 +144,7 @@ def extract_queries(
     dataset = ImageList([root / n for n in names], transform)
     dataset.max_pixels = settings.get("max_pixels")
     dataset.decode_side = test_size
+    # hashes the checkpoint again (checkpoint_for did, for its plain refusal): extract.py's one definition
     now = descriptor_fingerprint(OmegaConf.create(settings), ckpt, module, transform)
     diffs = fingerprint_differences({k: v for k, v in recorded.items() if k not in STORE_ONLY_KEYS}, now)
     if diffs:

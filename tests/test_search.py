@@ -199,5 +199,9 @@ def test_bad_paths_are_named(store, tmp_path) -> None:
     broken.write_bytes(b"not a jpeg")
     with pytest.raises(ImageReadError, match=r"b\.jpg.*query image"):
         search.run_search(_search_cfg(stem, broken.parent, tmp_path / "o"))
+    tif = tmp_path / "photo.tif"
+    tif.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"query=.*photo\.tif: not an image with extension in"):
+        search.run_search(_search_cfg(stem, tif, tmp_path / "o"))
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         search.run_search(_search_cfg(stem, img, tmp_path / "o", "top_k=0"))
