@@ -7,7 +7,8 @@ Without ``features``, the training images of the data config (at most ``max_imag
 per class, classes drawn at random with ``seed``) go through src/extract.py into ``<output>.descriptors`` (a
 resumable, fingerprinted feature store); ``lw`` pairs images of the same class (``max_pairs_per_class``). With
 ``features`` (any store of this checkpoint, e.g. a separate image collection), PCA learns from it. The result is
-``<output>.npz`` + ``<output>.json``, naming the checkpoint's sha256 and the fingerprint of the descriptors.
+``<output>.npz`` + ``<output>.json``, naming the checkpoint's sha256 and the fingerprint of the descriptors;
+``attach_to=[<store>, ...]`` records it in those stores' metadata, where search finds and applies it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import dalg.utils.config  # noqa: F401  (registers ${repo_root:})
 from dalg.retrieval.features import load_features
 from dalg.retrieval.whitening import (
     METHODS,
+    attach_to_store,
     class_pairs,
     learn_lw,
     learn_pca,
@@ -155,12 +157,17 @@ def whiten(cfg: DictConfig) -> Path:
         "descriptor_fingerprint": fingerprint,
         "learned_on": learned_on,
     }
-    out = save_whitening(stem, whitening_from_arrays(mean, proj, meta))
+    whitening = whitening_from_arrays(mean, proj, meta)
+    out = save_whitening(stem, whitening)
     print(
         f"whitening ({cfg.method}, {proj.shape[1]} -> {proj.shape[0]}-d, learnt on {len(store):,} descriptors"
         + (f", {info['pairs']:,} matching pairs" if "pairs" in info else "")
         + f"): {out} (+ {js.name})"
     )
+    for target in cfg.attach_to or []:
+        print(
+            f"recorded in feature store metadata: {attach_to_store(os.path.expanduser(str(target)), whitening)}"
+        )
     return out
 
 

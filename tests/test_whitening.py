@@ -17,6 +17,7 @@ from dalg.retrieval.whitening import (
     save_whitening,
     whiten_descriptors,
     whitening_from_arrays,
+    whitening_of_store,
     whitening_paths,
 )
 from tests.test_retrieval_eval import tiny_ckpt  # noqa: F401  (fixture)
@@ -262,6 +263,7 @@ def test_whiten_cli_learns_lw_and_pca_for_a_checkpoint(tiny_ckpt, tiny_synthetic
                 f"features={tmp_path / 'lw.descriptors'}",
                 f"output={tmp_path / 'pca'}",
                 "dim=16",
+                f"attach_to=[{tmp_path / 'lw.descriptors'}]",
             ],
             tmp_path,
         )
@@ -269,6 +271,12 @@ def test_whiten_cli_learns_lw_and_pca_for_a_checkpoint(tiny_ckpt, tiny_synthetic
     assert (
         pca.dim_out == 16 and pca.meta["options"]["power"] == 0.5 and pca.meta["learned_on"]["images"] == 36
     )
+    # recorded in the store's metadata (for search); a replaced whitening file is noticed
+    named = whitening_of_store(load_features(tmp_path / "lw.descriptors").meta, "store lw.descriptors")
+    assert named.sha256 == pca.sha256 and named.dim_out == 16
+    save_whitening(tmp_path / "pca", whitening_from_arrays(pca.mean, pca.projection * 2, pca.meta))
+    with pytest.raises(ValueError, match="store lw.descriptors names whitening .* it was replaced"):
+        whitening_of_store(load_features(tmp_path / "lw.descriptors").meta, "store lw.descriptors")
 
     _eval_with_whitening(tiny_ckpt, tiny_synthetic, tmp_path, tmp_path / "lw.npz")
 

@@ -306,3 +306,34 @@ def load_whitening_for(path: str | os.PathLike, checkpoint: str | os.PathLike, d
     ckpt = Path(os.path.expanduser(str(checkpoint)))
     whitening.check_applies(dim, file_sha256(ckpt), f"the descriptors of {ckpt}")
     return whitening
+
+
+def attach_to_store(store: str | os.PathLike, whitening: Whitening) -> Path:
+    """Record ``whitening`` in a feature store's metadata (``meta["whitening"]``: path, sha256, method, dims), so
+    that search applies it to the store and to its queries. The store's own descriptors stay as extracted; the
+    whitening must fit them (checkpoint sha256 of the store's fingerprint, size). Returns the store's json."""
+    from dalg.retrieval.features import load_features, store_paths
+
+    loaded = load_features(store)
+    sha = (loaded.meta.get("fingerprint") or {}).get("checkpoint_sha256")
+    whitening.check_applies(loaded.features.shape[1], sha, f"the descriptors of feature store {store}")
+    js = store_paths(store)[2]
+    info = json.loads(js.read_text(encoding="utf-8"))
+    info["meta"]["whitening"] = whitening.describe()
+    write_json_atomic(info, js)
+    return js
+
+
+def whitening_of_store(meta: Mapping[str, Any], where: str) -> Whitening | None:
+    """The whitening a store's metadata names (:func:`attach_to_store`), loaded and checked to be the same file
+    (sha256); None when it names none. ``where`` names the store in errors."""
+    entry = meta.get("whitening")
+    if not entry:
+        return None
+    whitening = load_whitening(entry["path"])
+    if whitening.sha256 != entry.get("sha256"):
+        raise ValueError(
+            f"{where} names whitening {entry['path']} with sha256 {str(entry.get('sha256'))[:12]}..., but that "
+            f"file now has {str(whitening.sha256)[:12]}...: it was replaced; attach it again (src/whiten.py)"
+        )
+    return whitening
