@@ -18,38 +18,33 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 import dalg.utils.config  # noqa: F401  (registers ${repo_root:})
-from dalg.eval_pipeline import check_outputs, evaluation_report, extraction_record, write_results
+from dalg import eval_pipeline as pipeline
 from dalg.lit.module import RetrievalModule
 from dalg.report.browser import check_report_dir, evaluation_browser
-from dalg.retrieval.features import load_distractors
-from dalg.retrieval.whitening import load_whitening_for, whiten_descriptors
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation described by ``cfg`` (conf/eval.yaml); returns what is written to the JSON."""
     console, ckpt = Console(), str(cfg.ckpt_path)
-    features_dir = check_outputs(cfg.output_json, cfg.save_features)  # before anything is computed
+    features_dir = pipeline.check_outputs(cfg.output_json, cfg.save_features)  # before anything is computed
     report_dir = check_report_dir(cfg.output_json) if cfg.report_html else None
     module = RetrievalModule.for_evaluation(ckpt, cfg.scales, cfg.get("inference"), cfg.scale_resize)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup_evaluation(module.input_config, cfg.crop_queries, cfg.test_size)
-    distractors = load_distractors(cfg.distractors, int(module.net.embed_dim)) if cfg.distractors else None
-    whitening = load_whitening_for(cfg.whitening, ckpt, int(module.net.embed_dim)) if cfg.whitening else None
-    if whitening is not None and distractors is not None:  # once, not per set
-        distractors = whiten_descriptors(distractors, whitening, "distractors")
-    extra = {**extraction_record(module), "whitening": whitening.describe() if whitening else "off"}
+    distractors, whitening = pipeline.ranking_inputs(
+        cfg.distractors, cfg.whitening, ckpt, int(module.net.embed_dim)
+    )
+    extra = {**pipeline.extraction_record(module), "whitening": whitening.describe() if whitening else "off"}
     callback = hydra.utils.instantiate(cfg.callback, distractors=distractors, protocol_extra=extra)
     callback.whitening = whitening  # after instantiate: Hydra would turn the dataclass into a dict
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[callback])
     trainer.validate(module, datamodule=datamodule, verbose=False)
 
-    report = evaluation_report(callback, ckpt, str(module.device))
-    write_results(report, cfg.output_json, callback, datamodule.eval_sets, features_dir, console)
+    report = pipeline.evaluation_report(callback, ckpt, str(module.device))
+    pipeline.write_results(report, cfg.output_json, callback, datamodule.eval_sets, features_dir, console)
     if report_dir is not None:  # the static results browser (dalg.report)
         results = list(callback.last_results.values())
-        page = evaluation_browser(
-            results, report_dir, module.net, title=f"revisited protocol: {ckpt}", **cfg.report
-        )
+        page = evaluation_browser(results, report_dir, module.net, title=callback.title, **cfg.report)
         console.print(f"results browser: {page}")
     return report
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 
 from dalg.lit.module import RetrievalModule
 from dalg.retrieval.callback import RetrievalEvalCallback
-from dalg.retrieval.features import save_features
+from dalg.retrieval.features import load_distractors, save_features
+from dalg.retrieval.whitening import Whitening, load_whitening_for, whiten_descriptors
 from dalg.utils.atomic import write_json_atomic
 from dalg.utils.writable import check_writable_dir, check_writable_file
 
@@ -38,6 +40,18 @@ def check_outputs(output_json: str | Path, save_features: bool) -> Path | None:
     if not save_features:
         return None
     return check_writable_dir(Path(output_json).parent / "features", "save_features")
+
+
+def ranking_inputs(
+    distractors: str | None, whitening: str | None, checkpoint: str, dim: int
+) -> tuple[np.ndarray | None, Whitening | None]:
+    """The distractor descriptors and the whitening of an evaluation, each checked against the model before any
+    extraction; the distractors come whitened (once, not per set)."""
+    rows = load_distractors(distractors, dim) if distractors else None
+    white = load_whitening_for(whitening, checkpoint, dim) if whitening else None
+    if white is not None and rows is not None:
+        rows = whiten_descriptors(rows, white, "distractors")
+    return rows, white
 
 
 def evaluation_report(callback: RetrievalEvalCallback, checkpoint: str, device: str) -> dict[str, Any]:
