@@ -237,13 +237,15 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     store = open_index(cfg.index)
     ckpt = checkpoint_for(store, cfg.index, cfg.get("ckpt_path"))
     whitening = load_whitening(os.path.expanduser(str(cfg.whitening))) if cfg.get("whitening") else None
+    sha = store.meta["fingerprint"]["checkpoint_sha256"]
+    if whitening is not None:  # refused before any extraction when learnt for other descriptors
+        whitening.check_applies(store.features.shape[1], sha, f"the descriptors of index={cfg.index}")
     out_dir = Path(os.path.expanduser(str(cfg.output_dir)))
     out_dir.mkdir(parents=True, exist_ok=True)
 
     queries, module = extract_queries(store, cfg.index, ckpt, names, root, cfg)
     t_extract = time.perf_counter()
     k = min(top_k, len(store))
-    sha = store.meta["fingerprint"]["checkpoint_sha256"]
     scores, ranks = search_store(
         queries, store.features, k, int(cfg.chunk_size), cfg.get("use_gpu"), whitening, sha
     )

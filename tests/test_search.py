@@ -128,7 +128,13 @@ def test_whitened_search_equals_brute_force(store, tmp_path) -> None:
     search = _entry("search")
     res = search.run_search(  # two chunks of 4 and 2 rows: their top-k lists merge
         _search_cfg(
-            stem, root / "db" / "img2.jpg", tmp_path / "o", "top_k=5", "chunk_size=4", f"whitening={npz}"
+            stem,
+            root / "db" / "img2.jpg",
+            tmp_path / "o",
+            "top_k=5",
+            "chunk_size=4",
+            f"whitening={npz}",
+            "report_html=false",
         )
     )
     white = (rows - mean) @ proj.T
