@@ -17,9 +17,8 @@ from torchvision import transforms as T
 
 from dalg.data.images import SOURCE_SIZE
 from dalg.utils.input_config import IMAGENET_MEAN, IMAGENET_STD, InputConfig  # noqa: F401  (re-exported)
-from dalg.utils.sizes import resized_shape
+from dalg.utils.sizes import ORIGINAL, describe_test_size, parse_test_size, resized_shape  # noqa: F401
 
-ORIGINAL = "original"  # test_size value (also null): keep the image's own size
 _DEFAULT = InputConfig(source="ImageNet defaults (no model input config given)")
 _PIL_RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
@@ -111,27 +110,6 @@ def holdout_transform(size: int, input_config: InputConfig | None = None) -> Mod
         + _normalise(config),
         config,
     )
-
-
-def parse_test_size(value: object, where: str = "test_size") -> int | None:
-    """A positive number of pixels (the longer side), or None for the image's own size (null / "original")."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in (ORIGINAL, "null", "none")):
-        return None
-    try:
-        size = int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        size = 0
-    if isinstance(value, bool) or size <= 0 or size != value and str(size) != str(value).strip():
-        raise ValueError(
-            f"{where}={value!r}: expected a positive number of pixels (the longer image side), "
-            f"or null / {ORIGINAL!r} to keep each image's own size"
-        )
-    return size
-
-
-def describe_test_size(test_size: int | None) -> int | str:
-    """For records (JSON, tables): the longer side in pixels, or "original"."""
-    return ORIGINAL if test_size is None else int(test_size)
 
 
 class EvalTransform:

@@ -32,13 +32,13 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
-from dalg.data.transforms import describe_test_size
 from dalg.retrieval.evaluation import RankingOptions, SetResult, print_results, rank_and_score
 from dalg.retrieval.gather import DescriptorBuffer, gather_by_index
 from dalg.retrieval.metrics import RevisitedScores
 from dalg.retrieval.viz import result_grid
 from dalg.retrieval.whitening import Whitening, whiten_descriptors
 from dalg.utils.atomic import atomic_replace
+from dalg.utils.sizes import describe_test_size
 
 log = logging.getLogger(__name__)
 

@@ -78,7 +78,7 @@ def check_paths(cfg: DictConfig) -> None:
 def check_image_sizes(cfg: DictConfig, stride: int) -> None:
     """Train and test sizes must be multiples of the backbone's patch size / stride ``stride``; a test size may
     also be null / "original" (each image's own size, its sides rounded to multiples of the patch size)."""
-    from dalg.data.transforms import parse_test_size
+    from dalg.utils.sizes import parse_test_size
 
     data = cfg.data
     sizes = {"data.train_size": data.get("train_size")}

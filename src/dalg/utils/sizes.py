@@ -1,8 +1,32 @@
-"""Image-size arithmetic shared by the data (the test transform, batching by shape) and the models (the per-scale
-resize): every side is rounded to the nearest multiple of the model's ``size_multiple`` (a ViT's patch size, 1 for
-a CNN), at least one multiple, so the network never pads."""
+"""Test sizes and image-size arithmetic shared by the data (the test transform, batching by shape), the config
+checks and the models (the per-scale resize). ``test_size`` is the longer side at test time, or null / "original"
+for each image's own size; every side is then rounded to the nearest multiple of the model's ``size_multiple`` (a
+ViT's patch size, 1 for a CNN), at least one multiple, so the network never pads."""
 
 from __future__ import annotations
+
+ORIGINAL = "original"  # test_size value (also null): keep the image's own size
+
+
+def parse_test_size(value: object, where: str = "test_size") -> int | None:
+    """A positive number of pixels (the longer side), or None for the image's own size (null / "original")."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in (ORIGINAL, "null", "none")):
+        return None
+    try:
+        size = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        size = 0
+    if isinstance(value, bool) or size <= 0 or size != value and str(size) != str(value).strip():
+        raise ValueError(
+            f"{where}={value!r}: expected a positive number of pixels (the longer image side), "
+            f"or null / {ORIGINAL!r} to keep each image's own size"
+        )
+    return size
+
+
+def describe_test_size(test_size: int | None) -> int | str:
+    """For records (JSON, tables): the longer side in pixels, or "original"."""
+    return ORIGINAL if test_size is None else int(test_size)
 
 
 def round_to_multiple(side: float, multiple: int = 1) -> int:
