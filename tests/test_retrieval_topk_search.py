@@ -126,3 +126,19 @@ def test_non_finite_rows_name_the_file_and_row(tmp_path) -> None:
     q = np.ones((2, 8), np.float32)
     with pytest.raises(ValueError, match=r"bad\.npy.*not finite.*\[37\]"):
         search(q, [np.ones((3, 8), np.float32), mm], 5, chunk_size=16)
+
+
+def test_many_queries_use_smaller_blocks(monkeypatch) -> None:
+    import dalg.retrieval.topk_search as ts
+
+    monkeypatch.setattr(ts, "SCORES_BYTES", 4 * 300 * 8)  # 8 rows of 300 queries' scores per block
+    seen = []
+    real = ts._score_block
+    monkeypatch.setattr(
+        ts, "_score_block", lambda w, part, s, e, *a: seen.append(e - s) or real(w, part, s, e, *a)
+    )
+    rng = np.random.default_rng(8)
+    db, q = _unit(rng, 100, 16), _unit(rng, 300, 16)
+    _, ids = topk_search(q, [Part(db, 0, "db")], 5, threads=1)
+    assert max(seen) == 8 and sum(seen) == 100
+    _assert_equal_up_to_near_ties(ids, q, db)

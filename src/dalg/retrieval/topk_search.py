@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 BLOCK_ROWS = 32768  # rows per task: read, scored and merged into the running top-k at once
+SCORES_BYTES = 64 * 2**20  # per thread: a block's (rows, queries) fp32 scores stay below this
+MAX_THREADS = 8  # default thread count cap: each thread holds a block (32 MiB of fp16 rows at 512-d)
 PIECE = 4096  # rows per GEMM: converted to fp32 just before (8 MiB at 512-d, in cache); ~10% faster than 16k
 
 
@@ -177,7 +179,8 @@ def topk_search(
     """
     nq, dim = queries.shape
     q_t = np.ascontiguousarray(queries, dtype=np.float32).T  # (dim, nq): rows @ q_t
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = threads or min(MAX_THREADS, len(os.sched_getaffinity(0)))
+    block_rows = max(1, min(block_rows, SCORES_BYTES // (4 * nq)))  # many queries: smaller blocks, same RAM
     tasks = [
         (p, s, min(s + block_rows, p.rows.shape[0]))
         for p in parts
