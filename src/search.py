@@ -47,7 +47,12 @@ from dalg.report.content import from_search  # noqa: E402
 from dalg.report.grid import search_grid  # noqa: E402
 from dalg.retrieval.features import FeatureStore, fingerprint_differences, load_features  # noqa: E402
 from dalg.retrieval.index import search  # noqa: E402
-from dalg.retrieval.whitening import Whitening, load_whitening, whiten_descriptors  # noqa: E402
+from dalg.retrieval.whitening import (  # noqa: E402
+    Whitening,
+    load_whitening,
+    whiten_descriptors,
+    whitening_of_store,
+)
 from dalg.utils.atomic import atomic_replace, write_json_atomic  # noqa: E402
 from dalg.utils.run_metadata import file_sha256  # noqa: E402
 from extract import descriptor_fingerprint, list_images  # noqa: E402
@@ -183,6 +188,16 @@ def extract_queries(
     return out, module
 
 
+def whitening_for(choice: Any, store: FeatureStore, index: str) -> Whitening | None:
+    """``whitening=``: null = the one recorded in the store's metadata (src/whiten.py attach_to=), if any;
+    false = none; a path = that whitening."""
+    if choice is False:
+        return None
+    if choice:
+        return load_whitening(os.path.expanduser(str(choice)))
+    return whitening_of_store(store.meta, f"index={index}")
+
+
 def search_store(
     queries: np.ndarray,
     features: np.ndarray,
@@ -236,7 +251,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     )  # bad paths are named before anything is loaded
     store = open_index(cfg.index)
     ckpt = checkpoint_for(store, cfg.index, cfg.get("ckpt_path"))
-    whitening = load_whitening(os.path.expanduser(str(cfg.whitening))) if cfg.get("whitening") else None
+    whitening = whitening_for(cfg.get("whitening"), store, cfg.index)
     sha = store.meta["fingerprint"]["checkpoint_sha256"]
     if whitening is not None:  # refused before any extraction when learnt for other descriptors
         whitening.check_applies(store.features.shape[1], sha, f"the descriptors of index={cfg.index}")

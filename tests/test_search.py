@@ -146,6 +146,21 @@ def test_whitened_search_equals_brute_force(store, tmp_path) -> None:
     assert [r["score"] for r in got] == pytest.approx((white @ q)[expect], abs=5e-3)
     assert res["whitening"]["method"] == "pca" and res["whitening"]["dim"] == [rows.shape[1], 4]
 
+    # recorded in a store's metadata (src/whiten.py attach_to=): applied without whitening=, unless false
+    from dalg.retrieval.whitening import attach_to_store, load_whitening
+
+    copy = tmp_path / "attached"
+    for suffix in (".npy", ".names.txt", ".json"):
+        shutil.copyfile(f"{stem}{suffix}", f"{copy}{suffix}")
+    attach_to_store(copy, load_whitening(npz))
+    query = root / "db" / "img2.jpg"
+    attached = search.run_search(_search_cfg(copy, query, tmp_path / "a", "top_k=5", "report_html=false"))
+    assert [r["row"] for r in attached["queries"][0]["results"]] == expect.tolist()
+    off = search.run_search(
+        _search_cfg(copy, query, tmp_path / "b", "top_k=5", "whitening=false", "report_html=false")
+    )
+    assert off["whitening"] is None and off["queries"][0]["results"][0]["name"] == "img2.jpg"
+
     other = save_whitening(
         tmp_path / "x", Whitening(mean, proj, {"method": "pca", "checkpoint_sha256": "0" * 64})
     )
