@@ -208,8 +208,8 @@ def search_store(
     checkpoint_sha256: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, rows) of the top-``k`` store rows per query. With a whitening, queries and store rows are
-    whitened alike (dalg.retrieval.whitening), the store ``chunk_size`` rows at a time (a whitened copy of a 1M
-    store would not fit the memory budget); the chunks' top-k lists merge with ties by the lower row, as
+    whitened alike (dalg.retrieval.whitening), the store ``chunk_size`` rows at a time (a whitened copy of a
+    1M store would not fit the memory budget); the chunks' top-k lists merge with ties by the lower row, as
     dalg.retrieval.index.search ranks."""
     if whitening is None:
         return search(queries, features, k, chunk_size=chunk_size, use_gpu=use_gpu)
