@@ -465,7 +465,13 @@ def markdown(results: dict[str, Any], command: str) -> str:
                 f"- GEMM bound (2·{s1['n_queries']}·{s1['n_database']:,}·{s1['dim']} FLOPs at this run's fp32 "
                 f"matmul peak, {s1['fp32_matmul_peak_gflops']:.0f} GFLOP/s): {s1['gemm_bound_seconds']:.2f} s "
                 f"→ the search at **{100 * s1['fraction_of_gemm_bound']:.0f}%** of it (goal: search ≤ 1.0 s, "
-                "peak RSS ≤ 1.5 GiB).",
+                "peak RSS ≤ 1.5 GiB)"
+                + (
+                    f"; the previous route (FAISS IndexFlatIP per 65k chunk) took {s1['faiss_route_seconds']:.2f} s "
+                    f"in the same run ({s1['faiss_route_seconds'] / s1['search_seconds']:.1f}× slower)."
+                    if s1.get("faiss_route_seconds")
+                    else "."
+                ),
                 f"- against a plain fp32 ranking (NumPy product, stable sort) for {ex['places'] // s1['k']} "
                 f"queries: {ex['differing_places']} of {ex['places']} places differ, largest score gap there "
                 f"{ex['max_gap']:.1e} (tolerance 1e-6: fp32 rounding of near-ties).",
