@@ -84,6 +84,7 @@ def _export_module():
     return mod
 
 
+@pytest.mark.slow  # a second export (~20 s on 2 loaded cores); the parity test above covers the graph itself
 def test_export_cli_writes_a_checked_model_with_metadata(tmp_path, capsys):
     module = build_module(
         compose_train(["model=dalg_tiny"] + [f"model.{k}={v}" for k, v in SMALL.items()], tmp_path), 5
