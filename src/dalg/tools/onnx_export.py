@@ -18,6 +18,7 @@ with PyTorch's math kernel, whose output layout the exported graph reproduces.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -72,6 +73,7 @@ def export_onnx(
     graph = graph.eval()
     x = torch.rand(example_batch, 3, h, w, generator=torch.Generator().manual_seed(0))
     dynamic = {INPUT_NAME: {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}}
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one INFO line per deduplicated initializer
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         program = torch.onnx.export(
             graph,
