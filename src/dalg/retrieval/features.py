@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from dalg.utils.atomic import atomic_path, atomic_replace
+from dalg.utils.json_record import read_versioned_json
 
 FORMAT = "dalg-features"
 VERSION = 1
@@ -119,15 +120,7 @@ def load_features(path: str | os.PathLike, mmap: bool = True) -> FeatureStore:
         partial = arr_p.with_suffix(".partial")
         hint = f" (an unfinished extraction is in {partial}; rerun it to resume)" if partial.exists() else ""
         raise FileNotFoundError(f"feature store {arr_p} is missing or incomplete: no {json_p.name}{hint}")
-    try:
-        info = json.loads(json_p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"feature store {json_p} cannot be read: {e}") from e
-    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") != VERSION:
-        found = (
-            f"{info.get('format')} v{info.get('version')}" if isinstance(info, dict) else type(info).__name__
-        )
-        raise ValueError(f"{json_p} is not a {FORMAT} v{VERSION} store: {found}")
+    info = read_versioned_json(json_p, "feature store", FORMAT, VERSION, "store")
     try:  # allow_pickle stays False: a store from elsewhere never unpickles objects
         feats = np.load(arr_p, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:

@@ -172,6 +172,24 @@ def _validate(queries: np.ndarray, parts: list[np.ndarray]) -> int:
     return n_db
 
 
+def _prepare(
+    queries: np.ndarray, database: Database, chunk_size: int
+) -> tuple[np.ndarray, list[np.ndarray], int]:
+    """Float32 contiguous queries, the database parts and their total size, after the checks every search
+    shares (shapes, finite queries, a positive chunk size)."""
+    queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
+    parts = database_parts(database)
+    n_db = _validate(queries, parts)
+    if not np.isfinite(queries).all():
+        bad = np.flatnonzero(~np.isfinite(queries).all(1))
+        raise ValueError(
+            f"{bad.size} query descriptors are not finite (NaN/inf), e.g. rows {bad[:5].tolist()}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return queries, parts, n_db
+
+
 def _iter_chunks(parts: list[np.ndarray], chunk_size: int) -> Iterator[tuple[int, np.ndarray]]:
     """(global start row, fp32 chunk) over all parts in order; a chunk never spans two parts."""
     offset = 0
@@ -303,16 +321,7 @@ def search(
     database index. ``database`` is an array, a ``np.memmap`` (fp16 or fp32), or a sequence of them indexed
     one after the other (a set's own images, then a distractor file); it is read ``chunk_size`` rows at a time.
     """
-    queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
-    parts = database_parts(database)
-    n_db = _validate(queries, parts)
-    if not np.isfinite(queries).all():
-        bad = np.flatnonzero(~np.isfinite(queries).all(1))
-        raise ValueError(
-            f"{bad.size} query descriptors are not finite (NaN/inf), e.g. rows {bad[:5].tolist()}"
-        )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    queries, parts, n_db = _prepare(queries, database, chunk_size)
     full = k is None
     k = n_db if k is None else int(k)
     if not 1 <= k <= n_db:
@@ -381,16 +390,7 @@ def similarity_matrix(queries: np.ndarray, database: Database, chunk_size: int =
     This is what a full ranking is scored from (``metrics.evaluate_revisited_from_similarity`` needs no argsort);
     a plain BLAS product in chunks is as fast as FAISS's flat index here and keeps every score.
     """
-    queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
-    parts = database_parts(database)
-    n_db = _validate(queries, parts)
-    if not np.isfinite(queries).all():
-        bad = np.flatnonzero(~np.isfinite(queries).all(1))
-        raise ValueError(
-            f"{bad.size} query descriptors are not finite (NaN/inf), e.g. rows {bad[:5].tolist()}"
-        )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    queries, parts, n_db = _prepare(queries, database, chunk_size)
     _check_full_fits(queries.shape[0], n_db, 4)
     sim = np.empty((queries.shape[0], n_db), dtype=np.float32)
     for start, chunk in _iter_chunks(parts, chunk_size):

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from dalg.utils.atomic import atomic_replace, write_json_atomic
+from dalg.utils.json_record import read_versioned_json
 
 FORMAT = "dalg-whitening"
 VERSION = 1
@@ -255,12 +256,7 @@ def load_whitening(path: str | os.PathLike) -> Whitening:
     npz, js = whitening_paths(path)
     if not js.exists():
         raise FileNotFoundError(f"whitening {npz} is missing or incomplete: no {js.name}")
-    try:
-        info = json.loads(js.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"whitening {js} cannot be read: {e}") from e
-    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") != VERSION:
-        raise ValueError(f"{js} is not a {FORMAT} v{VERSION} file")
+    info = read_versioned_json(js, "whitening", FORMAT, VERSION, "file")
     try:
         data = npz.read_bytes()
     except OSError as e:
