@@ -17,6 +17,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
+from dalg.utils.sizes import scaled_side  # the one rounding rule of test sides (data uses it too)
+
 MODES = ("bilinear", "bicubic", "area", "nearest", "nearest-exact")
 
 
@@ -55,11 +57,6 @@ class ScaleResize:
             return x
         corners = {"align_corners": False} if self.mode in ("bilinear", "bicubic") else {}
         return F.interpolate(x, size=size, mode=self.mode, antialias=self.antialias, **corners)
-
-
-def scaled_side(side: int, scale: float, size_multiple: int = 1) -> int:
-    """``round(side * scale)`` to the nearest multiple of ``size_multiple`` (at least one multiple)."""
-    return max(size_multiple, round(side * scale / size_multiple) * size_multiple)
 
 
 def check_scales(scales: Sequence[float], where: str) -> tuple[float, ...]:

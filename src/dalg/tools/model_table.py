@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
 from dalg.factory import create_model, model_names
-from dalg.models.multiscale import scaled_side
 from dalg.utils.atomic import write_text_atomic
+from dalg.utils.sizes import scaled_side
 
 
 def _register_cpu_sdpa() -> None:
