@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,14 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path | No
         with open_dict(cfg):
             cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+def load_entry(name: str):
+    """A ``src/<name>.py`` entry script as a module (its functions, without running ``main``)."""
+    spec = importlib.util.spec_from_file_location(f"dalg_{name}_entry", REPO / "src" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:

@@ -6,38 +6,22 @@ python src/eval.py ckpt_path=<ckpt> data=landmarks_mini distractors=<stem>.npy r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 from PIL import Image
 
 from dalg.retrieval.features import load_features
-from tests.conftest import CONF, LANDMARKS_MINI, REPO
+from tests.conftest import LANDMARKS_MINI
+from tests.conftest import compose_config as _compose
+from tests.conftest import load_entry as _entry
 from tests.test_retrieval_eval import tiny_ckpt  # noqa: F401  (fixture: a checkpoint made in the test)
 
 N_DISTRACTORS = 36
 # small images, no workers
 FAST = ["test_size=64", "num_workers=0", "trainer.accelerator=cpu", "batch_size=16"]
-
-
-def _entry(name: str):
-    spec = importlib.util.spec_from_file_location(f"dalg_{name}_entry", REPO / "src" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _compose(config: str, overrides: list[str], out: Path):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=config, overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
 
 
 def _distractors(folder: Path) -> None:

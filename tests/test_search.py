@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -13,32 +12,17 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 from PIL import Image
 
 from dalg.data.images import ImageReadError
 from dalg.retrieval.features import load_features
 from dalg.train_pipeline import build_module
-from tests.conftest import CONF, REPO, compose_train
+from tests.conftest import REPO, compose_train
+from tests.conftest import compose_config as _compose
+from tests.conftest import load_entry as _entry
 from tests.test_retrieval_eval import tiny_ckpt  # noqa: F401  (fixture: a checkpoint made in the test)
 
 SIZES = [(40, 30), (30, 40), (40, 30), (32, 32), (48, 36), (36, 48)]
-
-
-def _entry(name: str):
-    spec = importlib.util.spec_from_file_location(f"dalg_{name}_entry", REPO / "src" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _compose(config: str, overrides: list[str], out: Path):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=config, overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
 
 
 @pytest.fixture(scope="module")

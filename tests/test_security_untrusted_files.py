@@ -12,22 +12,21 @@ not exist afterwards and that the error names the file.
 from __future__ import annotations
 
 import ast
-import importlib.util
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 from PIL import Image
 
 from dalg.data.revisited import load_ground_truth
 from dalg.lit.checkpoint_read import CheckpointError, read_checkpoint
 from dalg.lit.module import RetrievalModule
 from dalg.utils.safe_pickle import UnsafePickleError, loads_plain_pickle
-from tests.conftest import CONF, REPO, compose_train, tiny_data_overrides
+from tests.conftest import REPO, compose_train, tiny_data_overrides
+from tests.conftest import compose_config as _compose
+from tests.conftest import load_entry as _entry
 
 SCANNED = ("src", "benchmarks", "experiments", "tests")
 DELIBERATE = "# deliberate: our own bytes"  # allowed in this file only (the payload's liveness test)
@@ -191,21 +190,6 @@ def _hostile_gnd(path: Path, marker: Path) -> Path:
     with open(path, "wb") as f:
         pickle.dump({"imlist": ["a"], "qimlist": ["q"], "gnd": [{"easy": [0], "x": _Payload(marker)}]}, f)
     return path
-
-
-def _entry(name: str):
-    spec = importlib.util.spec_from_file_location(f"dalg_{name}_entry_security", REPO / "src" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _compose(config: str, overrides: list[str], out: Path):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=config, overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
 
 
 def _image(path: Path) -> Path:
