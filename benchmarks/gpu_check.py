@@ -50,16 +50,6 @@ sys.path.insert(0, str(REPO / "src"))
 EXIT_OK, EXIT_FAILED, EXIT_NO_CUDA = 0, 1, 2
 GLDV2_CLEAN_CLASSES = 81_313
 DOLG_SCALES = (0.3535, 0.5, 0.7071, 1.0, 1.4142)
-# the tiny generated set of the DDP run (as tests/conftest.py's TINY_SYNTHETIC: seconds to make)
-TINY_SYNTHETIC = dict(
-    seed=0,
-    train_classes=12,
-    images_per_class=4,
-    heldout_classes=5,
-    heldout_db_per_class=4,
-    heldout_distractors=4,
-    image_size=64,
-)
 
 
 class CheckFailed(AssertionError):
@@ -283,6 +273,8 @@ def check_train_bf16(p: Profile) -> dict[str, Any]:
 
 def check_ddp(p: Profile) -> dict[str, Any]:
     import json
+
+    from dalg.data.synthetic import TINY_SYNTHETIC
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-ddp-") as tmp:
         cmd = [

@@ -10,22 +10,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 import dalg.utils.config  # noqa: F401  (registers ${repo_root:})
-from dalg.data.synthetic import ensure_synthetic_landmarks
+from dalg.data.synthetic import TINY_SYNTHETIC, ensure_synthetic_landmarks
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 LANDMARKS_MINI = REPO.parent / "shared" / "data" / "landmarks-mini"
-
-# a synthetic set small enough for seconds-long tests, same generator as the default run
-TINY_SYNTHETIC = dict(
-    seed=0,
-    train_classes=12,
-    images_per_class=4,
-    heldout_classes=5,
-    heldout_db_per_class=4,
-    heldout_distractors=4,
-    image_size=64,
-)
 
 
 def compose_config(config_name: str, overrides: list[str], output_dir: Path | None = None) -> DictConfig:

@@ -33,6 +33,18 @@ FORMAT_VERSION = 1  # bump when rendering changes, so stale caches are regenerat
 CANVAS = 256  # side of the canonical scene, in pixels
 
 
+# a set small enough for seconds-long runs (tests, the GPU check's DDP run), same generator as the default
+TINY_SYNTHETIC = dict(
+    seed=0,
+    train_classes=12,
+    images_per_class=4,
+    heldout_classes=5,
+    heldout_db_per_class=4,
+    heldout_distractors=4,
+    image_size=64,
+)
+
+
 @dataclass(frozen=True)
 class SyntheticSpec:
     seed: int = 0
