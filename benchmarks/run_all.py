@@ -442,6 +442,18 @@ def markdown(results: dict[str, Any], command: str) -> str:
                 f"| … of which evaluate_revisited (given the ranking) | {ms['score_only']:.1f} | "
                 f"{ms['reference'] / ms['score_only']:.1f}× |",
             ]
+        pm = ev.get("product_median_ms")
+        if pm:
+            lines += [
+                f"| product path: `rank_and_score` (descriptors → similarities → scores + top-100 places, what "
+                f"the callback and eval.py run) vs the reference with its own `q @ db.T` ({pm['reference']:.1f} ms) "
+                f"| {pm['product']:.1f} | **{ev['speedup_product_path']:.1f}×** |",
+            ]
+            if "similarities" in pm:
+                lines.append(
+                    f"| … of which the similarity GEMM (fp32, BLAS): the bound of any product path | "
+                    f"{pm['similarities']:.1f} | ≤ {ev['speedup_bound_similarity_gemm']:.1f}× |"
+                )
         single = ev.get("single_call_median_ms")
         if single:
             lines.append(

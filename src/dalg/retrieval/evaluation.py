@@ -4,7 +4,8 @@ One function shared by ``src/eval.py`` and the validation callback, so that both
 way and both report the protocol options they used. Routes:
 
 - full ranking, no re-ranking (the protocol default): exact similarities in database chunks, scored straight from
-  them (``evaluate_revisited_from_similarity``: one value sort per row, no argsort of the database);
+  them (``evaluate_revisited_and_top_k``: positions and the ranking's head counted from per-row value
+  buckets, no row sorted);
 - top-k (``ranking.top_k``, e.g. +1M): FAISS ``IndexFlatIP`` over database chunks, then the ranked metric;
 - re-ranking: the ranking (full or top-k) with its shortlist re-ordered, then the ranked metric.
 
@@ -23,12 +24,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from dalg.retrieval.index import search, similarity_matrix, topk_from_similarity
+from dalg.retrieval.index import search, similarity_matrix
 from dalg.retrieval.metrics import (
     SETUPS,
     RevisitedScores,
     evaluate_revisited,
-    evaluate_revisited_from_similarity,
+    evaluate_revisited_and_top_k,
 )
 from dalg.retrieval.rerank import rerank_topk
 
@@ -97,8 +98,8 @@ def rank_and_score(
     protocol = describe(options, int(database.shape[0]), n_dis)
     if options.top_k is None and not options.rerank:
         sim = similarity_matrix(queries, parts, chunk_size=options.chunk_size)
-        scores = evaluate_revisited_from_similarity(sim, gnd, kappas)
-        return scores, topk_from_similarity(sim, keep_ranks), protocol
+        scores, head = evaluate_revisited_and_top_k(sim, gnd, kappas, k=keep_ranks)
+        return scores, head, protocol
     k = None if options.top_k is None else min(int(options.top_k), n_total)
     _, ranks = search(queries, parts, k, chunk_size=options.chunk_size, use_gpu=options.use_gpu)
     if options.rerank:

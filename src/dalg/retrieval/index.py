@@ -19,13 +19,15 @@ visible (``pip install dalg[gpu]``); with several GPUs the chunk is sharded acro
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from dalg.retrieval.row_buckets import top_k
 from dalg.retrieval.topk_search import BLOCK_ROWS, Part, topk_search
 
 log = logging.getLogger(__name__)
@@ -190,8 +192,14 @@ def _prepare(
     return queries, parts, n_db
 
 
-def _iter_chunks(parts: list[np.ndarray], chunk_size: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(global start row, fp32 chunk) over all parts in order; a chunk never spans two parts."""
+def _iter_chunks(
+    parts: list[np.ndarray], chunk_size: int, check: bool = True
+) -> Iterator[tuple[int, np.ndarray, Callable[[], None]]]:
+    """(global start row, fp32 chunk, finiteness check) over all parts in order; a chunk never spans two parts.
+
+    With ``check`` the chunk is checked before it is yielded; without, the caller runs the returned check when
+    it needs to (e.g. only when a product of the chunk is not finite: a pass over 70 products per row instead
+    of 512 values)."""
     offset = 0
     for part_no, p in enumerate(parts):
         reader = _ChunkReader(p)
@@ -199,16 +207,20 @@ def _iter_chunks(parts: list[np.ndarray], chunk_size: int) -> Iterator[tuple[int
             for start in range(0, p.shape[0], chunk_size):
                 stop = min(start + chunk_size, p.shape[0])
                 chunk = reader.read(start, stop)
-                if not np.isfinite(chunk).all():
-                    bad = np.flatnonzero(~np.isfinite(chunk).all(1))[:5] + start
-                    where = getattr(p, "filename", None) or f"database part {part_no}"
-                    raise ValueError(
-                        f"{where}: database descriptors are not finite (NaN/inf), e.g. rows {bad.tolist()}"
-                    )
-                yield offset + start, chunk
+                where = getattr(p, "filename", None) or f"database part {part_no}"
+                check_chunk = functools.partial(_check_finite_chunk, chunk, start, where)
+                if check:
+                    check_chunk()
+                yield offset + start, chunk, check_chunk
         finally:
             reader.close()
         offset += p.shape[0]
+
+
+def _check_finite_chunk(chunk: np.ndarray, start: int, where: str) -> None:
+    if not np.isfinite(chunk).all():
+        bad = np.flatnonzero(~np.isfinite(chunk).all(1))[:5] + start
+        raise ValueError(f"{where}: database descriptors are not finite (NaN/inf), e.g. rows {bad.tolist()}")
 
 
 class _ChunkReader:
@@ -346,7 +358,7 @@ def search(
     best_s = np.full((nq, 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((nq, 0), dtype=np.int64)
     with _FaissBlasSettings(index.faiss):
-        for start, chunk in _iter_chunks(parts, chunk_size):
+        for start, chunk, _ in _iter_chunks(parts, chunk_size):
             kc = min(k + 1, chunk.shape[0])  # one extra to detect ties straddling the k-th place
             s, i = index.search(chunk, queries, kc)
             if kc > k:
@@ -393,28 +405,27 @@ def similarity_matrix(queries: np.ndarray, database: Database, chunk_size: int =
     queries, parts, n_db = _prepare(queries, database, chunk_size)
     _check_full_fits(queries.shape[0], n_db, 4)
     sim = np.empty((queries.shape[0], n_db), dtype=np.float32)
-    for start, chunk in _iter_chunks(parts, chunk_size):
-        sim[:, start : start + chunk.shape[0]] = queries @ chunk.T
+    for start, chunk, check_chunk in _iter_chunks(parts, chunk_size, check=False):
+        block = sim[:, start : start + chunk.shape[0]]
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below, with a clearer message
+            np.matmul(queries, chunk.T, out=block)
+        if not np.isfinite(
+            block
+        ).all():  # a NaN/inf descriptor makes its products NaN/inf (queries are finite)
+            check_chunk()
+            raise ValueError(
+                f"similarities of database rows {start}..{start + chunk.shape[0] - 1} overflow float32 "
+                "(descriptors with huge values: not L2-normalised?)"
+            )
     return sim
 
 
 def topk_from_similarity(sim: np.ndarray, k: int) -> np.ndarray:
     """The first ``k`` columns of ``rank_by_similarity(sim)`` (ties by lower index), without a full sort."""
     sim = np.asarray(sim)
-    n = sim.shape[1]
-    k = min(int(k), n)
-    if k >= n:
+    if min(int(k), sim.shape[1]) >= sim.shape[1]:
         return rank_by_similarity(sim).astype(np.int64, copy=False)
-    # the k-th best value of each row; everything strictly above it is in, equal values fill up by index
-    kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1 : k]
-    out = np.empty((sim.shape[0], k), dtype=np.int64)
-    for r in range(sim.shape[0]):
-        above = np.flatnonzero(sim[r] > kth[r])
-        equal = np.flatnonzero(sim[r] == kth[r])[: k - above.size]
-        cand = np.concatenate([above, equal])
-        order = np.lexsort((cand, -sim[r, cand]))
-        out[r] = cand[order]
-    return out
+    return top_k(sim, k)
 
 
 def _full_ranking(

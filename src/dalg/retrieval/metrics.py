@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dalg.retrieval.row_buckets import positions_and_top_k
+
 # The protocol's setups (protocol.md), the one table of them: (ground-truth lists that are positives, lists ignored)
 SETUP_LISTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "E": (("easy",), ("hard", "junk")),
@@ -228,10 +230,18 @@ def evaluate_revisited_from_similarity(
     """Same scores as ``evaluate_revisited(rank_by_similarity(sim), gnd)``, without ranking the database.
 
     Only the positions of the labelled images are needed: position = #(higher similarity) + #(equal
-    similarity, lower index), i.e. the stable order with ties broken by the lower index. One value sort per
-    row (cheaper than an argsort) and a binary search per labelled image; exact ties with a labelled image's
-    score are counted directly. ``sim``: ``(n_queries, n_database)`` finite similarities.
+    similarity, lower index), i.e. the stable order with ties broken by the lower index. They are counted from
+    per-row value buckets (``row_buckets``), no row is sorted. ``sim``: ``(n_queries, n_database)`` finite
+    similarities.
     """
+    return evaluate_revisited_and_top_k(sim, gnd, kappas, k=0)[0]
+
+
+def evaluate_revisited_and_top_k(
+    sim: np.ndarray, gnd: Sequence[Mapping], kappas: Sequence[int] = (1, 5, 10), k: int = 100
+) -> tuple[RevisitedScores, np.ndarray | None]:
+    """:func:`evaluate_revisited_from_similarity` and the first ``k`` places of every ranking (``None`` for
+    ``k=0``; ``index.topk_from_similarity``), from one pass over ``sim``."""
     sim = np.asarray(sim)
     if sim.ndim != 2 or not np.issubdtype(sim.dtype, np.floating):
         raise ValueError(
@@ -240,10 +250,6 @@ def evaluate_revisited_from_similarity(
     nq, n = sim.shape
     if len(gnd) != nq:
         raise ValueError(f"sim has {nq} queries (rows) but gnd has {len(gnd)} entries")
-    srt = np.sort(sim, axis=1)
-    # NaN sorts last and -inf/+inf to the ends: two columns check every value (a full pass costs 5% here)
-    if n and not np.isfinite(srt[:, [0, -1]]).all():
-        raise ValueError("sim holds NaN or infinite similarities")
     kappas = tuple(int(x) for x in kappas)
     if any(x < 1 for x in kappas):
         raise ValueError(f"kappas must be >= 1, got {kappas}")
@@ -258,35 +264,10 @@ def evaluate_revisited_from_similarity(
     ukeys = keys[starts]
     ubits = np.bitwise_or.reduceat(bits, starts) if keys.size else bits
     uq, item = ukeys // n, ukeys % n
-    pos = _count_above(sim, srt, uq, item)
+    pos, head = positions_and_top_k(sim, uq, item, k)
     o = np.lexsort((pos, uq))
-    return _score_labelled(uq[o], pos[o], ubits[o], lengths, nq, kappas, truncated=False)
-
-
-def _count_above(sim: np.ndarray, srt: np.ndarray, uq: np.ndarray, item: np.ndarray) -> np.ndarray:
-    """0-based stable-order position of ``sim[uq, item]`` in its row: #(higher) + #(equal, lower index).
-
-    ``srt``: ``sim`` sorted along rows. A branchless binary search run for all labelled values at once (a fixed
-    ``log2(n)`` steps of gathers over the sorted matrix): a Python loop of ``searchsorted`` calls over the
-    queries cost as much as the sort at 70 x 5,000. Only comparisons touch the values, so -0.0 == 0.0.
-    """
-    nq, n = sim.shape
-    values = sim[uq, item]
-    srt = srt.ravel()
-    row_start = uq * n
-    base = row_start  # the search range of each value: its own sorted row
-    width = n
-    while width > 1:  # invariant: the first element > value lies in [base, base + width]
-        half = width // 2
-        base = np.where(srt[base + half] <= values, base + half, base)
-        width -= half
-    upper = base + (srt[base] <= values)  # first element > value, in flat coordinates
-    pos = (uq + 1) * n - upper  # strictly higher scores
-    # the value itself sits at upper - 1; an equal value before it means a tie (rare): lower indices first
-    tied = np.flatnonzero((upper - 2 >= row_start) & (srt[np.maximum(upper - 2, 0)] == values))
-    for t in tied:
-        pos[t] += int(np.count_nonzero(sim[uq[t], : item[t]] == values[t]))
-    return pos
+    scores = _score_labelled(uq[o], pos[o], ubits[o], lengths, nq, kappas, truncated=False)
+    return scores, head
 
 
 def format_table(scores: RevisitedScores, title: str = "") -> str:
