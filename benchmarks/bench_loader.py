@@ -2,7 +2,8 @@
 
 For 0, 1 and 2 DataLoader workers it prints
   * decoded images/s  (JPEG read + ``load_rgb``: EXIF, mode conversion; no augmentation),
-  * augmented images/s (the full train transform: random resized crop + flip + colour jitter + normalise),
+  * augmented images/s (the worker's share of the train transform: random resized crop + flip -> uint8; the
+    colour jitter and normalisation run on the batch in the training step, dalg.data.device_augment),
   * the share of a training step spent waiting for the next batch, with the project's model training on it.
 
 Images: a GLDv2-layout set generated in a temp dir (JPEGs at ``--image-size`` on the longer side, like GLDv2's
@@ -119,6 +120,9 @@ def wait_share(ds, model, batch_size: int, workers: int, steps: int) -> dict[str
             it = iter(loader)
             x, y = next(it)
         t1 = time.perf_counter()
+        x = ds.transform.finish(
+            x
+        )  # the device's share (jitter + normalise the uint8 crops), here in the step
         desc = model(x)
         loss = torch.nn.functional.cross_entropy(model.head(desc, y), y)
         opt.zero_grad(set_to_none=True)

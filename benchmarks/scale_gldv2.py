@@ -326,7 +326,9 @@ def _run(
             if s:
                 images, labels = next(it)
             t0 = time.perf_counter()
-            loss = module.training_step((images, labels), s)
+            # what Lightning does after moving the batch: jitter + normalise the uint8 crops (DeviceAugment)
+            batch = dm.on_after_batch_transfer((images, labels), 0)
+            loss = module.training_step(batch, s)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

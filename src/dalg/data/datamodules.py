@@ -152,6 +152,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.skipped_eval_sets: dict[str, str] = {}
         self._eval_sizes: dict[int, tuple[tuple, list[tuple[int, int]]]] = {}
         self._last_train_epoch: int | None = None
+        self._augment_generator: torch.Generator | None = None
         self.input_config: InputConfig | None = None
         if input_config is not None:
             self.set_input_config(input_config)
@@ -285,7 +286,29 @@ class RetrievalDataModule(pl.LightningDataModule):
             if self._last_train_epoch is not None and epoch != self._last_train_epoch:
                 self.report_failures()
             self._last_train_epoch = epoch
-        return batch
+        return self._finish_on_device(batch)
+
+    def _finish_on_device(self, batch):
+        """uint8 training crops -> colour-jittered, normalised float images (dalg.data.device_augment), here on
+        the training device; float batches (hold-out, evaluation) pass through."""
+        if not isinstance(batch, (tuple, list)) or not batch:
+            return batch
+        images = batch[0]
+        if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8):
+            return batch
+        augment = getattr(getattr(self.train_set, "transform", None), "device_augment", None)
+        if augment is None:
+            raise RuntimeError(
+                "a uint8 image batch reached the model, but the training transform has no device_augment "
+                "to normalise it"
+            )
+        if self._augment_generator is None or self._augment_generator.device != images.device:
+            # its own stream per process: ranks seeded alike (seed_everything) still jitter differently
+            rank = getattr(getattr(self, "trainer", None), "global_rank", 0)
+            self._augment_generator = torch.Generator(device=images.device)
+            self._augment_generator.manual_seed((torch.initial_seed() + 1_000_003 * (rank + 1)) % 2**63)
+        images = augment(images, generator=self._augment_generator)
+        return type(batch)([images, *batch[1:]]) if isinstance(batch, list) else (images, *batch[1:])
 
     # ------------------------------------------------------------------------------------ dataloaders
     def train_dataloader(self) -> DataLoader:

@@ -14,7 +14,10 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+from torchvision.transforms.v2 import functional as TF2
 
+from dalg.data.device_augment import DeviceAugment
 from dalg.data.images import SOURCE_SIZE
 from dalg.utils.input_config import IMAGENET_MEAN, IMAGENET_STD, InputConfig  # noqa: F401  (re-exported)
 from dalg.utils.sizes import ORIGINAL, describe_test_size, parse_test_size, resized_shape  # noqa: F401
@@ -38,10 +41,23 @@ class ModelTransform(T.Compose):
     """A torchvision ``Compose`` that also carries the model's input config: datasets composite transparent
     pixels over ``fill_rgb`` (the mean), so that they normalise to ~0 whatever the model's mean is."""
 
-    def __init__(self, transforms: list, input_config: InputConfig):
+    def __init__(
+        self, transforms: list, input_config: InputConfig, device_augment: DeviceAugment | None = None
+    ):
         super().__init__(transforms)
         self.input_config = input_config
         self.fill_rgb = input_config.fill_rgb
+        # what finishes the transform on the batch (uint8 -> jittered, normalised float), or None: the transform's
+        # output is already the model's input
+        self.device_augment = device_augment
+
+    def finish(self, images: torch.Tensor) -> torch.Tensor:
+        """This transform's output for one image or a batch, ready for the model (tests, tools without a
+        data module): ``device_augment`` applied when there is one."""
+        if self.device_augment is None:
+            return images
+        out = self.device_augment(images[None] if images.ndim == 3 else images)
+        return out[0] if images.ndim == 3 else out
 
     def crop_for(self, full_size: tuple[int, int]) -> tuple[float, int] | None:
         """Draw the first transform's random crop for an image of ``full_size`` before it is decoded:
@@ -50,11 +66,21 @@ class ModelTransform(T.Compose):
         return first.plan(full_size) if isinstance(first, CropFirstRandomResizedCrop) else None
 
 
+# interpolations torch resizes uint8 images with (SIMD, antialiased: ~8x faster than PIL's bicubic on a CPU core);
+# the others go through PIL (torch's "nearest" also picks other source pixels than PIL's)
+_TORCH_UINT8 = {"bilinear", "bicubic"}
+
+
 class CropFirstRandomResizedCrop(T.RandomResizedCrop):
-    """torchvision's ``RandomResizedCrop`` whose crop can be drawn from the full size before decoding (``plan``),
-    so that the loader decodes a large JPEG at reduced size (``load_rgb_for_crop``); the planned box is then scaled
-    to the decoded image and resized from there (PIL ``resize`` with a float box: the same antialiased shrink).
-    An image without a matching plan gets torchvision's own crop."""
+    """torchvision's ``RandomResizedCrop`` from a PIL image to a ``uint8`` CHW tensor, whose crop can be drawn from
+    the full size before decoding (``plan``), so that the loader decodes a large JPEG at reduced size
+    (``load_rgb_for_crop``); the planned box is then scaled to the decoded image (rounded to its pixels) and
+    resized from there. An image without a matching plan gets a crop drawn from its own size.
+
+    The resize runs in torch on ``uint8`` pixels (antialiased bilinear/bicubic, as PIL's): the largest cost of a
+    training worker after decoding. Other interpolations (nearest, lanczos, box, hamming) use PIL's resize.
+    benchmarks/bench_decode.py measures speed and the difference to PIL (tests/test_data_crop_first.py bounds it).
+    """
 
     def plan(self, full_size: tuple[int, int]) -> tuple[float, int]:
         w, h = full_size
@@ -63,16 +89,39 @@ class CropFirstRandomResizedCrop(T.RandomResizedCrop):
         return float(min(ch, cw)), int(min(self.size))
 
     def forward(self, img):
+        if not isinstance(img, Image.Image):
+            raise TypeError(f"CropFirstRandomResizedCrop takes a PIL image, got {type(img).__name__}")
+        return resized_crop_uint8(img, self.box_for(img), self.size, self.interpolation.value)
+
+    def box_for(self, img: Image.Image) -> tuple[int, int, int, int]:
+        """The crop ``(x0, y0, x1, y1)`` in ``img``'s pixels: the plan's box scaled to the decoded size and
+        rounded to its pixels (a shift of at most half a decoded pixel), else a box drawn from ``img``."""
         plan, self._plan = getattr(self, "_plan", None), None
-        if plan is not None and isinstance(img, Image.Image):
+        if plan is not None and tuple(img.info.get(SOURCE_SIZE, img.size)) == plan[0]:
             full, (top, left, ch, cw) = plan
-            if tuple(img.info.get(SOURCE_SIZE, img.size)) == full:
-                s = img.width / full[0]
-                box = (left * s, top * s, (left + cw) * s, (top + ch) * s)
-                return img.resize(
-                    (self.size[1], self.size[0]), _PIL_RESAMPLING[self.interpolation.value], box=box
-                )
-        return super().forward(img)
+            s = img.width / full[0]
+            x0, y0 = round(left * s), round(top * s)
+            x1 = min(max(round((left + cw) * s), x0 + 1), img.width)
+            y1 = min(max(round((top + ch) * s), y0 + 1), img.height)
+        else:
+            top, left, ch, cw = self.get_params(img, self.scale, self.ratio)
+            x0, y0, x1, y1 = left, top, left + cw, top + ch
+        return x0, y0, x1, y1
+
+
+def resized_crop_uint8(
+    img: Image.Image, box: tuple[int, int, int, int], size: Sequence[int], interpolation: str
+) -> torch.Tensor:
+    """The pixel box ``(x0, y0, x1, y1)`` of ``img`` resized to ``size`` (h, w): a ``uint8`` (3, h, w) tensor."""
+    if interpolation not in _TORCH_UINT8:
+        crop = img.resize((size[1], size[0]), _PIL_RESAMPLING[interpolation], box=box)
+        return TF.pil_to_tensor(crop)
+    # only the box leaves PIL (a copy of the whole decoded image costs more than the resize); HWC memory seen as
+    # CHW is the layout of torch's fast uint8 resize
+    pixels = TF.pil_to_tensor(img.crop(box))
+    return TF2.resize(
+        pixels[None], list(size), interpolation=T.InterpolationMode(interpolation), antialias=True
+    )[0]
 
 
 def _normalise(config: InputConfig) -> list:
@@ -87,7 +136,9 @@ def train_transform(
     color_jitter: float = 0.2,
     input_config: InputConfig | None = None,
 ) -> ModelTransform:
-    """Random resized crop (DOLG's loader: area 0.08-1) + flip + light colour jitter, at ``size`` x ``size``."""
+    """Random resized crop (DOLG's loader: area 0.08-1) + flip at ``size`` x ``size``, as ``uint8`` tensors; the
+    light colour jitter and the normalisation run on the batch, on the training device (``device_augment``:
+    :class:`dalg.data.device_augment.DeviceAugment`, applied by the data module after the transfer)."""
     config = input_config or _DEFAULT
     ops: list = [
         CropFirstRandomResizedCrop(
@@ -96,9 +147,7 @@ def train_transform(
     ]
     if hflip > 0:
         ops.append(T.RandomHorizontalFlip(hflip))
-    if color_jitter > 0:
-        ops.append(T.ColorJitter(color_jitter, color_jitter, color_jitter, 0.0))
-    return ModelTransform(ops + _normalise(config), config)
+    return ModelTransform(ops, config, device_augment=DeviceAugment(color_jitter, config.mean, config.std))
 
 
 def holdout_transform(size: int, input_config: InputConfig | None = None) -> ModelTransform:
