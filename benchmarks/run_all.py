@@ -132,8 +132,63 @@ def run_extraction(args, device: torch.device) -> dict[str, Any]:
             "dalg_fraction_of_matmul_peak": d["fraction_of_matmul_peak"],
             "dalg_dtype": d["dtype"],
         }
+    summary.update(round_two_goals(rows, dalg_tag, dolg5_tag, res["matmul_peak_gflops_per_s"]))
     res["summary"] = summary
     return res
+
+
+def round_two_goals(
+    rows: list[dict], dalg_tag: str, dolg5_tag: str, peak: dict[str, float]
+) -> dict[str, Any]:
+    """Issue 16's items 1-3 from the extraction rows: bf16 DALG against the bf16 matmul peak (batched by shape,
+    with or without compile), eager float32 one image at a time against the float32 peak, and DALG's images/s over
+    DOLG-5's against the FLOP ratio (per-FLOP efficiency, the best non-compiled rows of each)."""
+    out: dict[str, Any] = {}
+
+    def fastest(pred) -> dict | None:
+        found = [r for r in rows if pred(r)]
+        return max(found, key=lambda r: r["images_per_s"]) if found else None
+
+    bf16 = fastest(lambda r: r["tag"] == dalg_tag and r["dtype"] == "bfloat16")
+    if bf16 and "bfloat16" in peak:
+        out["bf16"] = {
+            "dalg": bf16["how"],
+            "dalg_achieved_gflops_per_s": bf16["achieved_gflops_per_s"],
+            "bf16_matmul_peak_gflops_per_s": peak["bfloat16"],
+            "dalg_fraction_of_bf16_peak": bf16["achieved_gflops_per_s"] / peak["bfloat16"],
+            "one_minus_min_cosine_to_fp32": None
+            if bf16["min_cosine_to_plain"] is None
+            else 1 - bf16["min_cosine_to_plain"],
+            "goal": 0.40,
+        }
+    eager = fastest(
+        lambda r: (
+            r["tag"] == dalg_tag
+            and r["dtype"] == "float32"
+            and r["max_batch"] in (None, 1)
+            and "compile" not in r["options"]
+        )
+    )
+    if eager and "float32" in peak:
+        out["eager_fp32_single"] = {
+            "dalg": eager["how"],
+            "dalg_fraction_of_fp32_peak": eager["achieved_gflops_per_s"] / peak["float32"],
+            "goal": 0.65,
+        }
+    d = bench_extraction.best(rows, dalg_tag, True)
+    d5 = bench_extraction.best(rows, dolg5_tag, True)
+    if d and d5:
+        ratio = d["images_per_s"] / d5["images_per_s"]
+        flop_ratio = d5["gflops_per_image"] / d["gflops_per_image"]
+        out["per_flop"] = {
+            "dalg": d["how"],
+            "dolg5": d5["how"],
+            "ratio_dalg_over_dolg5": ratio,
+            "flop_ratio_dolg5_over_dalg": flop_ratio,
+            "dalg_efficiency_relative_to_dolg": ratio / flop_ratio,  # goal: >= 1
+            "goal": 1.0,
+        }
+    return out
 
 
 def run_train(args, device: torch.device) -> dict[str, Any]:
@@ -346,12 +401,35 @@ def markdown(results: dict[str, Any], command: str) -> str:
                 )
                 + "."
             )
-        for key, s in ex["summary"].items():
+        for key, s in ((k, ex["summary"][k]) for k in ("plain", "optimised") if k in ex["summary"]):
             lines.append(
                 f"- **{key}**: DALG / DOLG-5-scale images/s = **{s['ratio_dalg_over_dolg5']:.2f}×** "
                 f"(FLOP ratio {s['flop_ratio_dolg5_over_dalg']:.2f}×; DALG / DOLG-1-scale "
                 f"{s['ratio_dalg_over_dolg1']:.2f}×); DALG at "
                 f"{100 * (s['dalg_fraction_of_matmul_peak'] or 0):.0f}% of the {s['dalg_dtype']} matmul peak."
+            )
+        goals = ex["summary"]
+        if "bf16" in goals:
+            g = goals["bf16"]
+            cos = g["one_minus_min_cosine_to_fp32"]
+            lines.append(
+                f"- **bf16 efficiency** (goal ≥ 40%): DALG in bf16 ({g['dalg']}) "
+                f"{g['dalg_achieved_gflops_per_s']:.0f} GFLOP/s = **{100 * g['dalg_fraction_of_bf16_peak']:.0f}%** of "
+                f"this run's bf16 matmul peak ({g['bf16_matmul_peak_gflops_per_s']:.0f} GFLOP/s); 1 − cos to fp32 "
+                f"{_f(cos, '.1e')}."
+            )
+        if "eager_fp32_single" in goals:
+            g = goals["eager_fp32_single"]
+            lines.append(
+                f"- **eager fp32, one image at a time** (goal ≥ 65%): {g['dalg']} at "
+                f"**{100 * g['dalg_fraction_of_fp32_peak']:.0f}%** of the fp32 matmul peak."
+            )
+        if "per_flop" in goals:
+            g = goals["per_flop"]
+            lines.append(
+                f"- **per-FLOP efficiency** (goal ≥ 1): DALG / DOLG-5 images/s {g['ratio_dalg_over_dolg5']:.2f}× "
+                f"against a FLOP ratio of {g['flop_ratio_dolg5_over_dalg']:.2f}× = "
+                f"**{g['dalg_efficiency_relative_to_dolg']:.2f}** ({g['dalg']} vs {g['dolg5']})."
             )
         lines.append("")
     tr = results.get("train")

@@ -54,6 +54,13 @@ def test_quick_run_writes_json_and_table(tmp_path):
     assert five["gflops_per_image"] > 2.5 * one["gflops_per_image"]  # the pyramid is counted (~3.9x)
     s = ex["summary"]["plain"]
     assert s["ratio_dalg_over_dolg5"] == pytest.approx(s["dalg_images_per_s"] / s["dolg5_images_per_s"])
+    # issue 16's items 2 and 3: eager fp32 one image at a time, DALG's per-FLOP efficiency relative to DOLG
+    pf, opt = ex["summary"]["per_flop"], ex["summary"]["optimised"]
+    assert pf["ratio_dalg_over_dolg5"] == pytest.approx(opt["ratio_dalg_over_dolg5"])
+    assert pf["dalg_efficiency_relative_to_dolg"] == pytest.approx(
+        opt["ratio_dalg_over_dolg5"] / opt["flop_ratio_dolg5_over_dalg"]
+    )
+    assert 0 < ex["summary"]["eager_fp32_single"]["dalg_fraction_of_fp32_peak"]
     env = json.loads((out / "environment.json").read_text())
     assert len(env["load_start"]) == 3 and len(env["load_end"]) == 3
     ev = json.loads((out / "eval.json").read_text())
@@ -61,6 +68,7 @@ def test_quick_run_writes_json_and_table(tmp_path):
     table = (out / "results.md").read_text()
     assert "DALG / DOLG-5-scale" in table and "images/s" in table and "matmul" in table
     assert "Evaluation from given similarities" in table and "Training step" in table
+    assert "per-FLOP efficiency" in table and "product path" in table
     # --table-only rebuilds the table from the JSONs alone
     (out / "results.md").unlink()
     assert run_all.main(["--table-only", "--out", str(out)]) == 0

@@ -133,8 +133,10 @@ def load_rgb(
     (2 x ``Image.MAX_IMAGE_PIXELS``).
     """
     if not need_side:
-        return _load(path, fill, max_pixels, lambda size, img: 1)
-    return _load(path, fill, max_pixels, lambda size, img: dct_factor(max(size), DRAFT_MARGIN * need_side))
+        return _load(path, fill, max_pixels, lambda size, orientation: 1)
+    return _load(
+        path, fill, max_pixels, lambda size, orientation: dct_factor(max(size), DRAFT_MARGIN * need_side)
+    )
 
 
 def load_rgb_for_crop(
@@ -152,8 +154,8 @@ def load_rgb_for_crop(
     Without a crop (None) it is :func:`load_rgb` with ``need_side``.
     """
 
-    def factor_of(size: tuple[int, int], img: Image.Image) -> int:
-        upright = size[::-1] if _orientation(img) in (5, 6, 7, 8) else size
+    def factor_of(size: tuple[int, int], orientation: int) -> int:
+        upright = size[::-1] if orientation in (5, 6, 7, 8) else size
         crop = crop_for(upright)
         if crop is None:
             return dct_factor(max(size), DRAFT_MARGIN * need_side) if need_side else 1
@@ -163,13 +165,15 @@ def load_rgb_for_crop(
 
 
 def _load(path, fill, max_pixels, factor_of) -> Image.Image:
-    """Open, draft at ``factor_of((width, height), image)`` (JPEG only), check the size, decode, upright."""
+    """Open, draft at ``factor_of((width, height), EXIF orientation)`` (JPEG only), check the size, decode,
+    upright."""
     img = None
     try:
         img = Image.open(path)  # PIL's guard raises past 2 x Image.MAX_IMAGE_PIXELS (it only warns below)
         full = img.size
+        orientation = _orientation(img)  # from the header: parsed once
         if img.format == "JPEG":
-            _draft(img, factor_of(full, img))
+            _draft(img, factor_of(full, orientation))
         if max_pixels is not None and img.width * img.height > max_pixels:
             raise ImageReadError(
                 path,
@@ -178,7 +182,6 @@ def _load(path, fill, max_pixels, factor_of) -> Image.Image:
                 "too_large",
             )
         img.load()
-        orientation = _orientation(img)
         # upright: a transposed copy only when the EXIF asks for it (a copy of a 2 MP photo costs ~0.5 ms); a
         # loaded single-frame image has closed its file and is returned as it is, else it is copied and closed
         out = _upright(img) if orientation != 1 else img if img.fp is None else img.copy()
