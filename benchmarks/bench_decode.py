@@ -108,8 +108,10 @@ def _scale_of(img: Image.Image, full: tuple[int, int]) -> float:
     return full[0] / img.width
 
 
-# The data path's worker share (dalg.data.transforms.train_transform): crop-first decoding, the crop resized in
-# torch on uint8, flip -> uint8 tensor; jitter + normalisation run on the batch on the device (DeviceAugment).
+# The data path's worker share (dalg.data.transforms.train_transform): crop-first decoding (dalg.data.jpeg_pixels:
+# any libjpeg scale, straight into uint8), the crop resized in torch on uint8, flip -> uint8 tensor; jitter +
+# normalisation run on the batch on the device (DeviceAugment). The crop box is the bench's own draw, so that every
+# method crops the same box.
 _CROP = CropFirstRandomResizedCrop(
     TRAIN_SIZE, scale=SCALE, ratio=RATIO, antialias=True, interpolation=T.BICUBIC
 )
@@ -119,8 +121,8 @@ _DEVICE = DeviceAugment(0.2, MEAN, STD)
 def _data_path_worker(p, full, prm) -> torch.Tensor:
     box, flip, _ = prm
     top, left, h, w = box
-    _CROP._plan = (full, box)  # the bench's own draw, so that every method crops the same box
-    img = load_rgb_for_crop(p, lambda size: (min(h, w), TRAIN_SIZE))
+    img = load_rgb_for_crop(p, lambda size: (min(h, w), TRAIN_SIZE), pixels=True)  # simplejpeg when it can
+    _CROP._plan = (full, box)
     out = _CROP(img)
     return out.flip(-1) if flip else out
 

@@ -101,7 +101,7 @@ def faiss_route(queries: np.ndarray, database: list[np.ndarray], k: int, chunk_s
     best_s = np.full((queries.shape[0], 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((queries.shape[0], 0), dtype=np.int64)
     with _FaissBlasSettings(index.faiss):
-        for start, chunk in _iter_chunks(database, chunk_size):
+        for start, chunk, _ in _iter_chunks(database, chunk_size):
             s, i = index.search(chunk, queries, min(k, chunk.shape[0]))
             cat_s, cat_i = (
                 np.concatenate([best_s, s], 1),

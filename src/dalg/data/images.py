@@ -16,12 +16,15 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dalg.data import jpeg_pixels
+from dalg.data.jpeg_pixels import DecodedRGB, dct_factor
+
 # the ImageNet mean (input_config.IMAGENET_MEAN) in 8 bits: the fill when no model input config is known
 ALPHA_BACKGROUND = (124, 116, 104)
 
 _KINDS = ("missing", "empty", "not_image", "truncated", "too_large", "undecodable")
 # img.info key: (width, height) of the upright full-size image when load_rgb decoded it at reduced size
-SOURCE_SIZE = "dalg_source_size"
+SOURCE_SIZE = jpeg_pixels.SOURCE_SIZE
 # a JPEG is decoded at reduced size only when at least this factor times the needed side is left (see _draft)
 DRAFT_MARGIN = 2
 
@@ -105,11 +108,6 @@ def _upright(img: Image.Image) -> Image.Image:
         return img
 
 
-def dct_factor(side: float, need: float) -> int:
-    """The largest JPEG DCT scaling divisor (8, 4, 2, else 1) that still leaves ``side / divisor >= need``."""
-    return next((f for f in (8, 4, 2) if side / f >= need), 1)
-
-
 def _draft(img: Image.Image, factor: int) -> None:
     """Let libjpeg decode at 1/``factor`` size (DCT scaling, PIL ``draft``): fewer pixels to inverse-transform,
     convert and resize, and a 13000 x 13000 photo costs 1/64 of the memory."""
@@ -145,14 +143,22 @@ def load_rgb_for_crop(
     fill: tuple[int, int, int] = ALPHA_BACKGROUND,
     max_pixels: int | None = None,
     need_side: float | None = None,
-) -> Image.Image:
+    pixels: bool = False,
+) -> Image.Image | DecodedRGB:
     """:func:`load_rgb` for a crop drawn before decoding: ``crop_for((width, height))`` (upright full size) returns
     ``(crop_side, out_side)`` -- the crop's shorter side in full-size pixels and the side it is resized to -- or
     None. A JPEG is then decoded at the largest DCT scale (1/2, 1/4, 1/8) that still gives the crop at least
     ``out_side`` pixels, so the crop is only ever shrunk, as from the full image; the crop box scales by the full
     size (``info`` :data:`SOURCE_SIZE`) over the returned size. benchmarks/bench_decode.py: speed, pixel difference.
     Without a crop (None) it is :func:`load_rgb` with ``need_side``.
+
+    ``pixels=True`` (a transform that takes them, e.g. ``CropFirstRandomResizedCrop``): a plain upright JPEG is
+    decoded by :mod:`dalg.data.jpeg_pixels` into a :class:`DecodedRGB` instead, at any libjpeg scale (7/8 ... 1/8).
     """
+    if pixels:
+        decoded = jpeg_pixels.decode_for_crop(path, crop_for, max_pixels)
+        if decoded is not None:
+            return decoded
 
     def factor_of(size: tuple[int, int], orientation: int) -> int:
         upright = size[::-1] if orientation in (5, 6, 7, 8) else size

@@ -241,7 +241,12 @@ class LabelledImages(Dataset):
                 crop_for = getattr(self.transform, "crop_for", None)
                 if crop_for is not None:  # the random crop drawn first: a large JPEG decodes at reduced size
                     return load_rgb_for_crop(
-                        path, crop_for, fill_for(self.transform), self.max_pixels, self.decode_side
+                        path,
+                        crop_for,
+                        fill_for(self.transform),
+                        self.max_pixels,
+                        self.decode_side,
+                        pixels=getattr(self.transform, "accepts_pixels", False),
                     )
                 return load_rgb(
                     path, fill_for(self.transform), max_pixels=self.max_pixels, need_side=self.decode_side

@@ -18,7 +18,7 @@ from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as TF2
 
 from dalg.data.device_augment import DeviceAugment
-from dalg.data.images import SOURCE_SIZE
+from dalg.data.images import SOURCE_SIZE, DecodedRGB
 from dalg.utils.input_config import IMAGENET_MEAN, IMAGENET_STD, InputConfig  # noqa: F401  (re-exported)
 from dalg.utils.sizes import ORIGINAL, describe_test_size, parse_test_size, resized_shape  # noqa: F401
 
@@ -50,6 +50,8 @@ class ModelTransform(T.Compose):
         # what finishes the transform on the batch (uint8 -> jittered, normalised float), or None: the transform's
         # output is already the model's input
         self.device_augment = device_augment
+        # the loader may hand it DecodedRGB pixels (dalg.data.jpeg_pixels) instead of a PIL image
+        self.accepts_pixels = bool(transforms) and isinstance(transforms[0], CropFirstRandomResizedCrop)
 
     def finish(self, images: torch.Tensor) -> torch.Tensor:
         """This transform's output for one image or a batch, ready for the model (tests, tools without a
@@ -89,36 +91,50 @@ class CropFirstRandomResizedCrop(T.RandomResizedCrop):
         return float(min(ch, cw)), int(min(self.size))
 
     def forward(self, img):
-        if not isinstance(img, Image.Image):
-            raise TypeError(f"CropFirstRandomResizedCrop takes a PIL image, got {type(img).__name__}")
+        if not isinstance(img, (Image.Image, DecodedRGB)):
+            raise TypeError(
+                f"CropFirstRandomResizedCrop takes a PIL image or DecodedRGB pixels, got {type(img).__name__}"
+            )
         return resized_crop_uint8(img, self.box_for(img), self.size, self.interpolation.value)
 
-    def box_for(self, img: Image.Image) -> tuple[int, int, int, int]:
+    def box_for(self, img: Image.Image | DecodedRGB) -> tuple[int, int, int, int]:
         """The crop ``(x0, y0, x1, y1)`` in ``img``'s pixels: the plan's box scaled to the decoded size and
         rounded to its pixels (a shift of at most half a decoded pixel), else a box drawn from ``img``."""
         plan, self._plan = getattr(self, "_plan", None), None
         if plan is not None and tuple(img.info.get(SOURCE_SIZE, img.size)) == plan[0]:
             full, (top, left, ch, cw) = plan
-            s = img.width / full[0]
-            x0, y0 = round(left * s), round(top * s)
-            x1 = min(max(round((left + cw) * s), x0 + 1), img.width)
-            y1 = min(max(round((top + ch) * s), y0 + 1), img.height)
+            sx, sy = img.width / full[0], img.height / full[1]  # libjpeg rounds each side up on its own
+            x0, y0 = round(left * sx), round(top * sy)
+            x1 = min(max(round((left + cw) * sx), x0 + 1), img.width)
+            y1 = min(max(round((top + ch) * sy), y0 + 1), img.height)
         else:
-            top, left, ch, cw = self.get_params(img, self.scale, self.ratio)
+            dims = torch.empty(
+                (1, img.height, img.width), dtype=torch.uint8
+            )  # get_params reads only the size
+            top, left, ch, cw = self.get_params(dims, self.scale, self.ratio)
             x0, y0, x1, y1 = left, top, left + cw, top + ch
         return x0, y0, x1, y1
 
 
 def resized_crop_uint8(
-    img: Image.Image, box: tuple[int, int, int, int], size: Sequence[int], interpolation: str
+    img: Image.Image | DecodedRGB, box: tuple[int, int, int, int], size: Sequence[int], interpolation: str
 ) -> torch.Tensor:
     """The pixel box ``(x0, y0, x1, y1)`` of ``img`` resized to ``size`` (h, w): a ``uint8`` (3, h, w) tensor."""
+    x0, y0, x1, y1 = box
+    if isinstance(img, DecodedRGB):
+        if interpolation not in _TORCH_UINT8:
+            img = Image.fromarray(img.pixels)
+        else:  # a view of the box: HWC memory seen as CHW, the layout of torch's fast uint8 resize
+            pixels = torch.from_numpy(img.pixels[y0:y1, x0:x1]).permute(2, 0, 1)
+            return _resize_uint8(pixels, size, interpolation)
     if interpolation not in _TORCH_UINT8:
         crop = img.resize((size[1], size[0]), _PIL_RESAMPLING[interpolation], box=box)
         return TF.pil_to_tensor(crop)
-    # only the box leaves PIL (a copy of the whole decoded image costs more than the resize); HWC memory seen as
-    # CHW is the layout of torch's fast uint8 resize
-    pixels = TF.pil_to_tensor(img.crop(box))
+    # only the box leaves PIL (a copy of the whole decoded image costs more than the resize)
+    return _resize_uint8(TF.pil_to_tensor(img.crop(box)), size, interpolation)
+
+
+def _resize_uint8(pixels: torch.Tensor, size: Sequence[int], interpolation: str) -> torch.Tensor:
     return TF2.resize(
         pixels[None], list(size), interpolation=T.InterpolationMode(interpolation), antialias=True
     )[0]
