@@ -328,6 +328,15 @@ def _f(x: float | None, fmt: str = ".2f") -> str:
     return "–" if x is None else format(x, fmt)
 
 
+def _model_words(model: dict[str, Any]) -> str:
+    """'vit_tiny_patch16_224 (depth 6, embed_dim 128) + CrossAttentionFusion, 336 steps' from a fidelity record."""
+    bb = dict(model.get("backbone") or {})
+    name = bb.pop("name", "?")
+    extra = ", ".join(f"{k} {v}" for k, v in bb.items() if isinstance(v, (int, float, str)))
+    fusion = str(model.get("fusion") or "?").rsplit(".", 1)[-1]
+    return f"{name}{f' ({extra})' if extra else ''} + {fusion}, {model.get('global_step')} steps"
+
+
 def _section(title: str, res: dict[str, Any]) -> list[str]:
     """A section's heading and its when/how/load line."""
     return [f"## {title}", "", _measured(res), ""]
@@ -416,7 +425,20 @@ def markdown(results: dict[str, Any], command: str) -> str:
                 f"- **bf16 efficiency** (goal ≥ 40%): DALG in bf16 ({g['dalg']}) "
                 f"{g['dalg_achieved_gflops_per_s']:.0f} GFLOP/s = **{100 * g['dalg_fraction_of_bf16_peak']:.0f}%** of "
                 f"this run's bf16 matmul peak ({g['bf16_matmul_peak_gflops_per_s']:.0f} GFLOP/s); 1 − cos to fp32 "
-                f"{_f(cos, '.1e')}."
+                f"{_f(cos, '.1e')} (random weights)."
+            )
+        fid = results.get("bf16_fidelity")
+        if fid:
+            maps = {k: next(iter(v.values()), {}) for k, v in fid["mAP"].items()}
+            lines.append(
+                f"- **bf16 on trained weights** (goal: cosine ≥ {fid['goal_min_cosine']}): min cosine to fp32 "
+                f"**{fid['min_cosine']:.6f}** over {sum(s['rows'] for s in fid['stores'].values())} descriptors"
+                + (f" of a trained {_model_words(fid['model'])}" if fid.get("model") else "")
+                + f" on {fid['data']} at test size {fid['test_size']}; mAP E/M/H fp32 "
+                + " / ".join(f"{v:.2f}" for v in maps.get("fp32", {}).values())
+                + ", bf16 "
+                + " / ".join(f"{v:.2f}" for v in maps.get("bf16", {}).values())
+                + f" (*measured {fid['measured_at']} by `{fid['run_command']}`*)."
             )
         if "eager_fp32_single" in goals:
             g = goals["eager_fp32_single"]
@@ -696,6 +718,10 @@ def main(argv: list[str] | None = None) -> int:
         path = args.out / f"{name}.json"
         if path.is_file():
             results[name] = json.loads(path.read_text())
+    # not a section (it needs a trained checkpoint): benchmarks/bench_bf16_fidelity.py writes it when run by hand
+    fidelity = args.out / "bf16_fidelity.json"
+    if fidelity.is_file():
+        results["bf16_fidelity"] = json.loads(fidelity.read_text())
     results["environment"] = env
     table = markdown(results, command.strip())
     md = args.out / "results.md"

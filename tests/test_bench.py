@@ -178,3 +178,51 @@ def test_scaling_section_writes_curves(tmp_path):
     sides = {(r["model"], r["side"]): r["gflops"] for r in sc["extraction"]}
     assert sides[("dalg_tiny", 128)] > 3 * sides[("dalg_tiny", 64)]  # ~4x the pixels, counted
     assert "Scaling curves" in (tmp_path / "results.md").read_text()
+
+
+def _store(path: Path, rows: np.ndarray, names: list[str]) -> None:
+    from dalg.retrieval.features import save_features
+
+    save_features(path, rows, names, dtype="float32")
+
+
+def test_bf16_fidelity_compares_stores_row_by_row(tmp_path):
+    import bench_bf16_fidelity
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    y = x.copy()
+    y[3] += 0.05 * rng.standard_normal(16).astype(np.float32)  # one row off: it must be the worst
+    names = [f"img{i}.jpg" for i in range(5)]
+    for key, rows in (("fp32", x), ("bf16", y)):
+        _store(tmp_path / key / "features" / "set_queries", rows, names)
+    got = bench_bf16_fidelity.compare_stores(tmp_path / "fp32", tmp_path / "bf16")["set_queries"]
+    cos = float(x[3] @ y[3] / np.linalg.norm(x[3]) / np.linalg.norm(y[3]))
+    assert got["rows"] == 5 and got["worst_image"] == "img3.jpg"
+    assert got["min_cosine"] == pytest.approx(cos, abs=1e-7) and cos < 0.9999
+    assert got["store_dtype"] == "float32"
+
+    _store(tmp_path / "bf16" / "features" / "set_queries", y, names[::-1])  # other images: refused
+    with pytest.raises(SystemExit, match="different images"):
+        bench_bf16_fidelity.compare_stores(tmp_path / "fp32", tmp_path / "bf16")
+
+
+@pytest.mark.slow  # ~40 s: two src/eval.py runs of a random dalg_tiny on landmarks-mini at 64 px
+def test_bf16_fidelity_end_to_end(tmp_path):
+    from tests.conftest import LANDMARKS_MINI
+
+    if not LANDMARKS_MINI.is_dir():
+        pytest.skip(f"{LANDMARKS_MINI} is absent")
+    import bench_search_store
+
+    ckpt = tmp_path / "tiny.ckpt"
+    bench_search_store.make_checkpoint(ckpt)
+    out = tmp_path / "fidelity.json"
+    cmd = [sys.executable, str(REPO / "benchmarks/bench_bf16_fidelity.py"), "--ckpt", str(ckpt)]
+    proc = subprocess.run([*cmd, "--test-size", "64", "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert set(rec["stores"]) == {"landmarks_mini_queries", "landmarks_mini_database"}
+    assert rec["stores"]["landmarks_mini_queries"]["rows"] == 61
+    assert 0.99 < rec["min_cosine"] <= 1.0 + 1e-6 and rec["meets_goal"] == (rec["min_cosine"] >= 0.9999)
+    assert set(rec["mAP"]) == {"fp32", "bf16"} and "mAP_M" in rec["mAP"]["bf16"]["landmarks_mini"]

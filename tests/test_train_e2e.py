@@ -43,6 +43,11 @@ def test_default_config_trains_and_reports_revisited_map(trained):
 def test_run_writes_checkpoint_csv_wandb_and_grids(trained):
     result, out = trained
     assert (out / "checkpoints" / "last.ckpt").is_file()
+    from dalg.lit.checkpoint_read import checkpoint_step
+
+    # last.ckpt is the final state, even when the last validation was not the best (Lightning's save_last was not)
+    assert checkpoint_step(out / "checkpoints" / "last.ckpt") == result["global_step"] > 0
+    assert result["last"]["checkpoint"] == str(out / "checkpoints" / "last.ckpt")
     assert (out / "checkpoints" / "label_map.json").is_file()
     assert (out / "config.yaml").is_file()
     with open(out / "csv" / "metrics.csv") as f:

@@ -29,7 +29,7 @@ def test_nan_loss_stops_with_step_and_terms_and_keeps_last_checkpoint(tiny_synth
         + [
             "~data.eval_sets.landmarks_mini",
             "trainer.max_epochs=1",
-            "callbacks.step_checkpoint.every_n_train_steps=2",
+            "callbacks.last_checkpoint.every_n_train_steps=2",
             "validate_before_fit=false",
             "logger=csv",
             "callbacks.rich_progress_bar=null",

@@ -30,7 +30,7 @@ def _command(root, log_dir, run_name):
     over = tiny_data_overrides(root) + [
         "~data.eval_sets.landmarks_mini",
         "trainer.max_epochs=2",
-        "callbacks.step_checkpoint.every_n_train_steps=2",
+        "callbacks.last_checkpoint.every_n_train_steps=2",
         "validate_before_fit=false",
         "logger=csv",
         "callbacks.rich_progress_bar=null",

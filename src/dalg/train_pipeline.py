@@ -25,6 +25,7 @@ from rich.console import Console
 
 from dalg.lit.checkpoint_read import checkpoint_step
 from dalg.lit.csv_logger import ResumableCSVLogger
+from dalg.lit.last_checkpoint import LastCheckpoint
 from dalg.lit.module import RetrievalModule
 from dalg.lit.resumable_data import ResumableLoader
 from dalg.lit.resume_check import check_resume_model
@@ -266,11 +267,14 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if hint and trainer.is_global_zero:
         console.print(f"[yellow]{hint}")
 
-    ckpt = trainer.checkpoint_callback
+    ckpt = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
+    last_path = next(
+        (c.last_model_path for c in trainer.checkpoint_callbacks if isinstance(c, LastCheckpoint)), ""
+    )
     where = {
         "output dir": out_dir,
         "best checkpoint": getattr(ckpt, "best_model_path", "") or "-",
-        "last checkpoint": getattr(ckpt, "last_model_path", "") or "-",
+        "last checkpoint": last_path or "-",
         "label map": label_map,
         "resolved config": out_dir / "config.yaml",
         "run metadata": out_dir / "run_meta.json",
@@ -290,7 +294,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         value=history.best["metrics"].get(history.monitor) if history.best else None,
         checkpoint=getattr(ckpt, "best_model_path", None) or None,
     )
-    last = _entry(history.last)
+    last = _entry(history.last, checkpoint=last_path or None)
     if trainer.is_global_zero and best and last:
         console.print(
             f"{history.monitor}: best {best['value']:.2f} (step {best['step']}), "

@@ -30,8 +30,9 @@ class ValidationHistory(pl.Callback):
         self.best_index: int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        ckpt = trainer.checkpoint_callback
-        if self.monitor is None and ckpt is not None and getattr(ckpt, "monitor", None):
+        # the checkpoint callback that keeps the best one (last_checkpoint has no monitor)
+        ckpt = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
+        if self.monitor is None and ckpt is not None:
             self.monitor, self.mode = ckpt.monitor, ckpt.mode
 
     def best_with(self, metrics: dict[str, float]) -> dict[str, float]:

@@ -222,7 +222,7 @@ class WandbValidationMedia(pl.Callback):
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run = _wandb_run(trainer)
-        ckpt = trainer.checkpoint_callback
+        ckpt = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
         path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
         if not self.log_model or run is None:
             return
