@@ -98,3 +98,33 @@ def test_the_data_module_finishes_uint8_batches_after_the_transfer() -> None:
     plain = DeviceAugment(0.0, MEAN, STD)(_images(4, 8, 8))
     assert not torch.allclose(images, plain)  # jittered
     assert (images - plain).abs().mean() < 0.5  # lightly
+
+
+def test_jitter_draws_follow_the_batch_index_and_rank_not_a_carried_stream() -> None:
+    """What makes a resumed run jitter its batches as the uninterrupted run did: the draws depend on the fit's
+    batch counter (which Lightning restores from the checkpoint) and the rank, nothing else."""
+    from types import SimpleNamespace
+
+    def module_at(index: int, rank: int = 0) -> RetrievalDataModule:
+        dm = RetrievalDataModule(root=None, color_jitter=0.3)
+        dm.set_input_config({"mean": MEAN, "std": STD})
+        dm.train_set = SimpleNamespace(
+            transform=train_transform(8, input_config=dm.input_config, color_jitter=0.3)
+        )
+        progress = SimpleNamespace(total=SimpleNamespace(ready=index))
+        dm.trainer = SimpleNamespace(  # the attributes the data module reads
+            training=True,
+            current_epoch=0,
+            global_rank=rank,
+            fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
+        )
+        return dm
+
+    batch = (_images(4, 8, 8), torch.arange(4))
+    torch.manual_seed(0)
+    a = module_at(7).on_after_batch_transfer(batch, 0)[0]
+    fresh = module_at(7)  # a new process after a resume: same batch index, same draws
+    fresh.on_after_batch_transfer(batch, 0)  # the module's own earlier batches do not shift them
+    assert torch.equal(fresh.on_after_batch_transfer(batch, 0)[0], a)
+    assert not torch.allclose(module_at(8).on_after_batch_transfer(batch, 0)[0], a)  # next batch
+    assert not torch.allclose(module_at(7, rank=1).on_after_batch_transfer(batch, 0)[0], a)  # other rank

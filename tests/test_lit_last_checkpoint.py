@@ -39,7 +39,7 @@ def loader(n: int) -> DataLoader:
     return DataLoader(TensorDataset(torch.randn(n, 4)), batch_size=1)
 
 
-def fit(
+def train_toy(
     tmp_path, epochs: int, every: int, accumulate: int = 1, ckpt_path=None
 ) -> tuple[pl.Trainer, LastCheckpoint]:
     best = pl.callbacks.ModelCheckpoint(
@@ -62,7 +62,7 @@ def fit(
 
 
 def test_last_is_the_final_step_when_the_last_epoch_is_not_the_best(tmp_path):
-    trainer, last = fit(tmp_path, epochs=3, every=5)  # 21 steps: step saves at 5..20, best at epoch 0
+    trainer, last = train_toy(tmp_path, epochs=3, every=5)  # 21 steps: step saves at 5..20, best at epoch 0
     final = read_checkpoint(tmp_path / "last.ckpt")
     assert trainer.global_step == 21 and final["global_step"] == 21 and final["epoch"] == 2
     assert last.last_model_path == str(tmp_path / "last.ckpt")
@@ -70,7 +70,7 @@ def test_last_is_the_final_step_when_the_last_epoch_is_not_the_best(tmp_path):
     weights = {k.removeprefix("layer."): v for k, v in final["state_dict"].items()}
     assert torch.equal(weights["weight"], trainer.lightning_module.layer.weight.detach())
     # the saved loop state says the epoch and its validation are done: resuming trains nothing more
-    resumed, _ = fit(tmp_path / "again", epochs=3, every=5, ckpt_path=tmp_path / "last.ckpt")
+    resumed, _ = train_toy(tmp_path / "again", epochs=3, every=5, ckpt_path=tmp_path / "last.ckpt")
     assert resumed.global_step == 21
 
 
@@ -83,7 +83,7 @@ def test_step_saves_once_per_optimiser_step_under_accumulation(tmp_path, monkeyp
         original(self, trainer)
 
     monkeypatch.setattr(LastCheckpoint, "_save", spy)
-    trainer, _ = fit(tmp_path, epochs=1, every=1, accumulate=2)  # 7 micro-batches -> 4 optimiser steps
+    trainer, _ = train_toy(tmp_path, epochs=1, every=1, accumulate=2)  # 7 micro-batches -> 4 optimiser steps
     assert trainer.global_step == 4
     # one save per new step (the last micro-batch steps too), then once more after the validation at step 4
     assert steps == [1, 2, 3, 4, 4]

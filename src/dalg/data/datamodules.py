@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
@@ -152,7 +153,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.skipped_eval_sets: dict[str, str] = {}
         self._eval_sizes: dict[int, tuple[tuple, list[tuple[int, int]]]] = {}
         self._last_train_epoch: int | None = None
-        self._augment_generator: torch.Generator | None = None
+        self._augmented_batches = 0  # batches jittered without a trainer (benchmarks): their index
         self.input_config: InputConfig | None = None
         if input_config is not None:
             self.set_input_config(input_config)
@@ -302,13 +303,29 @@ class RetrievalDataModule(pl.LightningDataModule):
                 "a uint8 image batch reached the model, but the training transform has no device_augment "
                 "to normalise it"
             )
-        if self._augment_generator is None or self._augment_generator.device != images.device:
-            # its own stream per process: ranks seeded alike (seed_everything) still jitter differently
-            rank = getattr(getattr(self, "trainer", None), "global_rank", 0)
-            self._augment_generator = torch.Generator(device=images.device)
-            self._augment_generator.manual_seed((torch.initial_seed() + 1_000_003 * (rank + 1)) % 2**63)
-        images = augment(images, generator=self._augment_generator)
+        generator = torch.Generator(device=images.device)
+        generator.manual_seed(self._augment_seed())
+        images = augment(images, generator=generator)
         return type(batch)([images, *batch[1:]]) if isinstance(batch, list) else (images, *batch[1:])
+
+    def _augment_seed(self) -> int:
+        """The jitter draws of one training batch, from (run seed, rank, index of the batch in the whole fit).
+
+        Stateless on purpose: a run resumed from a checkpoint (mid-epoch included) draws for each batch what the
+        uninterrupted run drew, because Lightning restores the batch counter; a generator carried across batches
+        would restart from its seed. Ranks seeded alike (seed_everything) still jitter differently."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            rank = trainer.global_rank
+            # batches fetched so far in this fit (restored on resume); the current one is counted after its transfer
+            index = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        else:
+            rank, index = 0, self._augmented_batches
+            self._augmented_batches += 1
+        mixed = np.random.SeedSequence([torch.initial_seed() % 2**63, rank, index]).generate_state(
+            1, np.uint64
+        )
+        return int(mixed[0]) % 2**63
 
     # ------------------------------------------------------------------------------------ dataloaders
     def train_dataloader(self) -> DataLoader:
