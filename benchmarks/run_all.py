@@ -45,6 +45,10 @@ from dalg.inference import InferenceOptions  # noqa: E402
 
 SECTIONS = ("extraction", "train", "loader", "eval", "search_1m", "scaling")
 DEFAULT_SECTIONS = SECTIONS[:5]  # scaling is opt-in: make bench stays within its 15 minutes
+# Measured in this order (the table keeps SECTIONS' order): the short sections first. Right after the 10-minute
+# extraction section (its parent process then holds ~6 GB) the training step ran 160-190 img/s against 220-250
+# alone on the same idle machine (experiments/bench/NOTES.md, session 6).
+RUN_ORDER = ("train", "loader", "eval", "search_1m", "extraction", "scaling")
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "landmarks-mini" / "jpg"
 
 
@@ -665,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         sections.remove("search_1m")
     if args.skip_loader and "loader" in sections:
         sections.remove("loader")
+    sections.sort(key=RUN_ORDER.index)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(

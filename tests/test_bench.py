@@ -226,3 +226,8 @@ def test_bf16_fidelity_end_to_end(tmp_path):
     assert rec["stores"]["landmarks_mini_queries"]["rows"] == 61
     assert 0.99 < rec["min_cosine"] <= 1.0 + 1e-6 and rec["meets_goal"] == (rec["min_cosine"] >= 0.9999)
     assert set(rec["mAP"]) == {"fp32", "bf16"} and "mAP_M" in rec["mAP"]["bf16"]["landmarks_mini"]
+
+
+def test_every_section_has_a_place_in_the_run_order():
+    assert sorted(run_all.RUN_ORDER) == sorted(run_all.SECTIONS)
+    assert run_all.RUN_ORDER.index("extraction") > run_all.RUN_ORDER.index("train")  # see RUN_ORDER's comment
