@@ -28,7 +28,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     console, ckpt = Console(), str(cfg.ckpt_path)
     features_dir = pipeline.check_outputs(cfg.output_json, cfg.save_features)  # before anything is computed
     report_dir = check_report_dir(cfg.output_json) if cfg.report_html else None
-    module = RetrievalModule.for_evaluation(ckpt, cfg.scales, cfg.get("inference"), cfg.scale_resize)
+    module = RetrievalModule.for_evaluation(
+        ckpt, cfg.scales, cfg.get("inference"), cfg.scale_resize, cfg.get("weights", "auto")
+    )
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup_evaluation(module.input_config, cfg.crop_queries, cfg.test_size)
     distractors, whitening = pipeline.ranking_inputs(

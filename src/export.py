@@ -36,7 +36,8 @@ def export(cfg: DictConfig) -> Path:
         raise ValueError(f"format={cfg.format!r} is not supported; choose one of {list(FORMATS)}")
     out = check_writable_file(cfg.output, "output")
     ckpt = Path(os.path.expanduser(str(cfg.ckpt_path)))
-    module = RetrievalModule.for_evaluation(ckpt)  # float32 network, eval mode
+    # float32 network, eval mode; the EMA average by default when the run kept one (weights=auto)
+    module = RetrievalModule.for_evaluation(ckpt, weights=cfg.get("weights", "auto"))
     net = module.net
     net.head = None  # the margin head is training-only; it would only add unused weights
     config = module.input_config
@@ -44,6 +45,7 @@ def export(cfg: DictConfig) -> Path:
     metadata = {
         "checkpoint": str(ckpt),
         "checkpoint_sha256": file_sha256(ckpt),
+        "weights": module.weights_source,
         "input": {
             "layout": "NCHW float32, RGB",
             "range": "[0, 1]" if cfg.normalize_input else "normalised with mean/std",

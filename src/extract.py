@@ -67,6 +67,7 @@ RUN_ONLY_KEYS = (
     "skip_unreadable",
     "paths",
     "hydra",
+    "weights",  # enters resolved (raw or ema), only when not raw: see descriptor_fingerprint
 )
 
 
@@ -158,6 +159,8 @@ def descriptor_fingerprint(cfg: DictConfig, ckpt: Path, module: RetrievalModule,
         "inference": module.inference_label,
         "transform": re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform)),  # no object addresses
         "config": settings,
+        # only when not the raw weights, which every store written before the choice existed holds
+        **({"weights": module.weights_source} if module.weights_source != "raw" else {}),
     }
 
 
@@ -199,7 +202,7 @@ def _extract(cfg: DictConfig) -> Path:
     ckpt = Path(os.path.expanduser(str(cfg.ckpt_path)))
     test_size = parse_test_size(cfg.get("test_size"), "test_size")  # None: each image's own size
     module = RetrievalModule.for_evaluation(
-        ckpt, cfg.get("scales"), cfg.get("inference"), cfg.get("scale_resize")
+        ckpt, cfg.get("scales"), cfg.get("inference"), cfg.get("scale_resize"), cfg.get("weights", "auto")
     )
     dim = int(module.net.embed_dim)  # the descriptor length (as eval.py checks distractor stores)
     config = module.input_config  # the checkpoint's normalisation and size multiple

@@ -142,7 +142,11 @@ def extract_queries(
     recorded = store.meta["fingerprint"]
     settings = dict(recorded.get("config") or {})
     module = RetrievalModule.for_evaluation(
-        ckpt, settings.get("scales"), settings.get("inference"), settings.get("scale_resize")
+        ckpt,
+        settings.get("scales"),
+        settings.get("inference"),
+        settings.get("scale_resize"),
+        recorded.get("weights", "raw"),  # the weights the store was extracted with (absent: the raw ones)
     )
     test_size = parse_test_size(settings.get("test_size"), f"index={index}: test_size")
     transform = eval_transform(test_size, module.input_config)  # as extract.py builds it

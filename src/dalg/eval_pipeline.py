@@ -28,6 +28,7 @@ def extraction_record(module: RetrievalModule) -> dict[str, Any]:
     return {
         "scales": test_scales(module),
         "inference": module.inference_label,
+        "weights": module.weights_source,  # raw, or the EMA average the run validated
         "input": module.input_config.to_dict(),
         "scale_resize": module.net.scale_resize.to_dict(),
     }

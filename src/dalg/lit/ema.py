@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -101,3 +102,16 @@ class EMAWeights(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.shadow = {k: v.clone() for k, v in state_dict["shadow"].items()}
+
+
+def ema_shadow(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The averaged weights an :class:`EMAWeights` callback saved in a training checkpoint (keys of the module's
+    ``net``), or ``None`` when the run had no EMA. Lightning files callback states under the class name."""
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if (
+            str(key).split("{")[0] == EMAWeights.__qualname__
+            and isinstance(state, Mapping)
+            and "shadow" in state
+        ):
+            return dict(state["shadow"])
+    return None

@@ -15,10 +15,15 @@ import torch.nn.functional as F
 from dalg.factory import instantiate_model
 from dalg.inference import InferenceOptions, optimize_for_inference
 from dalg.lit.checkpoint_read import CheckpointError, read_checkpoint
+from dalg.lit.ema import ema_shadow
 from dalg.lit.optim import build_optimizer, warmup_cosine
 from dalg.models.multiscale import ScaleResize, check_scales, effective_scales
 from dalg.models.pretrained import without_weight_source
 from dalg.utils.input_config import InputConfig, checkpoint_input_config
+
+# Which weights of a training checkpoint evaluation uses: "auto" = the EMA average when the run kept one (what its
+# validations measured, and so what chose its best checkpoint), else the raw weights; "ema" requires the average.
+WEIGHT_CHOICES = ("auto", "ema", "raw")
 
 
 class RetrievalModule(pl.LightningModule):
@@ -27,6 +32,8 @@ class RetrievalModule(pl.LightningModule):
     Validation batches are ``(images, index)`` from Revisited-format sets: ``validation_step`` returns their
     descriptors and the retrieval callback ranks and scores them at the end of the epoch.
     """
+
+    weights_source = "raw"  # "ema" once from_checkpoint_dict loaded a checkpoint's EMA average into ``net``
 
     def __init__(
         self,
@@ -137,10 +144,12 @@ class RetrievalModule(pl.LightningModule):
         scales: Sequence[float] | None = None,
         inference: Mapping[str, Any] | InferenceOptions | None = None,
         scale_resize: Mapping[str, Any] | None = None,
+        weights: str = "auto",
     ) -> RetrievalModule:
         """A checkpoint ready for src/eval.py and src/extract.py: eval mode, optional test ``scales`` and
         ``inference`` options (dalg.inference.InferenceOptions fields: bf16, channels_last, compile), and
         optionally another per-scale resize rule than the model's (``scale_resize``: mode, antialias).
+        ``weights``: one of ``WEIGHT_CHOICES`` (the EMA average by default when the checkpoint has one).
 
         With ``inference`` the network is optimised in place (one copy of the weights): the module is for
         extraction only from then on.
@@ -148,7 +157,7 @@ class RetrievalModule(pl.LightningModule):
         path = Path(os.path.expanduser(str(ckpt_path)))
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist (set ckpt_path=...)")
-        module = cls.from_checkpoint_dict(read_checkpoint(path), path)
+        module = cls.from_checkpoint_dict(read_checkpoint(path), path, weights)
         if scales is not None:
             module.eval_scales = check_scales(scales, "scales")
         if scale_resize is not None:
@@ -163,9 +172,14 @@ class RetrievalModule(pl.LightningModule):
         return module.eval()
 
     @classmethod
-    def from_checkpoint_dict(cls, ckpt: Mapping[str, Any], path: str | os.PathLike) -> RetrievalModule:
+    def from_checkpoint_dict(
+        cls, ckpt: Mapping[str, Any], path: str | os.PathLike, weights: str = "auto"
+    ) -> RetrievalModule:
         """The module a checkpoint read by ``dalg.lit.checkpoint_read.read_checkpoint`` describes (what
-        Lightning's ``load_from_checkpoint`` does, from the one safe read); errors name ``path``."""
+        Lightning's ``load_from_checkpoint`` does, from the one safe read), with the ``weights`` chosen (see
+        ``WEIGHT_CHOICES``; ``module.weights_source`` says which were loaded); errors name ``path``."""
+        if weights not in WEIGHT_CHOICES:
+            raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_CHOICES}")
         hp = dict(ckpt["hyper_parameters"])
         hp["model_cfg"] = without_weight_source(dict(hp["model_cfg"]))  # its state dict holds every weight
         try:
@@ -189,7 +203,37 @@ class RetrievalModule(pl.LightningModule):
                 f"describe; missing {result.missing_keys[:5]}, unexpected "
                 f"{result.unexpected_keys[:5]}"
             )
+        module.weights_source = module._load_ema(ckpt, path, weights)
         return module
+
+    def _load_ema(self, ckpt: Mapping[str, Any], path: str | os.PathLike, weights: str) -> str:
+        """Copy the checkpoint's EMA average into ``net`` when ``weights`` asks for it; returns the source used.
+
+        A run trained with ``callbacks=with_ema`` validates (and picks its best checkpoint by) the average, while
+        the checkpoint's ``state_dict`` keeps the raw weights training resumes from: evaluating the raw weights
+        would score another model than the one the run reported."""
+        shadow = ema_shadow(ckpt)
+        if weights == "raw" or (shadow is None and weights == "auto"):
+            return "raw"
+        if shadow is None:
+            raise CheckpointError(
+                f"checkpoint {path}: weights=ema, but it holds no EMA average (trained without callbacks=with_ema)"
+            )
+        own = self.net.state_dict()  # tensors sharing the parameters' storage
+        bad = [
+            k
+            for k, v in shadow.items()
+            if k not in own or not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(own[k].shape)
+        ]
+        if bad or not shadow:
+            raise CheckpointError(
+                f"checkpoint {path}: its EMA average does not fit the model (keys {bad[:5]} unknown or of "
+                "another shape); evaluate the raw weights with weights=raw"
+            )
+        with torch.no_grad():
+            for k, v in shadow.items():
+                own[k].copy_(v)
+        return "ema"
 
     @property
     def inference_label(self) -> str:
