@@ -153,10 +153,16 @@ class TreeMemory:
         self.peak_bytes = self.peak_rss_sum_bytes = self.peak_children = 0
         self.peak_children_uss_bytes = 0
         self._stop = threading.Event()
+        self._before: set[int] = set()  # children that existed before the block (not its workers)
+
+    def _children(self) -> list[psutil.Process]:
+        # only processes started inside the block: in a test session a W&B service or a browser started by an
+        # earlier test is a child too, and is neither a worker nor this job's memory
+        return [c for c in self.proc.children(recursive=True) if c.pid not in self._before]
 
     def sample(self) -> None:
         main = self.proc.memory_info().rss
-        children = self.proc.children(recursive=True)
+        children = self._children()
         uss = sum(_uss(c) for c in children)
         rss = 0
         for c in children:
@@ -174,6 +180,7 @@ class TreeMemory:
             self.sample()
 
     def __enter__(self) -> TreeMemory:
+        self._before = {c.pid for c in self.proc.children(recursive=True)}
         self.sample()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()

@@ -33,6 +33,7 @@ def ema_run(tiny_synthetic, tmp_path_factory):
             "trainer.enable_progress_bar=false",
             "callbacks.rich_progress_bar=null",
             "validate_before_fit=false",
+            "logger=csv",  # no W&B service process left behind for later tests
         ],
         out,
     )
