@@ -34,7 +34,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup_evaluation(module.input_config, cfg.crop_queries, cfg.test_size)
     distractors, whitening = pipeline.ranking_inputs(
-        cfg.distractors, cfg.whitening, ckpt, int(module.net.embed_dim)
+        cfg.distractors, cfg.whitening, ckpt, int(module.net.embed_dim), module.weights_source
     )
     extra = {**pipeline.extraction_record(module), "whitening": whitening.describe() if whitening else "off"}
     callback = hydra.utils.instantiate(cfg.callback, distractors=distractors, protocol_extra=extra)

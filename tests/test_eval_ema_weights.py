@@ -120,6 +120,26 @@ def test_store_records_the_average_and_search_extracts_queries_alike(ema_run, tm
     assert "weights" not in stores["raw"].meta["fingerprint"]  # as every store written before the choice
     assert not np.allclose(stores["auto"].features, stores["raw"].features)
 
+    # +1M distractors and whitening must come from the same weights of the same checkpoint as the evaluation
+    from dalg import eval_pipeline as pipeline
+
+    dim = stores["auto"].features.shape[1]
+    rows, _ = pipeline.ranking_inputs(str(tmp_path / "feats_auto"), None, str(last), dim, "ema")
+    assert rows.shape == (4, dim)
+    with pytest.raises(ValueError, match="ema weights of the checkpoint, the evaluation uses its raw"):
+        pipeline.ranking_inputs(str(tmp_path / "feats_auto"), None, str(last), dim, "raw")
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(last.read_bytes() + b"another checkpoint")
+    with pytest.raises(ValueError, match="extracted with checkpoint sha256"):
+        pipeline.ranking_inputs(str(tmp_path / "feats_raw"), None, str(other), dim, "raw")
+    from dalg.retrieval.whitening import Whitening
+
+    learnt = {"descriptor_fingerprint": stores["auto"].meta["fingerprint"]}
+    white = Whitening(np.zeros(dim, np.float32), np.eye(dim, dtype=np.float32), meta=learnt)
+    white.check_applies(dim, None, "the queries", "ema")
+    with pytest.raises(ValueError, match="learnt on descriptors of the ema weights"):
+        white.check_applies(dim, None, "the queries", "raw")
+
     queries = tmp_path / "q"
     queries.mkdir()
     shutil.copyfile(tmp_path / "db" / "img2.jpg", queries / "img2.jpg")

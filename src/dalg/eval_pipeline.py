@@ -3,6 +3,7 @@ descriptors (for protocol records and store fingerprints), the output checks and
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from dalg.retrieval.callback import RetrievalEvalCallback
 from dalg.retrieval.features import load_distractors, save_features
 from dalg.retrieval.whitening import Whitening, load_whitening_for, whiten_descriptors
 from dalg.utils.atomic import write_json_atomic
+from dalg.utils.run_metadata import file_sha256
 from dalg.utils.writable import check_writable_dir, check_writable_file
 
 
@@ -44,12 +46,15 @@ def check_outputs(output_json: str | Path, save_features: bool) -> Path | None:
 
 
 def ranking_inputs(
-    distractors: str | None, whitening: str | None, checkpoint: str, dim: int
+    distractors: str | None, whitening: str | None, checkpoint: str, dim: int, weights: str | None = None
 ) -> tuple[np.ndarray | None, Whitening | None]:
-    """The distractor descriptors and the whitening of an evaluation, each checked against the model before any
-    extraction; the distractors come whitened (once, not per set)."""
-    rows = load_distractors(distractors, dim) if distractors else None
-    white = load_whitening_for(whitening, checkpoint, dim) if whitening else None
+    """The distractor descriptors and the whitening of an evaluation, each checked against the model (size,
+    checkpoint, ``weights``: raw or ema) before any extraction; the distractors come whitened (once, not per set)."""
+    rows = None
+    if distractors:
+        sha = file_sha256(Path(os.path.expanduser(str(checkpoint))))
+        rows = load_distractors(distractors, dim, sha, weights)
+    white = load_whitening_for(whitening, checkpoint, dim, weights) if whitening else None
     if white is not None and rows is not None:
         rows = whiten_descriptors(rows, white, "distractors")
     return rows, white

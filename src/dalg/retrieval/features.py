@@ -141,10 +141,29 @@ DISTRACTOR_NORM_SAMPLE = 4096
 DISTRACTOR_NORM_TOL = 1e-2
 
 
-def load_distractors(path: str | os.PathLike, dim: int) -> np.ndarray:
+def load_distractors(
+    path: str | os.PathLike, dim: int, checkpoint_sha256: str | None = None, weights: str | None = None
+) -> np.ndarray:
     """The descriptors of a distractor store (memory-mapped), checked before any extraction: they must have the
-    model's size ``dim`` and be L2-normalised (inner product = cosine), checked on evenly spaced rows."""
-    features = load_features(os.path.expanduser(str(path))).features
+    model's size ``dim`` and be L2-normalised (inner product = cosine), checked on evenly spaced rows; when the
+    store records how it was extracted (src/extract.py's fingerprint), also the same checkpoint
+    (``checkpoint_sha256``) and the same weights of it (``weights``: raw or ema), since descriptors of another
+    model rank as noise."""
+    store = load_features(os.path.expanduser(str(path)))
+    features = store.features
+    recorded = store.meta.get("fingerprint") if isinstance(store.meta, dict) else None
+    if isinstance(recorded, dict):
+        theirs = recorded.get("checkpoint_sha256")
+        if checkpoint_sha256 and theirs and theirs != checkpoint_sha256:
+            raise ValueError(
+                f"distractors={path}: extracted with checkpoint sha256 {str(theirs)[:12]}..., the queries and "
+                f"database come from {checkpoint_sha256[:12]}...; extract them with this checkpoint (src/extract.py)"
+            )
+        if weights is not None and recorded.get("weights", "raw") != weights:
+            raise ValueError(
+                f"distractors={path}: extracted with the {recorded.get('weights', 'raw')} weights of the checkpoint, "
+                f"the evaluation uses its {weights} weights; set weights= alike or extract them again"
+            )
     if features.ndim != 2 or features.shape[1] != dim:
         got = f"{features.shape[1]}-d" if features.ndim == 2 else f"of shape {features.shape}"
         raise ValueError(

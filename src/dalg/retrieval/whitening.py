@@ -191,8 +191,11 @@ class Whitening:
             "learned_on": self.meta.get("learned_on"),
         }
 
-    def check_applies(self, dim: int, checkpoint_sha256: str | None, what: str) -> None:
-        """Refuse descriptors it was not learnt for: another size, or another checkpoint (when both are known)."""
+    def check_applies(
+        self, dim: int, checkpoint_sha256: str | None, what: str, weights: str | None = None
+    ) -> None:
+        """Refuse descriptors it was not learnt for: another size, another checkpoint (when both are known), or the
+        other weights of the same checkpoint (raw vs EMA average; ``weights`` None = not checked)."""
         where = f"whitening {self.path}" if self.path else "whitening"
         if int(dim) != self.dim_in:
             raise ValueError(f"{where} was learnt on {self.dim_in}-d descriptors; {what} are {dim}-d")
@@ -202,6 +205,15 @@ class Whitening:
                 f"{where} was learnt on descriptors of checkpoint sha256 {mine[:12]}..., {what} come from "
                 f"checkpoint sha256 {checkpoint_sha256[:12]}...; learn one for this checkpoint (src/whiten.py)"
             )
+        learnt = self.meta.get("descriptor_fingerprint")
+        if weights is not None and isinstance(learnt, dict):
+            theirs = learnt.get("weights", "raw")  # stores record it only when not raw
+            if theirs != weights:
+                raise ValueError(
+                    f"{where} was learnt on descriptors of the {theirs} weights, {what} come from the {weights} "
+                    "weights of the checkpoint; learn one from a store of these weights or set weights="
+                    f"{theirs}"
+                )
 
     def apply(self, x: np.ndarray, chunk_size: int = 65536) -> np.ndarray:
         """``normalise(P (x - m))`` row-wise, float32; ``x`` may be a float16 memory map (read in chunks)."""
@@ -293,14 +305,16 @@ def whiten_descriptors(
     return whitening.apply(x)
 
 
-def load_whitening_for(path: str | os.PathLike, checkpoint: str | os.PathLike, dim: int) -> Whitening:
+def load_whitening_for(
+    path: str | os.PathLike, checkpoint: str | os.PathLike, dim: int, weights: str | None = None
+) -> Whitening:
     """The whitening at ``path``, checked against the checkpoint whose descriptors it will whiten (sha256 of the
-    file) and their size: src/eval.py's ``whitening=``."""
+    file), their size and which weights give them (raw or EMA): src/eval.py's ``whitening=``."""
     from dalg.utils.run_metadata import file_sha256
 
     whitening = load_whitening(path)
     ckpt = Path(os.path.expanduser(str(checkpoint)))
-    whitening.check_applies(dim, file_sha256(ckpt), f"the descriptors of {ckpt}")
+    whitening.check_applies(dim, file_sha256(ckpt), f"the descriptors of {ckpt}", weights)
     return whitening
 
 
