@@ -159,3 +159,23 @@ def test_store_records_the_average_and_search_extracts_queries_alike(ema_run, tm
             weights,
             top,
         )
+
+
+def test_whitening_of_the_other_weights_is_not_attached_to_a_store(tmp_path):
+    import numpy as np
+
+    from dalg.retrieval.features import save_features
+    from dalg.retrieval.whitening import Whitening, attach_to_store
+
+    dim = 8
+    rows = np.eye(dim, dtype=np.float32)
+    fingerprint = {"checkpoint_sha256": "ab" * 32, "weights": "ema"}
+    save_features(
+        tmp_path / "ema_store", rows, [f"{i}.jpg" for i in range(dim)], meta={"fingerprint": fingerprint}
+    )
+    raw_learnt = {"checkpoint_sha256": "ab" * 32, "descriptor_fingerprint": {"checkpoint_sha256": "ab" * 32}}
+    white = Whitening(np.zeros(dim, np.float32), np.eye(dim, dtype=np.float32), meta=raw_learnt)
+    with pytest.raises(ValueError, match="learnt on descriptors of the raw weights"):
+        attach_to_store(tmp_path / "ema_store", white)
+    white.meta["descriptor_fingerprint"] = fingerprint  # learnt on the same (EMA) descriptors: attached
+    assert attach_to_store(tmp_path / "ema_store", white).is_file()

@@ -325,8 +325,13 @@ def attach_to_store(store: str | os.PathLike, whitening: Whitening) -> Path:
     from dalg.retrieval.features import load_features, store_paths
 
     loaded = load_features(store)
-    sha = (loaded.meta.get("fingerprint") or {}).get("checkpoint_sha256")
-    whitening.check_applies(loaded.features.shape[1], sha, f"the descriptors of feature store {store}")
+    recorded = loaded.meta.get("fingerprint") or {}
+    whitening.check_applies(
+        loaded.features.shape[1],
+        recorded.get("checkpoint_sha256"),
+        f"the descriptors of feature store {store}",
+        recorded.get("weights", "raw") if recorded else None,  # raw or the EMA average (stores name only ema)
+    )
     js = store_paths(store)[2]
     info = json.loads(js.read_text(encoding="utf-8"))
     info["meta"]["whitening"] = whitening.describe()
