@@ -46,6 +46,7 @@ def test_eval_scores_the_average_the_run_validated(ema_run, tiny_synthetic, tmp_
     ckpt = read_checkpoint(last)
     shadow = ema_shadow(ckpt)
     assert shadow, "the run saved no EMA average"
+    assert "the EMA average the validations used" in (out / "train.log").read_text()  # the outputs say so
     raw = RetrievalModule.from_checkpoint_dict(ckpt, last, "raw")
     auto = RetrievalModule.from_checkpoint_dict(ckpt, last)
     assert raw.weights_source == "raw" and auto.weights_source == "ema"

@@ -25,6 +25,7 @@ from rich.console import Console
 
 from dalg.lit.checkpoint_read import checkpoint_step
 from dalg.lit.csv_logger import ResumableCSVLogger
+from dalg.lit.ema import EMAWeights
 from dalg.lit.last_checkpoint import LastCheckpoint
 from dalg.lit.module import RetrievalModule
 from dalg.lit.resumable_data import ResumableLoader
@@ -282,6 +283,11 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "transcript": out_dir / "train.log",
         "result grids": getattr(retrieval, "last_grid", None) and Path(retrieval.last_grid).parent,
     }
+    if any(isinstance(c, EMAWeights) for c in trainer.callbacks):
+        # what the EMA docstring promises: which weights the files hold, and which ones evaluation takes
+        where["checkpoint weights"] = (
+            "raw (resume) + the EMA average the validations used (eval: weights=auto)"
+        )
     for lg in loggers:
         where[f"{type(lg).__name__}"] = getattr(lg, "log_dir", None) or getattr(lg, "save_dir", None)
     if trainer.is_global_zero:

@@ -17,8 +17,9 @@ class EMAWeights(pl.Callback):
 
     Validation (the retrieval callback) runs on the averaged weights; training resumes with the raw ones. The
     average is part of the checkpoint (callback state), so a resumed run continues it; at the end of ``fit`` the
-    averaged weights are copied into the model when ``apply_at_end`` (what ``best``/``last`` checkpoints then hold
-    is stated in the run's outputs).
+    averaged weights are copied into the model when ``apply_at_end``. Checkpoints hold the raw weights (training
+    resumes from them) and the average (this callback's state); evaluation takes the average by default
+    (``RetrievalModule.from_checkpoint_dict(weights="auto")``), as the run's outputs say.
     """
 
     def __init__(self, decay: float = 0.9998, start_step: int = 0, apply_at_end: bool = True):
