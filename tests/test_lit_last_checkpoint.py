@@ -93,3 +93,22 @@ def test_step_saves_once_per_optimiser_step_under_accumulation(tmp_path, monkeyp
 def test_negative_interval_is_refused(tmp_path):
     with pytest.raises(ValueError, match="every_n_train_steps"):
         LastCheckpoint(tmp_path, every_n_train_steps=-1)
+
+
+@pytest.mark.parametrize("experiment", ["ablation_cpu", "dalg_gldv2", "dolg_r50_gldv2"])
+def test_every_experiment_config_builds_its_checkpoint_callbacks(experiment, tmp_path):
+    """The experiment configs set callbacks.last_checkpoint (make ablate, the GLDv2 recipes): they compose, and
+    the callbacks they give are one best-checkpoint ModelCheckpoint and one LastCheckpoint."""
+    import yaml
+
+    from dalg.train_pipeline import _instantiate_all
+    from tests.conftest import CONF, compose_train
+
+    cfg = compose_train([f"experiment={experiment}"], tmp_path)
+    callbacks = _instantiate_all(cfg.callbacks)
+    (last,) = [c for c in callbacks if isinstance(c, LastCheckpoint)]
+    (best,) = [c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint)]
+    assert best.monitor and not best.save_last  # last.ckpt has one writer
+    raw = yaml.safe_load((CONF / "experiment" / f"{experiment}.yaml").read_text())
+    wanted = raw["callbacks"]["last_checkpoint"]["every_n_train_steps"]
+    assert last.every_n_train_steps == wanted and last.dirpath == tmp_path / "checkpoints"
