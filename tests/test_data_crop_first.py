@@ -21,13 +21,13 @@ from dalg.data.transforms import CropFirstRandomResizedCrop, resized_crop_uint8,
 MEAN_LEVELS = 1.5
 
 
-def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
+def _photo(w: int, h: int, seed: int = 0, amplitude: float = 100, noise: float = 10) -> Image.Image:
+    """A photo-like test image: smooth colour waves plus sensor-like noise."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = np.stack(
-        [127 + 100 * np.sin(xx * f + yy * g) for f, g in ((0.01, 0.004), (0.003, 0.012), (0.007, 0.007))], -1
-    )
-    return Image.fromarray(np.clip(base + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8))
+    waves = ((0.01, 0.004), (0.003, 0.012), (0.007, 0.007))
+    base = np.stack([127 + amplitude * np.sin(xx * f + yy * g) for f, g in waves], -1)
+    return Image.fromarray(np.clip(base + rng.normal(0, noise, (h, w, 3)), 0, 255).astype(np.uint8))
 
 
 def test_dct_scale_follows_the_crop(tmp_path) -> None:

@@ -13,17 +13,13 @@ import dalg.data.jpeg_pixels as jp
 from dalg.data.gldv2 import GLDv2Dataset, image_path
 from dalg.data.images import SOURCE_SIZE, ImageReadError, load_rgb_for_crop
 from dalg.data.transforms import CropFirstRandomResizedCrop, resized_crop_uint8, train_transform
+from tests.test_data_crop_first import _photo as crop_first_photo
 
 pytestmark = pytest.mark.skipif(not jp.available(), reason="simplejpeg is not installed")
 
 
 def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = np.stack(
-        [127 + 90 * np.sin(xx * f + yy * g) for f, g in ((0.01, 0.004), (0.003, 0.012), (0.007, 0.007))], -1
-    )
-    return Image.fromarray(np.clip(base + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(np.uint8))
+    return crop_first_photo(w, h, seed, amplitude=90, noise=8)
 
 
 def _crop(side: float, out: int = 128):

@@ -13,7 +13,7 @@ from rich.console import Console
 from dalg.lit.module import RetrievalModule
 from dalg.retrieval.callback import RetrievalEvalCallback
 from dalg.retrieval.features import load_distractors, save_features
-from dalg.retrieval.whitening import Whitening, load_whitening_for, whiten_descriptors
+from dalg.retrieval.whitening import Whitening, load_whitening, whiten_descriptors
 from dalg.utils.atomic import write_json_atomic
 from dalg.utils.run_metadata import file_sha256
 from dalg.utils.writable import check_writable_dir, check_writable_file
@@ -50,11 +50,15 @@ def ranking_inputs(
 ) -> tuple[np.ndarray | None, Whitening | None]:
     """The distractor descriptors and the whitening of an evaluation, each checked against the model (size,
     checkpoint, ``weights``: raw or ema) before any extraction; the distractors come whitened (once, not per set)."""
-    rows = None
-    if distractors:
-        sha = file_sha256(Path(os.path.expanduser(str(checkpoint))))
-        rows = load_distractors(distractors, dim, sha, weights)
-    white = load_whitening_for(whitening, checkpoint, dim, weights) if whitening else None
+    rows = white = None
+    if distractors or whitening:  # the checkpoint hashed once for both checks
+        ckpt = Path(os.path.expanduser(str(checkpoint)))
+        sha = file_sha256(ckpt)
+        if distractors:
+            rows = load_distractors(distractors, dim, sha, weights)
+        if whitening:
+            white = load_whitening(whitening)
+            white.check_applies(dim, sha, f"the descriptors of {ckpt}", weights)
     if white is not None and rows is not None:
         rows = whiten_descriptors(rows, white, "distractors")
     return rows, white

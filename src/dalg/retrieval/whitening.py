@@ -305,19 +305,6 @@ def whiten_descriptors(
     return whitening.apply(x)
 
 
-def load_whitening_for(
-    path: str | os.PathLike, checkpoint: str | os.PathLike, dim: int, weights: str | None = None
-) -> Whitening:
-    """The whitening at ``path``, checked against the checkpoint whose descriptors it will whiten (sha256 of the
-    file), their size and which weights give them (raw or EMA): src/eval.py's ``whitening=``."""
-    from dalg.utils.run_metadata import file_sha256
-
-    whitening = load_whitening(path)
-    ckpt = Path(os.path.expanduser(str(checkpoint)))
-    whitening.check_applies(dim, file_sha256(ckpt), f"the descriptors of {ckpt}", weights)
-    return whitening
-
-
 def attach_to_store(store: str | os.PathLike, whitening: Whitening) -> Path:
     """Record ``whitening`` in a feature store's metadata (``meta["whitening"]``: path, sha256, method, dims), so
     that search applies it to the store and to its queries. The store's own descriptors stay as extracted; the
